@@ -1,0 +1,39 @@
+# Each target installs what it needs into ./.venv first (idempotent, fast when already installed).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+WORKDIR ?= workdirs/demo
+
+.PHONY: demo test bench install fashion-mnist clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package; install it when we may (root + apt).
+fashion-mnist:
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
+	  else \
+	    echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' or pass --config.data.dir=DIR"; exit 2; \
+	  fi; \
+	fi
+
+demo: $(STAMP) fashion-mnist
+	$(PY) -m tgeo_jax.demo --workdir=$(WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 tests
+
+bench: $(STAMP)
+	$(PY) bench/step_cost.py
+
+clean:
+	rm -rf $(VENV) workdirs

@@ -1,0 +1,50 @@
+"""Schedules and optimizer chains built from the config."""
+
+import chex
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import fashion_mnist
+from tgeo_jax import optim
+from tgeo_jax.errors import UserError
+
+
+def opt_config(**kw):
+  c = fashion_mnist.base_config().optimizer
+  c.update(kw)
+  return c
+
+
+def test_warmup_then_cosine():
+  sched = optim.make_schedule(opt_config(learning_rate=0.1, warmup_epochs=1, schedule="cosine"),
+                              steps_per_epoch=10, num_epochs=3)
+  np.testing.assert_allclose(sched(0), 0.01, rtol=1e-6)  # lr / warmup at step 0
+  np.testing.assert_allclose(sched(9), 0.091, rtol=1e-5)  # linear ramp: 0.01 + 0.09 * 9 / 10
+  np.testing.assert_allclose(sched(10), 0.1, rtol=1e-6)  # cosine starts at its peak
+  np.testing.assert_allclose(sched(20), 0.05, rtol=1e-5)  # half way through the 20 cosine steps
+  np.testing.assert_allclose(sched(30), 0.0, atol=1e-7)
+
+
+def test_step_schedule():
+  sched = optim.make_schedule(opt_config(learning_rate=0.05, warmup_epochs=0, schedule="step",
+                                         decay_epochs=(150, 180, 210)), steps_per_epoch=2, num_epochs=240)
+  for step, want in [(0, 0.05), (299, 0.05), (300, 0.005), (360, 5e-4), (420, 5e-5)]:
+    np.testing.assert_allclose(sched(step), want, rtol=1e-5)
+
+
+def test_unknown_names():
+  with pytest.raises(UserError, match="optimizer.schedule"):
+    optim.make_schedule(opt_config(schedule="linear"), steps_per_epoch=1, num_epochs=1)
+  with pytest.raises(UserError, match="optimizer.name"):
+    optim.make_optimizer(opt_config(name="lamb"), steps_per_epoch=1, num_epochs=1)
+
+
+def test_sgd_chain_clips_and_decays():
+  import jax.numpy as jnp
+  tx = optim.make_optimizer(opt_config(learning_rate=1.0, warmup_epochs=0, schedule="constant", momentum=0.0,
+                                       weight_decay=0.5, clip_norm=1.0), steps_per_epoch=1, num_epochs=1)
+  params = {"w": jnp.array([2.0])}
+  updates, _ = tx.update({"w": jnp.array([10.0])}, tx.init(params), params)
+  # clip 10 -> 1, add 0.5 * 2 = 1, times -lr.
+  chex.assert_trees_all_close(updates, {"w": jnp.array([-2.0])})

@@ -1,0 +1,70 @@
+"""Config validation: every problem becomes one line naming the field and what was expected."""
+
+from __future__ import annotations
+
+from tgeo_jax import methods
+from tgeo_jax.errors import UserError
+
+
+def _field(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    if part not in node:
+      raise UserError(f"{dotted}: missing from the config")
+    node = node[part]
+  return node
+
+
+def require(config, dotted: str, predicate, expected: str) -> None:
+  value = _field(config, dotted)
+  ok = False
+  try:
+    ok = bool(predicate(value))
+  except TypeError:
+    ok = False
+  if not ok:
+    raise UserError(f"{dotted}: expected {expected}, got {value!r}")
+
+
+def is_int(v):
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v):
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def positive_int(config, dotted):
+  require(config, dotted, lambda v: is_int(v) and v > 0, "a positive integer")
+
+
+def positive_number(config, dotted):
+  require(config, dotted, lambda v: is_number(v) and v > 0, "a positive number")
+
+
+def nonnegative_number(config, dotted):
+  require(config, dotted, lambda v: is_number(v) and v >= 0, "a number >= 0")
+
+
+def validate(config) -> None:
+  """Checks the fields every run uses, then the method's own (``Method.validate_config``)."""
+  method_cls = methods.get_class(_field(config, "method"))
+  require(config, "seed", is_int, "an integer")
+  positive_int(config, "num_epochs")
+  positive_int(config, "batch_size")
+  positive_int(config, "eval_batch_size")
+  positive_int(config, "val_batch_size")
+  require(config, "steps_per_run", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = no limit)")
+  require(config, "data.val_fraction", lambda v: is_number(v) and 0 < v < 1, "a fraction in (0, 1)")
+  require(config, "data.train_subset", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = all)")
+  positive_number(config, "optimizer.learning_rate")
+  nonnegative_number(config, "optimizer.weight_decay")
+  nonnegative_number(config, "optimizer.clip_norm")
+  nonnegative_number(config, "optimizer.warmup_epochs")
+  require(config, "optimizer.momentum", lambda v: is_number(v) and 0 <= v < 1, "a momentum in [0, 1)")
+  positive_int(config, "log.every_steps")
+  require(config, "checkpoint.every_steps", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = epoch ends)")
+  positive_int(config, "checkpoint.max_to_keep")
+  if "kd" in config:
+    positive_number(config, "kd.temperature")
+  method_cls.validate_config(config)

@@ -1,0 +1,174 @@
+"""Task data: sources, the held-out validation split, and the grain pipelines.
+
+Batches are dicts of host numpy arrays:
+``{"inputs": [B, ...], "labels": [B] int32, "index": [B] int32}`` for training (``index`` is the example's
+position in the student's training split, used by per-sample methods such as RW-KD), and additionally
+``"mask": [B] float32`` for evaluation, where the last batch is padded to a fixed shape and the padding masked out
+so that every test example counts exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+
+from tgeo_jax.data import augment as augment_lib
+from tgeo_jax.data import sources
+from tgeo_jax.errors import UserError
+
+
+@dataclasses.dataclass
+class TaskData:
+  """The three disjoint parts a run uses.
+
+  ``train``: the student's training part (after the validation hold-out and the optional subset);
+  ``val``: the held-out validation part (never augmented, never in a student gradient);
+  ``test``: evaluation.
+  """
+
+  name: str
+  train: Any
+  val: Any
+  test: Any
+  num_classes: int
+  input_shape: tuple[int, ...]
+  augment: Any = None
+
+  @property
+  def spec(self) -> "TaskSpec":
+    return TaskSpec(self.name, self.num_classes, self.input_shape, len(self.train))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """What a method needs to know about the task to build its state."""
+
+  name: str
+  num_classes: int
+  input_shape: tuple[int, ...]
+  train_size: int
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Splits indices into (kept, held_out) with ``round(fraction * n_c)`` of each class held out.
+
+  A class with at least two examples keeps at least one and holds out at least one. Both index arrays are sorted.
+  """
+  rng = np.random.default_rng(seed)
+  held = []
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    n_out = int(round(fraction * len(idx)))
+    if len(idx) >= 2:
+      n_out = min(max(n_out, 1), len(idx) - 1)
+    held.append(rng.permutation(idx)[:n_out])
+  held = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+  kept = np.setdiff1d(np.arange(len(labels)), held)
+  return kept, held
+
+
+def load(data_config, *, seed: int) -> TaskData:
+  """Builds the task named by ``data_config.name`` with its validation split and optional training subset."""
+  name = data_config.name
+  if name == "fashion_mnist":
+    splits = sources.fashion_mnist(data_config.dir or sources.FASHION_MNIST_DIR)
+    num_classes, input_shape = 10, (28, 28, 1)
+  elif name == "synthetic":
+    splits = sources.synthetic(num_train=data_config.synthetic.num_train, num_test=data_config.synthetic.num_test,
+                               input_shape=tuple(data_config.synthetic.input_shape),
+                               num_classes=data_config.synthetic.num_classes, seed=data_config.synthetic.seed)
+    num_classes, input_shape = data_config.synthetic.num_classes, tuple(data_config.synthetic.input_shape)
+  else:
+    raise UserError(f"data.name: unknown dataset {name!r}; expected one of ['fashion_mnist', 'synthetic']")
+
+  full_train, test = splits["train"], splits["test"]
+  for split_name, src in (("train", full_train), ("test", test)):
+    if len(src) == 0:
+      raise UserError(f"data: the {split_name} split of {name!r} is empty")
+    if src.labels.min() < 0 or src.labels.max() >= num_classes:
+      raise UserError(f"data: {split_name} labels must be in [0, {num_classes}), found "
+                      f"[{src.labels.min()}, {src.labels.max()}]")
+  # The split depends on data.split_seed only (not the run seed), so every method and seed sees the same
+  # validation examples.
+  kept, held = stratified_split(full_train.labels, data_config.val_fraction, data_config.split_seed)
+  train, val = sources.subset(full_train, kept), sources.subset(full_train, held)
+  if data_config.train_subset:
+    if data_config.train_subset > len(train):
+      raise UserError(f"data.train_subset: {data_config.train_subset} exceeds the {len(train)} training examples")
+    keep_fraction = data_config.train_subset / len(train)
+    if keep_fraction < 1.0:
+      _, chosen = stratified_split(train.labels, keep_fraction, data_config.split_seed + 1)
+      train = sources.subset(train, chosen)
+  return TaskData(name, train, val, test, num_classes, input_shape, augment_lib.get(data_config.augment))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  return num_examples // batch_size
+
+
+def train_batches(source, *, batch_size: int, seed: int, epoch: int, augment=None, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+  """The ``epoch``-th pass over ``source`` as a random-access grain dataset of batches.
+
+  The order (and the augmentation) is a pure function of ``(seed, epoch, step)``: ``ds[step]`` is the same batch in
+  a fresh and in a resumed run. The remainder that does not fill a global batch is dropped (each epoch a different
+  one). With several processes each gets its contiguous ``batch_size / process_count`` slice of the global batch.
+  """
+  epoch_seed = _epoch_seed(seed, epoch)
+  local = batch_size // process_count
+
+  def make_batch(step_and_indices):
+    step, indices = step_and_indices
+    indices = np.asarray(indices)[process_index * local:(process_index + 1) * local]
+    inputs = source.gather(indices)
+    if augment is not None:
+      inputs = augment(inputs, np.random.default_rng([epoch_seed, step]))
+    return {"inputs": inputs, "labels": source.labels[indices], "index": indices.astype(np.int32)}
+
+  batches = grain.MapDataset.range(len(source)).shuffle(seed=epoch_seed).batch(batch_size, drop_remainder=True)
+  steps = grain.MapDataset.range(len(batches))
+  # Pair each batch with its step number so augmentation can be seeded per step.
+  return steps.map(lambda s: (s, batches[s])).map(make_batch)
+
+
+def validation_batches(source, *, batch_size: int, seed: int, process_index: int = 0,
+                       process_count: int = 1) -> grain.MapDataset:
+  """An endless random-access stream of un-augmented validation batches: ``ds[t]`` for meta step ``t``.
+
+  Pass ``k`` over the validation part uses the permutation of ``(seed, k)``; a batch never straddles passes.
+  """
+  n = len(source)
+  if batch_size > n:
+    raise UserError(f"validation batch size {batch_size} exceeds the {n} held-out validation examples "
+                    "(raise data.val_fraction or lower the validation batch size)")
+  per_pass = n // batch_size
+  local = batch_size // process_count
+
+  def make_batch(t):
+    k, j = divmod(int(t), per_pass)
+    perm = np.random.default_rng([seed, 7919, k]).permutation(n)
+    indices = perm[j * batch_size:(j + 1) * batch_size][process_index * local:(process_index + 1) * local]
+    return {"inputs": source.gather(indices), "labels": source.labels[indices]}
+
+  return grain.MapDataset.range(2**62).map(make_batch)
+
+
+def eval_batches(source, *, batch_size: int, process_index: int = 0, process_count: int = 1):
+  """Every example of ``source`` once, in order, in fixed-shape batches; the last is zero-padded and masked."""
+  n = len(source)
+  local = batch_size // process_count
+  for start in range(0, n, batch_size):
+    indices = np.arange(start, min(start + batch_size, n))
+    mask = np.zeros(batch_size, np.float32)
+    mask[: len(indices)] = 1.0
+    padded = np.concatenate([indices, np.zeros(batch_size - len(indices), np.int64)])
+    sl = slice(process_index * local, (process_index + 1) * local)
+    padded, mask = padded[sl], mask[sl]
+    yield {"inputs": source.gather(padded), "labels": source.labels[padded], "mask": mask}

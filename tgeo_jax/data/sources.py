@@ -1,0 +1,171 @@
+"""Random-access data sources.
+
+A source is what the pipeline indexes: ``len(source)``, ``source.labels`` (``[N]`` int32, needed for stratified
+splits and the class-mean teacher without decoding inputs) and ``source.gather(indices [B]) -> inputs [B, ...]``.
+In-memory arrays (Fashion-MNIST, tabular tasks) implement ``gather`` with fancy indexing; a TFDS
+``data_source`` implements it by decoding records one at a time, so it slots in without changing the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from tgeo_jax.errors import UserError
+
+
+class Source(Protocol):
+  labels: np.ndarray
+
+  def __len__(self) -> int: ...
+
+  def gather(self, indices: np.ndarray) -> Any: ...
+
+
+@dataclasses.dataclass
+class ArraySource:
+  """In-memory examples. ``inputs`` is an array ``[N, ...]`` (or a dict of them); ``to_model`` maps a gathered
+  raw batch (e.g. uint8 pixels) to model inputs (e.g. normalised float32), so memory holds the compact form."""
+
+  inputs: Any
+  labels: np.ndarray
+  to_model: Callable[[Any], Any] | None = None
+
+  def __post_init__(self):
+    self.labels = np.asarray(self.labels, dtype=np.int32)
+    n = len(self.labels)
+    for leaf in (self.inputs.values() if isinstance(self.inputs, dict) else [self.inputs]):
+      if len(leaf) != n:
+        raise UserError(f"data: {len(leaf)} inputs but {n} labels")
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def gather(self, indices: np.ndarray) -> Any:
+    if isinstance(self.inputs, dict):
+      raw = {k: v[indices] for k, v in self.inputs.items()}
+    else:
+      raw = self.inputs[indices]
+    return self.to_model(raw) if self.to_model is not None else raw
+
+  def subset(self, indices: np.ndarray) -> "ArraySource":
+    indices = np.asarray(indices)
+    inputs = ({k: v[indices] for k, v in self.inputs.items()} if isinstance(self.inputs, dict)
+              else self.inputs[indices])
+    return ArraySource(inputs, self.labels[indices], self.to_model)
+
+
+@dataclasses.dataclass
+class SubsetSource:
+  """A view of ``base`` restricted to ``indices`` (for sources that cannot be copied, e.g. TFDS)."""
+
+  base: Any
+  indices: np.ndarray
+
+  def __post_init__(self):
+    self.indices = np.asarray(self.indices, dtype=np.int64)
+    self.labels = np.asarray(self.base.labels)[self.indices]
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def gather(self, indices: np.ndarray) -> Any:
+    return self.base.gather(self.indices[np.asarray(indices)])
+
+
+def subset(source, indices):
+  return source.subset(indices) if hasattr(source, "subset") else SubsetSource(source, indices)
+
+
+# ----------------------------------------------------------------------------------------------- Fashion-MNIST
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_MISSING_FMNIST = ("data.dir: Fashion-MNIST IDX files not found in {dir!r} (expected {file}[.gz]); install them with "
+                   "'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu) or set --config.data.dir=DIR")
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads an IDX file (optionally gzip-compressed): big-endian magic (0, 0, dtype, ndim), dims, then data."""
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError) as e:
+    raise UserError(f"{path}: cannot read IDX file ({e})") from None
+  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+    raise UserError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+  ndim = data[3]
+  header = 4 + 4 * ndim
+  if len(data) < header:
+    raise UserError(f"{path}: truncated IDX header")
+  dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+  expected = int(np.prod(dims)) if dims else 0
+  if len(data) - header != expected:
+    raise UserError(f"{path}: IDX payload has {len(data) - header} bytes, header says {expected}")
+  return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find(directory: str, name: str) -> str:
+  for candidate in (name, name + ".gz"):
+    path = os.path.join(directory, candidate)
+    if os.path.exists(path):
+      return path
+  raise UserError(_MISSING_FMNIST.format(dir=directory, file=name))
+
+
+def normalize_fashion_mnist(images_uint8: np.ndarray) -> np.ndarray:
+  """``[B, 28, 28] uint8 -> [B, 28, 28, 1] float32``, standardised with the training set's mean/std."""
+  x = images_uint8.astype(np.float32) * (1.0 / 255.0)
+  return ((x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD)[..., None]
+
+
+def fashion_mnist(directory: str = FASHION_MNIST_DIR) -> dict[str, ArraySource]:
+  """The Fashion-MNIST train (60k) and test (10k) splits from IDX files, as uint8 kept in memory."""
+  if not os.path.isdir(directory):
+    raise UserError(_MISSING_FMNIST.format(dir=directory, file=FASHION_MNIST_FILES["train"][0]))
+  splits = {}
+  for split, (image_file, label_file) in FASHION_MNIST_FILES.items():
+    images = read_idx(_find(directory, image_file))
+    labels = read_idx(_find(directory, label_file))
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+      raise UserError(f"{image_file}: expected images of shape [N, 28, 28], got {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+      raise UserError(f"{label_file}: expected {len(images)} labels, got shape {labels.shape}")
+    if labels.max(initial=0) >= 10:
+      raise UserError(f"{label_file}: labels must be in [0, 10), found {int(labels.max())}")
+    splits[split] = ArraySource(images, labels, normalize_fashion_mnist)
+  return splits
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+  """Writes a uint8 IDX file (gzip when ``path`` ends in .gz); used by tests to fake the Debian package."""
+  array = np.asarray(array, dtype=np.uint8)
+  header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "wb") as f:
+    f.write(header + array.tobytes())
+
+
+# ----------------------------------------------------------------------------------------------- synthetic
+
+def synthetic(*, num_train: int, num_test: int, input_shape=(28, 28, 1), num_classes: int = 10, seed: int = 0,
+              noise: float = 1.0) -> dict[str, ArraySource]:
+  """A learnable generated task: each class is a fixed random prototype plus Gaussian noise (float32)."""
+  rng = np.random.default_rng(seed)
+  prototypes = rng.normal(size=(num_classes, *input_shape)).astype(np.float32)
+
+  def make(n):
+    labels = rng.integers(0, num_classes, size=n).astype(np.int32)
+    inputs = prototypes[labels] + noise * rng.normal(size=(n, *input_shape)).astype(np.float32)
+    return ArraySource(inputs, labels)
+
+  return {"train": make(num_train), "test": make(num_test)}

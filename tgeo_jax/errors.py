@@ -1,0 +1,5 @@
+"""User-facing errors: the CLI prints them as one line and exits with status 2 (no traceback)."""
+
+
+class UserError(Exception):
+  """Bad configuration, data or checkpoint; the message names the field/file and what was expected."""

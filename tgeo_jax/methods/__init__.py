@@ -1,0 +1,29 @@
+"""Method registry: ``build(name, ...)``. Adding a method = one module here + one entry in ``_METHODS``."""
+
+from __future__ import annotations
+
+import importlib
+
+from tgeo_jax.errors import UserError
+
+# name -> "module:Class"
+_METHODS = {
+    "ce": "tgeo_jax.methods.ce:CE",
+    "kd": "tgeo_jax.methods.kd:KD",
+}
+
+
+def available() -> list[str]:
+  return sorted(_METHODS)
+
+
+def get_class(name: str):
+  if name not in _METHODS:
+    raise UserError(f"method: unknown method {name!r}; expected one of {available()}")
+  module, cls = _METHODS[name].split(":")
+  return getattr(importlib.import_module(module), cls)
+
+
+def register(name: str, target: str) -> None:
+  """Registers ``"package.module:Class"`` under ``name`` (for methods living outside this package)."""
+  _METHODS[name] = target

@@ -1,0 +1,106 @@
+"""The method interface and the pieces every method shares.
+
+A method is an object built from (config, task spec, teacher) whose three functions are pure and jit-able::
+
+    init(rng) -> state                             # a dict pytree
+    train_step(state, batch) -> (state, metrics)   # metrics: dict of scalar means over the batch
+    predict(state, inputs) -> logits [B, K]        # the eval head
+
+plus ``teacher_logits(state, inputs)`` for distillation methods (evaluation reports the teacher too).
+
+State layout conventions (the trainer relies on the first two only):
+  ``state["step"]``: int32 scalar; ``state["frozen"]``: what must never be checkpointed (the frozen teacher,
+  quantities derived from it). Everything else is saved and restored.
+  Students use ``params`` / ``rest`` (BatchNorm statistics) / ``opt_state``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tgeo_jax import losses, models
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A frozen teacher: static graphdef plus its variables (which travel in ``state['frozen']['teacher']``)."""
+
+  name: str
+  graphdef: Any
+  variables: dict  # {"params": ..., "rest": ...}
+
+
+class Method:
+  """Base class: a student trained with ``tx``; subclasses define the loss."""
+
+  name: str = "?"
+  uses_teacher: bool = True
+  uses_validation_batch: bool = False
+
+  def __init__(self, config, spec, *, student: models.Functional, tx: optax.GradientTransformation,
+               teacher: Teacher | None, task=None):
+    # ``task`` (data.TaskData) is for methods that precompute over the training split (e.g. TGeo-KD's class-mean
+    # teacher); step functions never read it.
+    self.config, self.spec, self.task = config, spec, task
+    self.student, self.tx, self.teacher = student, tx, teacher
+
+  @classmethod
+  def validate_config(cls, config) -> None:
+    """Raises ``UserError`` naming a bad method-specific field; the common fields are checked already."""
+    del config
+
+  # ---- interface
+  def init(self, rng: jax.Array) -> dict:
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "rng": rng,
+        "params": self.student.params,
+        "rest": self.student.rest,
+        "opt_state": self.tx.init(self.student.params),
+        "frozen": {},
+    }
+    if self.teacher is not None:
+      state["frozen"]["teacher"] = self.teacher.variables
+    return state
+
+  def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+    raise NotImplementedError
+
+  def predict(self, state: dict, inputs: jax.Array) -> jax.Array:
+    logits, _ = models.apply(self.student.graphdef, state["params"], state["rest"], inputs, train=False)
+    return logits
+
+  def teacher_logits(self, state: dict, inputs: jax.Array) -> jax.Array | None:
+    if self.teacher is None:
+      return None
+    t = state["frozen"]["teacher"]
+    logits, _ = models.apply(self.teacher.graphdef, t["params"], t["rest"], inputs, train=False)
+    return jax.lax.stop_gradient(logits)
+
+  # ---- shared pieces
+  def student_forward(self, params, rest, inputs, *, train: bool = True):
+    return models.apply(self.student.graphdef, params, rest, inputs, train=train)
+
+  def gradient_step(self, state: dict, inputs: jax.Array,
+                    loss_from_logits: Callable[[jax.Array], tuple[jax.Array, dict]]) -> tuple[dict, dict]:
+    """One optimizer step of the student on ``loss_from_logits(student_logits [B, K]) -> (scalar, metrics)``."""
+
+    def objective(params):
+      logits, new_rest = self.student_forward(params, state["rest"], inputs)
+      loss, metrics = loss_from_logits(logits)
+      return loss, (new_rest, metrics)
+
+    (loss, (new_rest, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    new_state = dict(state, params=optax.apply_updates(state["params"], updates), rest=new_rest,
+                     opt_state=opt_state, step=state["step"] + 1)
+    return new_state, dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+
+
+def batch_accuracy(logits, labels):
+  return jnp.mean(losses.accuracy(logits, labels))

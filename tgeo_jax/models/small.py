@@ -1,0 +1,112 @@
+"""Small models for the embedded Fashion-MNIST task and for tests: an MLP and a plain CNN."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tgeo_jax.models import register
+
+
+def _pool2x2(x: jax.Array) -> jax.Array:
+  # Reshape-based 2x2 average pool: on CPU XLA, flax's max_pool backward was ~3x slower (DESIGN.md traps).
+  b, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+class MLP(nnx.Module):
+  """``[B, *input_shape] -> [B, K]``: flatten, hidden Linear + LeakyReLU layers, linear head.
+
+  ``features`` returns the last hidden activation ``[B, hidden[-1]]``.
+  """
+
+  def __init__(self, *, num_classes: int, input_shape, hidden=(256, 128), rngs: nnx.Rngs):
+    dims = [math.prod(input_shape), *hidden]
+    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+    self.head = nnx.Linear(dims[-1], num_classes, rngs=rngs)
+
+  def features(self, x, *, train: bool = False):
+    del train  # no BatchNorm / dropout
+    h = x.reshape(x.shape[0], -1)
+    for layer in self.layers:
+      h = nnx.leaky_relu(layer(h))
+    return h
+
+  def classify(self, fmap):
+    return self.head(fmap)
+
+  def __call__(self, x, *, train: bool = False):
+    return self.classify(self.features(x, train=train))
+
+
+class CNN(nnx.Module):
+  """``[B, H, W, C] -> [B, K]``: stages of (3x3 conv, BatchNorm, ReLU) x ``convs_per_stage`` + 2x2 avg-pool
+  (not after the last stage), then global average pooling and a linear head.
+
+  ``features`` returns the last stage's map ``[B, H / 2^(S-1), W / 2^(S-1), widths[-1]]``.
+  """
+
+  def __init__(self, *, num_classes: int, input_shape, widths=(32, 64, 128), convs_per_stage: int = 1,
+               rngs: nnx.Rngs):
+    if len(input_shape) != 3:
+      raise ValueError(f"CNN expects images [H, W, C], got input_shape={tuple(input_shape)}")
+    convs, norms = [], []
+    c_in = input_shape[-1]
+    for width in widths:
+      for _ in range(convs_per_stage):
+        convs.append(nnx.Conv(c_in, width, (3, 3), use_bias=False, rngs=rngs))
+        norms.append(nnx.BatchNorm(width, momentum=0.9, rngs=rngs))
+        c_in = width
+    self.convs, self.norms = nnx.List(convs), nnx.List(norms)
+    self.convs_per_stage = convs_per_stage
+    self.num_stages = len(widths)
+    self.head = nnx.Linear(c_in, num_classes, rngs=rngs)
+
+  def features(self, x, *, train: bool = False):
+    h = x
+    for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+      h = nnx.relu(norm(conv(h), use_running_average=not train))
+      end_of_stage = (i + 1) % self.convs_per_stage == 0
+      if end_of_stage and (i + 1) // self.convs_per_stage < self.num_stages:
+        h = _pool2x2(h)
+    return h
+
+  def classify(self, fmap):
+    return self.head(jnp.mean(fmap, axis=(1, 2)))
+
+  def __call__(self, x, *, train: bool = False):
+    return self.classify(self.features(x, train=train))
+
+
+@register("mlp")
+def mlp(**kw):
+  """Student MLP (Fashion-MNIST: 784 -> 256 -> 128 -> K, ~0.235M parameters)."""
+  return MLP(**kw)
+
+
+@register("mlp_tiny")
+def mlp_tiny(*, hidden=(32,), **kw):
+  """Tiny MLP for tests."""
+  return MLP(hidden=hidden, **kw)
+
+
+@register("cnn_small")
+def cnn_small(*, widths=(16, 32, 64), **kw):
+  """Student CNN (~24k parameters)."""
+  return CNN(widths=widths, **kw)
+
+
+@register("cnn_teacher")
+def cnn_teacher(*, widths=(32, 64, 128), convs_per_stage=2, **kw):
+  """Teacher CNN (~0.29M parameters, six 3x3 convs with BatchNorm)."""
+  return CNN(widths=widths, convs_per_stage=convs_per_stage, **kw)
+
+
+@register("cnn_tiny")
+def cnn_tiny(*, widths=(4, 8), **kw):
+  """Tiny CNN with BatchNorm for tests."""
+  return CNN(widths=widths, **kw)

@@ -1,0 +1,85 @@
+"""Run outputs: ``metrics.jsonl`` (one JSON object per evaluation), optional TensorBoard, ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+def _jsonable(value):
+  if isinstance(value, (np.generic, np.ndarray)):
+    value = value.item() if np.ndim(value) == 0 else value.tolist()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+class MetricWriter:
+  """Appends evaluation records to ``workdir/metrics.jsonl`` (and TensorBoard when asked).
+
+  On resume from step ``s``, records of steps after ``s`` (written before a crash that lost their checkpoint) are
+  dropped, so the file always describes exactly the run that continues.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard: bool = False):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(self.path):
+      kept = [line for line in read_jsonl(self.path) if line.get("step", 0) <= resume_step]
+      _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    elif resume_step is None and os.path.exists(self.path):
+      os.remove(self.path)
+    self.tb = None
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # optional extra: pip install 'tgeo_jax[tensorboard]'
+      except ImportError:
+        raise ImportError("log.tensorboard=True needs tensorboardX: pip install 'tgeo_jax[tensorboard]'") from None
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, record: dict) -> None:
+    record = {k: _jsonable(v) for k, v in record.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self.tb is not None:
+      for k, v in record.items():
+        if isinstance(v, (int, float)) and k != "step":
+          self.tb.add_scalar(k, v, record["step"])
+      self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _atomic_write(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_json(path: str, obj: dict) -> None:
+  _atomic_write(path, json.dumps({k: _jsonable(v) for k, v in obj.items()}, indent=2) + "\n")
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+  """A plain-text table (used by the demo and the benchmarks)."""
+  cells = [[str(c) for c in columns]] + [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+  lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def _fmt(v):
+  if isinstance(v, float):
+    return f"{v:.4f}"
+  return str(v)
