@@ -6,6 +6,7 @@ Re-running the same command on an interrupted or finished DIR resumes from its l
 Config files are Python: load only configs you trust, as you would run their code.
 """
 
+import re
 import sys
 
 from absl import app, flags
@@ -17,6 +18,26 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+def parse_flags(argv):
+  """absl/ml_collections parsing with bad flags reported as one line and exit status 2 (no traceback)."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.keys  # noqa: B018 - a failed config file load surfaces only on access: surface it here
+    return rest
+  except flags.Error as e:
+    message = str(e).splitlines()[0]
+  except (KeyError, AttributeError) as e:
+    field = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                  and re.sub(r"\W", "", str(e)) in a.split("=")[0]), None)
+    message = f"{field or '--config'}: no such config field ({str(e).strip(chr(34))})"
+  except OSError as e:
+    message = "--config: " + " ".join(str(e).split())
+  except Exception as e:  # noqa: BLE001 - a config file raising on load
+    message = f"--config: the config file failed to load ({type(e).__name__}: {str(e).splitlines()[0]})"
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -25,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

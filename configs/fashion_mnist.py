@@ -71,7 +71,7 @@ def get_config(arg: str = "kd") -> ml_collections.ConfigDict:
   if arg == "teacher":
     c.method = "ce"
     c.model.name = "cnn_teacher"
-    c.num_epochs = 3
+    c.num_epochs = 2
     c.optimizer.learning_rate = 0.1
     c.optimizer.warmup_epochs = 0.2
     return c

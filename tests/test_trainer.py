@@ -34,7 +34,7 @@ def test_teacher_and_kd_student_outputs(tiny_teacher, tmp_path):
   summary = json.load(open(os.path.join(workdir, "summary.json")))
   for key in ("method", "accuracy", "best_accuracy", "teacher_accuracy", "num_steps", "seconds"):
     assert key in summary, key
-  assert 0 <= summary["accuracy"] <= 1 and summary["num_steps"] == 14  # 461 examples // 32
+  assert 0 <= summary["accuracy"] <= 1 and summary["num_steps"] == 14  # 462 training examples // 32
   records = report.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert len(records) == 1
   for key in ("step", "epoch", "accuracy", "loss", "teacher_accuracy", "agreement", "teacher_kl", "train_loss"):

@@ -59,6 +59,11 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
 def _atomic_write(path: str, text: str) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
