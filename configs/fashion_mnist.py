@@ -14,6 +14,20 @@ import ml_collections
 # Defaults shared by every paper-setting config (the other configs start from this one and override).
 
 
+def meta_config() -> ml_collections.ConfigDict:
+  """Bilevel settings shared by TGeo-KD and RW-KD (METHODS.md §2)."""
+  m = ml_collections.ConfigDict()
+  m.temperature = 4.0
+  m.fusion_lr = 1e-3  # the meta-parameters' own Adam(W)
+  m.fusion_weight_decay = 0.0
+  m.fusion_clip_norm = 0.0
+  m.ordering = "reuse"  # reuse: the lookahead step is the real step | lookahead: Meta-Weight-Net order
+  m.meta_interval = 1  # update the meta-parameters every k student steps
+  m.unroll_steps = 1  # >1: hypergradient through n unrolled steps (research; needs ordering='lookahead')
+  m.val_bn_mode = "train"  # BatchNorm mode of the validation forward at the lookahead parameters
+  return m
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = "ce"
@@ -60,6 +74,50 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.ce = ml_collections.ConfigDict(dict(label_smoothing=0.0))
   c.kd = ml_collections.ConfigDict(dict(temperature=4.0, w_ce=0.1, w_kd=0.9))
+  c.tgeo = meta_config()
+  c.tgeo.layout = "reference"  # relation features: reference (9K) | vertices | edges | intra | no_st | sg_tg | angles | scalar
+  c.tgeo.fusion_hidden = (32, 16)  # fusion MLP 9K -> 32 -> 16 -> 1 (LeakyReLU, sigmoid)
+  # ANL-KD / ADA-KD / WLS-KD: rule-based alpha in the same convex combination.
+  c.reweight = ml_collections.ConfigDict(dict(temperature=4.0))
+  # RW-KD: a free per-sample alpha learned with the same lookahead (fusion_* fields apply to the alpha table).
+  c.rwkd = meta_config()
+
+  # DIST (METHODS.md §3): L = w_ce CE + tau^2 (w_inter inter + w_intra intra); the paper's CIFAR-100 setting.
+  c.dist = ml_collections.ConfigDict()
+  c.dist.temperature = 4.0  # tau of both softmaxes (4 on CIFAR-100, 1 on ImageNet)
+  c.dist.w_ce = 1.0  # weight of the label cross-entropy
+  c.dist.w_inter = 2.0  # weight of tau^2 * inter-class relation loss (per sample, across classes)
+  c.dist.w_intra = 2.0  # weight of tau^2 * intra-class relation loss (per class, across the global batch)
+
+  # SimKD (METHODS.md §4): projector + MSE to the frozen teacher's last feature map; predicts through its head.
+  c.simkd = ml_collections.ConfigDict()
+  c.simkd.factor = 2  # projector bottleneck r: C_s -> C_t / r -> C_t / r -> C_t
+
+  # ATSC (METHODS.md §4): SimKD whose teacher adapts (MSE + w * Omega), its classifier then takes a CE step.
+  c.atsc = ml_collections.ConfigDict()
+  c.atsc.factor = 2  # projector bottleneck r, as simkd.factor
+  # Weight of Omega = sum ||theta_T - theta_T0||^2 over the teacher's conv kernels and classifier matrix
+  # (1 on CIFAR-100, 10 on ImageNet).
+  c.atsc.w = 1.0
+  c.atsc.classifier_update = "bias"  # CE step on the teacher classifier: 'bias' (public code) or 'all' (+ matrix)
+  # True: the adapting teacher's BatchNorm uses batch statistics and updates its running averages (public code);
+  # False: it keeps the pretrained running statistics (scale/shift still train).
+  c.atsc.teacher_train_mode = True
+  # More teachers besides teacher.model/teacher.checkpoint: ('model', 'workdir') pairs or 'model:workdir' strings.
+  # Each gets its own projector and Omega; the prediction is the mean of the teachers' classifier logits.
+  c.atsc.extra_teachers = ()
+
+  # TriKD (METHODS.md §5, a reconstruction: the paper's weights are not public). The online teacher is
+  # teacher.model, initialised from teacher.checkpoint when given, else from scratch.
+  c.trikd = ml_collections.ConfigDict()
+  c.trikd.temperature = 4.0  # tau of every KL term
+  c.trikd.lambda_anchor = 1.0  # teacher loss: weight of tau^2 KL(p_anchor || p_teacher)
+  c.trikd.lambda_student_to_teacher = 1.0  # teacher loss: weight of tau^2 KL(p_student || p_teacher)
+  c.trikd.lambda_teacher_to_student = 1.0  # student loss: weight of tau^2 KL(p_teacher || p_student)
+  c.trikd.anchor_checkpoint = ""  # work directory of a finished CE run of model.name (the generation-1 anchor)
+  # Generations G >= 1, run by tgeo_jax.methods.trikd.run_generations in WORKDIR/gen_1..gen_G; each student
+  # becomes the next anchor. One train.py run trains one generation (G = 1).
+  c.trikd.generations = 1
 
   c.log = ml_collections.ConfigDict(dict(every_steps=50, progress=True, tensorboard=False))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, max_to_keep=2))

@@ -163,8 +163,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
          f"examples, {jax.device_count()} device(s).")
 
   writer = report.MetricWriter(workdir, resume_step=step0 if existing else None, tensorboard=config.log.tensorboard)
-  train_step = jax.jit(lambda s, f, b: _split_frozen(method.train_step(dict(s, frozen=f), b)),
-                       donate_argnums=(0,))
+  train_step = jax.jit(lambda s, f, b, kind: _split_frozen(method.train_step(dict(s, frozen=f), b, kind)),
+                       donate_argnums=(0,), static_argnums=(3,))
   eval_fn = jax.jit(lambda s, f, b: make_eval_step(method)(dict(s, frozen=f), b))
   eval_step = lambda s, b: eval_fn(s, frozen, b)  # noqa: E731
   val_stream = (data.validation_batches(task.val, batch_size=config.val_batch_size, seed=config.seed,
@@ -190,7 +190,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       for batch in batches.to_iter_dataset():
         if val_stream is not None:
           batch["val"] = val_stream[step]
-        state, metrics = train_step(state, frozen, parallel.shard_batch(batch, mesh))
+        state, metrics = train_step(state, frozen, parallel.shard_batch(batch, mesh), method.step_kind(step))
         running = metrics if running is None else jax.tree.map(jnp.add, running, metrics)
         num_running += 1
         step += 1

@@ -10,6 +10,15 @@ from tgeo_jax.errors import UserError
 _METHODS = {
     "ce": "tgeo_jax.methods.ce:CE",
     "kd": "tgeo_jax.methods.kd:KD",
+    "tgeo": "tgeo_jax.methods.tgeo:TGeoKD",
+    "anl_kd": "tgeo_jax.methods.reweight:AnnealedKD",
+    "ada_kd": "tgeo_jax.methods.reweight:AdaptiveKD",
+    "wls_kd": "tgeo_jax.methods.reweight:WeightedSoftLabelKD",
+    "rw_kd": "tgeo_jax.methods.reweight:RandomWeightKD",
+    "dist": "tgeo_jax.methods.dist:DIST",
+    "simkd": "tgeo_jax.methods.simkd:SimKD",
+    "atsc": "tgeo_jax.methods.atsc:ATSC",
+    "trikd": "tgeo_jax.methods.trikd:TriKD",
 }
 
 

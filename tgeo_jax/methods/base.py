@@ -68,8 +68,18 @@ class Method:
       state["frozen"]["teacher"] = self.teacher.variables
     return state
 
-  def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+  def train_step(self, state: dict, batch: dict, kind=None) -> tuple[dict, dict]:
+    """``kind`` is ``step_kind(step)``, a static (hashable) choice among compiled variants of the step."""
     raise NotImplementedError
+
+  def step_kind(self, step: int):
+    """Which variant of ``train_step`` runs at host step ``step`` (e.g. meta vs plain steps of TGeo-KD).
+
+    Chosen on the host and passed to ``train_step`` as a static argument: one compiled program per kind, never a
+    ``lax.cond`` over two large branches (XLA:CPU ran such a cond ~5x slower than either branch alone).
+    """
+    del step
+    return None
 
   def predict(self, state: dict, inputs: jax.Array) -> jax.Array:
     logits, _ = models.apply(self.student.graphdef, state["params"], state["rest"], inputs, train=False)
@@ -99,7 +109,7 @@ class Method:
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     new_state = dict(state, params=optax.apply_updates(state["params"], updates), rest=new_rest,
                      opt_state=opt_state, step=state["step"] + 1)
-    return new_state, dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    return new_state, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
 
 
 def batch_accuracy(logits, labels):

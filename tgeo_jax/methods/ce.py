@@ -17,7 +17,7 @@ class CE(base.Method):
   name = "ce"
   uses_teacher = False
 
-  def train_step(self, state, batch):
+  def train_step(self, state, batch, kind=None):
     smoothing = self.config.ce.label_smoothing
 
     def loss_from_logits(logits):

@@ -21,7 +21,7 @@ def kd_loss(student_logits, teacher_logits, labels, *, temperature: float, w_ce:
 class KD(base.Method):
   name = "kd"
 
-  def train_step(self, state, batch):
+  def train_step(self, state, batch, kind=None):
     cfg = self.config.kd
     teacher_logits = self.teacher_logits(state, batch["inputs"])
 

@@ -1,0 +1,148 @@
+"""TGeo-KD and the re-weighting baselines as methods: the fusion net trains, α semantics, devices, rules."""
+
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import fashion_mnist
+from conftest import TINY, run_cli
+from tgeo_jax import data, losses, trainer
+from tgeo_jax.methods import reweight
+from test_trainer import final_arrays
+
+
+def build(method, teacher_dir, **overrides):
+  config = fashion_mnist.get_config(method)
+  config.data.name = "synthetic"
+  config.data.train_subset = 0
+  config.model.name = config.teacher.model = "cnn_tiny"
+  config.batch_size = config.val_batch_size = 32
+  config.teacher.checkpoint = teacher_dir
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  task = data.load(config.data, seed=0)
+  method_obj = trainer.build_method(config, task, steps_per_epoch=len(task.train) // 32)
+  state = method_obj.init(jax.random.PRNGKey(0))
+  batch = data.train_batches(task.train, batch_size=32, seed=0, epoch=0)[0]
+  batch["val"] = data.validation_batches(task.val, batch_size=32, seed=0)[0]
+  return method_obj, state, jax.tree.map(jnp.asarray, batch)
+
+
+def test_fusion_net_trains(tiny_teacher):
+  """The official code's bug: its fusion network never gets a gradient. Ours must, and must move."""
+  method, state, batch = build("tgeo", tiny_teacher, **{"tgeo.fusion_lr": 1e-2})
+  step = jax.jit(method.train_step, static_argnums=2)
+  init_meta = jax.tree.map(np.array, state["meta_params"])
+  for i in range(3):
+    state, metrics = step(state, batch, method.step_kind(i))
+    assert float(metrics["meta_grad_norm"]) > 0
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - np.asarray(b)))), init_meta, state["meta_params"])
+  assert max(jax.tree.leaves(moved)) > 1e-4
+  assert 0 < float(metrics["alpha_mean"]) < 1
+
+
+def test_alpha_fixed_by_construction_equals_kd(tiny_teacher):
+  """Fresh fusion net: zero output layer, so α = 0.5 for every sample; a plain TGeo step is then a KD step
+  with w_kd = w_ce = 0.5 at the same temperature."""
+  method, state, batch = build("tgeo", tiny_teacher, **{"tgeo.meta_interval": 2})
+  kd, kd_state, _ = build("kd", tiny_teacher, **{"kd.w_kd": 0.5, "kd.w_ce": 0.5, "kd.temperature": 4.0})
+  state["step"] = jnp.asarray(1)  # step 1 with meta_interval 2: a plain step
+  kd_state["step"] = jnp.asarray(1)
+  assert method.step_kind(1) == "plain"
+  new, metrics = jax.jit(method.train_step, static_argnums=2)(state, batch, "plain")
+  new_kd, kd_metrics = jax.jit(kd.train_step)(kd_state, batch)
+  np.testing.assert_allclose(float(metrics["alpha_mean"]), 0.5, atol=1e-7)
+  np.testing.assert_allclose(float(metrics["loss"]), float(kd_metrics["loss"]), rtol=1e-6)
+  chex.assert_trees_all_close(new["params"], new_kd["params"], atol=1e-6)
+  chex.assert_trees_all_equal(new["meta_params"], state["meta_params"])  # no meta update on a plain step
+
+
+def test_loss_is_differentiable_only_through_the_student(tiny_teacher):
+  method, state, batch = build("tgeo", tiny_teacher)
+  teacher_logits = method.teacher_logits(state, batch["inputs"])
+
+  def fused(student_params, teacher_vars, meta_params):
+    st = dict(state, frozen=dict(state["frozen"], teacher=teacher_vars))
+    t_logits = method.teacher_logits(st, batch["inputs"])
+    per_sample = method._per_sample_fn(st, batch["inputs"], batch["labels"], t_logits)
+    (soft, hard), (_, logits) = per_sample(student_params, state["rest"])
+    alpha = jax.lax.stop_gradient(method.alpha(meta_params, st, batch, jax.lax.stop_gradient(logits), t_logits))
+    return jnp.mean(alpha * soft + (1 - alpha) * hard)
+
+  g_student, g_teacher, g_meta = jax.grad(fused, argnums=(0, 1, 2))(
+      state["params"], state["frozen"]["teacher"], state["meta_params"])
+  assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_student)) > 0
+  for g in (g_teacher, g_meta):
+    assert all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree.leaves(g))
+  assert teacher_logits.shape == (32, 10)
+
+
+def test_class_mean_teacher_is_computed_on_the_training_split(tiny_teacher):
+  method, state, _ = build("tgeo", tiny_teacher)
+  tbar = np.asarray(state["frozen"]["class_mean"])
+  chex.assert_shape(tbar, (10, 10))
+  np.testing.assert_allclose(tbar.sum(-1), 1.0, rtol=1e-5)
+  source = method.task.train
+  probs = jax.nn.softmax(method.teacher_logits(state, source.gather(np.arange(len(source)))))
+  c = int(source.labels[0])
+  np.testing.assert_allclose(tbar[c], np.asarray(probs)[source.labels == c].mean(0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("ordering", ["reuse", "lookahead"])
+def test_orderings_run_and_reuse_is_the_lookahead_step(tiny_teacher, ordering):
+  method, state, batch = build("tgeo", tiny_teacher, **{"tgeo.ordering": ordering})
+  new, metrics = jax.jit(method.train_step, static_argnums=2)(state, batch, "meta")
+  assert np.isfinite(float(metrics["val_loss"])) and int(new["step"]) == 1
+
+
+def test_rw_kd_updates_only_the_batch_entries(tiny_teacher):
+  method, state, batch = build("rw_kd", tiny_teacher, **{"rwkd.fusion_lr": 0.1})
+  new, metrics = jax.jit(method.train_step, static_argnums=2)(state, batch, "meta")
+  table = np.asarray(new["meta_params"]["alpha_logits"])
+  changed = np.flatnonzero(table != 0)
+  assert set(changed) <= set(np.asarray(batch["index"]).tolist()) and len(changed) > 0
+  assert float(metrics["meta_grad_norm"]) > 0
+
+
+def test_rule_alphas_hand_values():
+  # ADA: p_T,y = 0.7 with K = 4 -> 0.7 - 0.3 / 3 = 0.6; p_T,y = 0.1 -> max(0, 0.1 - 0.3) = 0.
+  t = jnp.log(jnp.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]]))
+  np.testing.assert_allclose(reweight.ada_alpha(t, jnp.array([0, 0])), [0.6, 0.0], atol=1e-6)
+  # WLS: 1 - exp(-CE_s / CE_t).
+  s = jnp.log(jnp.array([[0.5, 0.5, 1e-9, 1e-9], [0.25, 0.25, 0.25, 0.25]]))
+  want = 1 - np.exp(-np.array([np.log(2), np.log(4)]) / np.array([-np.log(0.7), -np.log(0.1)]))
+  np.testing.assert_allclose(reweight.wls_alpha(s, t, jnp.array([0, 0])), want, rtol=1e-5)
+  # ANL: linear from 1 to 0.
+  np.testing.assert_allclose([float(reweight.anl_alpha(jnp.asarray(k), 10)) for k in (0, 5, 10, 12)],
+                             [1, 0.5, 0, 0])
+
+
+@pytest.mark.parametrize("method", ["anl_kd", "ada_kd", "wls_kd"])
+def test_rule_methods_step(tiny_teacher, method):
+  m, state, batch = build(method, tiny_teacher)
+  new, metrics = jax.jit(m.train_step)(state, batch)
+  assert np.isfinite(float(metrics["loss"])) and 0 <= float(metrics["alpha_mean"]) <= 1
+
+
+def test_tgeo_one_and_four_devices_agree(tiny_teacher, tmp_path):
+  common = ["--config=configs/fashion_mnist.py:tgeo", *TINY, f"--config.teacher.checkpoint={tiny_teacher}",
+            "--config.tgeo.fusion_lr=0.01"]
+  one, four = str(tmp_path / "one"), str(tmp_path / "four")
+  run_cli([*common, f"--workdir={one}"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+  run_cli([*common, f"--workdir={four}"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert json.load(open(os.path.join(four, "summary.json")))["num_devices"] == 4
+  _, a = final_arrays(one)
+  _, b = final_arrays(four)
+  assert any("meta_params" in k for k in a)
+  for key in a:
+    if a[key].dtype.kind == "f":
+      np.testing.assert_allclose(a[key], b[key], atol=1e-5, rtol=1e-5, err_msg=key)

@@ -1,0 +1,150 @@
+"""TGeo-KD's trilateral relation features (METHODS.md §2): the vertices S, T, G, T̄ and what is built from them.
+
+For sample i with student logits z_s, teacher logits z_t and label y (K classes), the vertices are probability
+vectors at temperature 1, all stop-gradient (the fusion ratio is a function of where the student stands, not a
+path for the student's gradient):
+
+* S = s = softmax(z_s), T = t = softmax(z_t), G = g = onehot(y, K),
+* T̄ = t̄_y, the class-mean teacher prediction of the sample's class (``class_mean_teacher``).
+
+``relation_features`` concatenates vertices and element-wise squared edges (or scalar summaries) in one of the
+layouts of ``LAYOUTS``; ``feature_dim(layout, K)`` gives the width of the result. Everything here is pure and
+jit-able; ``layout`` and ``num_classes`` are static (Python values).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tgeo_jax.errors import UserError
+
+# Layout name -> feature width as a function of K. The blocks of each layout are listed in `relation_features`.
+_LAYOUT_DIMS = {
+    # [s, t, g, t̄, (t̄−s)², (g−s)², (t−s)², (t−g)², (t̄−g)²]: the paper's concatenation order, kept so features
+    # can be compared with the original code.
+    "reference": lambda k: 9 * k,
+    # [s, t, g, t̄]
+    "vertices": lambda k: 4 * k,
+    # [(t̄−s)², (g−s)², (t−s)², (t−g)², (t̄−g)²]
+    "edges": lambda k: 5 * k,
+    # [s, t, g, (g−s)², (t−s)², (t−g)²]: intra-sample only, no T̄ (the paper's ablation row "+ ST").
+    "intra": lambda k: 6 * k,
+    # The reference layout without the (t−s)² edge.
+    "no_st": lambda k: 8 * k,
+    # [s, t, g, (g−s)², (t−g)²]: the paper's "SG + TG only" ablation.
+    "sg_tg": lambda k: 5 * k,
+    # The reference layout followed by the angle terms (t̄−s)⊙(g−s) and (t−s)⊙(g−s).
+    "angles": lambda k: 11 * k,
+    # K-independent summary (for K = 1000): see ``relation_features``.
+    "scalar": lambda k: 10,
+}
+
+LAYOUTS: tuple[str, ...] = tuple(_LAYOUT_DIMS)
+
+# Added under the square root of the scalar edge lengths: the vertices are stop-gradient, so this only keeps the
+# value finite and well defined at a zero edge (a student that matches its teacher exactly).
+_NORM_EPS = 1e-12
+
+
+def feature_dim(layout: str, num_classes: int) -> int:
+  """Width ``D`` of ``relation_features(..., layout)`` for ``num_classes`` classes."""
+  _check_layout(layout)
+  return _LAYOUT_DIMS[layout](num_classes)
+
+
+def _check_layout(layout: str) -> None:
+  if layout not in _LAYOUT_DIMS:
+    raise UserError(f"unknown relation-feature layout {layout!r}; expected one of {list(LAYOUTS)}")
+
+
+def _float_dtype(dtype) -> jnp.dtype:
+  # At least float32 (bfloat16 logits are upcast), but float64 stays float64 so tests can check exactly.
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def class_mean_teacher(teacher_probs: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+  """Class-mean teacher prediction T̄ (one row per class).
+
+  Row c is the mean of the teacher probability vectors of the samples labelled c; a class without any sample
+  gets the uniform vector 1/K (no information, and still a probability vector).
+
+  Args:
+    teacher_probs: ``[N, K]`` teacher probabilities at temperature 1 (over the student's training split).
+    labels: ``[N]`` integer classes in ``[0, K)``.
+    num_classes: ``K`` (static).
+  Returns:
+    ``[K, K]``; row c is t̄_c.
+  """
+  teacher_probs = teacher_probs.astype(_float_dtype(teacher_probs.dtype))
+  labels = labels.astype(jnp.int32)
+  sums = jax.ops.segment_sum(teacher_probs, labels, num_segments=num_classes)  # [K, K]
+  counts = jax.ops.segment_sum(jnp.ones_like(labels, teacher_probs.dtype), labels, num_segments=num_classes)
+  uniform = jnp.full_like(sums, 1.0 / num_classes)
+  # Divide by max(count, 1) so an empty class does not produce 0/0 before the select picks the uniform row.
+  means = sums / jnp.maximum(counts, 1.0)[:, None]
+  return jnp.where((counts > 0)[:, None], means, uniform)
+
+
+def relation_features(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
+                      class_mean: jax.Array, layout: str = "reference") -> jax.Array:
+  """Per-sample relation features Δ_i of the trilateral geometry, all stop-gradient.
+
+  Layouts (``feature_dim`` gives ``D``; squares and products are element-wise, blocks of K concatenated):
+
+  * ``reference`` (9K): [s, t, g, t̄, (t̄−s)², (g−s)², (t−s)², (t−g)², (t̄−g)²];
+  * ``vertices`` (4K): [s, t, g, t̄];
+  * ``edges`` (5K): [(t̄−s)², (g−s)², (t−s)², (t−g)², (t̄−g)²];
+  * ``intra`` (6K): [s, t, g, (g−s)², (t−s)², (t−g)²], no T̄;
+  * ``no_st`` (8K): the reference layout without (t−s)²;
+  * ``sg_tg`` (5K): [s, t, g, (g−s)², (t−g)²];
+  * ``angles`` (11K): the reference layout, then (t̄−s)⊙(g−s) and (t−s)⊙(g−s);
+  * ``scalar`` (10, independent of K, for large K): the Euclidean edge lengths
+    [‖t̄−s‖, ‖g−s‖, ‖t−s‖, ‖t−g‖, ‖t̄−g‖] (same order as ``edges``), the true-class probabilities
+    [s_y, t_y, t̄_y], and the confidences [max_k s_k, max_k t_k]. g_y = 1 always, so it is left out.
+
+  Args:
+    student_logits: ``[N, K]``.
+    teacher_logits: ``[N, K]``.
+    labels: ``[N]`` integer classes.
+    class_mean: ``[K, K]`` from ``class_mean_teacher``.
+    layout: one of ``LAYOUTS`` (static).
+  Returns:
+    ``[N, D]`` with ``D = feature_dim(layout, K)``; no gradient flows to any input.
+  """
+  _check_layout(layout)
+  dtype = _float_dtype(student_logits.dtype)
+  k = student_logits.shape[-1]
+  labels = labels.astype(jnp.int32)
+  s = jax.nn.softmax(student_logits.astype(dtype), axis=-1)
+  t = jax.nn.softmax(teacher_logits.astype(dtype), axis=-1)
+  g = jax.nn.one_hot(labels, k, dtype=dtype)
+  tbar = class_mean.astype(dtype)[labels]
+  s, t, g, tbar = (jax.lax.stop_gradient(v) for v in (s, t, g, tbar))
+
+  if layout == "scalar":
+    def length(d):
+      return jnp.sqrt(jnp.sum(d * d, axis=-1) + _NORM_EPS)
+
+    def true_class(p):
+      return jnp.take_along_axis(p, labels[:, None], axis=-1)[:, 0]
+
+    cols = [length(tbar - s), length(g - s), length(t - s), length(t - g), length(tbar - g),
+            true_class(s), true_class(t), true_class(tbar), jnp.max(s, axis=-1), jnp.max(t, axis=-1)]
+    return jnp.stack(cols, axis=-1)
+
+  e_tbar_s = (tbar - s) ** 2
+  e_g_s = (g - s) ** 2
+  e_t_s = (t - s) ** 2
+  e_t_g = (t - g) ** 2
+  e_tbar_g = (tbar - g) ** 2
+  blocks = {
+      "reference": [s, t, g, tbar, e_tbar_s, e_g_s, e_t_s, e_t_g, e_tbar_g],
+      "vertices": [s, t, g, tbar],
+      "edges": [e_tbar_s, e_g_s, e_t_s, e_t_g, e_tbar_g],
+      "intra": [s, t, g, e_g_s, e_t_s, e_t_g],
+      "no_st": [s, t, g, tbar, e_tbar_s, e_g_s, e_t_g, e_tbar_g],
+      "sg_tg": [s, t, g, e_g_s, e_t_g],
+      "angles": [s, t, g, tbar, e_tbar_s, e_g_s, e_t_s, e_t_g, e_tbar_g, (tbar - s) * (g - s), (t - s) * (g - s)],
+  }[layout]
+  return jnp.concatenate(blocks, axis=-1)

@@ -1,0 +1,214 @@
+"""TGeo-KD (ICLR 2024; METHODS.md §2): a per-sample fusion ratio learned by a bilevel hypergradient.
+
+    L_train(θ; φ) = mean_i [α_i τ² KL_τ(t_i‖s_i) + (1 − α_i) CE(s_i, y_i)],   α_i = f_φ(Δ_i)
+
+Δ_i are the trilateral relation features of (S, T, G, T̄) (``geometry.relation_features``); f_φ is the fusion
+MLP 9K → 32 → 16 → 1 (LeakyReLU, sigmoid). φ minimises the validation CE after one step of the student's own
+optimizer (``bilevel.lookahead_hypergrad``: exact, no second-order autodiff), updated by its own optax optimizer.
+
+Orderings (``tgeo.ordering``):
+* ``reuse`` (default, cheaper): the lookahead step with α(φ_t) *is* the student's real step; φ is then updated
+  from the validation loss at θ′.
+* ``lookahead`` (Meta-Weight-Net): lookahead with α(φ_t), update φ, then the real student step with α(φ_{t+1}).
+``tgeo.meta_interval`` k: φ is updated every k student steps (the other steps are plain fused steps with α(φ)).
+``tgeo.unroll_steps`` n > 1: research option, the hypergradient through n unrolled student steps on the batch
+(``bilevel.unrolled_hypergrad``; lookahead ordering).
+
+``MetaReweightKD`` holds the bilevel machinery for any learned per-sample α (RW-KD in ``reweight.py`` reuses it).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tgeo_jax import bilevel, geometry, losses, models
+from tgeo_jax.config_checks import positive_int, positive_number, require
+from tgeo_jax.errors import UserError
+from tgeo_jax.methods import base
+
+
+class FusionNet(nnx.Module):
+  """``Δ [N, D] -> α [N]``: MLP D → hidden... → 1 with LeakyReLU and a sigmoid output.
+
+  The output layer starts at zero, so α = 0.5 for every sample before the first meta step (an even split between
+  the two supervisions, as the paper's α "starts near 0.5").
+  """
+
+  def __init__(self, in_dim: int, hidden=(32, 16), *, rngs: nnx.Rngs):
+    dims = [in_dim, *hidden]
+    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+    self.out = nnx.Linear(dims[-1], 1, kernel_init=nnx.initializers.zeros, rngs=rngs)
+
+  def __call__(self, features):
+    h = features
+    for layer in self.layers:
+      h = nnx.leaky_relu(layer(h))
+    return jax.nn.sigmoid(self.out(h)[:, 0])
+
+
+def make_meta_optimizer(cfg) -> optax.GradientTransformation:
+  """The fusion net's own optimizer: Adam(W) at ``fusion_lr`` (optionally clipped)."""
+  parts = [optax.clip_by_global_norm(cfg.fusion_clip_norm)] if cfg.fusion_clip_norm else []
+  parts.append(optax.adamw(cfg.fusion_lr, weight_decay=cfg.fusion_weight_decay))
+  return optax.chain(*parts)
+
+
+class MetaReweightKD(base.Method):
+  """Fused KD/CE with α from meta-parameters φ learned on the validation split by a one-step lookahead.
+
+  Subclasses define ``init_meta()`` -> φ and ``alpha(meta_params, state, batch, student_logits, teacher_logits)``.
+  """
+
+  uses_validation_batch = True
+  config_group = "tgeo"
+
+  @classmethod
+  def validate_config(cls, config):
+    g = cls.config_group
+    positive_number(config, f"{g}.temperature")
+    positive_number(config, f"{g}.fusion_lr")
+    positive_int(config, f"{g}.meta_interval")
+    positive_int(config, f"{g}.unroll_steps")
+    require(config, f"{g}.ordering", lambda v: v in ("reuse", "lookahead"), "'reuse' or 'lookahead'")
+    require(config, f"{g}.val_bn_mode", lambda v: v in ("train", "eval"), "'train' or 'eval'")
+    if config[g].unroll_steps > 1 and config[g].ordering != "lookahead":
+      raise UserError(f"{g}.unroll_steps: {config[g].unroll_steps} unrolled steps need {g}.ordering='lookahead'")
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.cfg = self.config[self.config_group]
+    self.meta_tx = make_meta_optimizer(self.cfg)
+
+  # ---- to define
+  def init_meta(self):
+    raise NotImplementedError
+
+  def alpha(self, meta_params, state, batch, student_logits, teacher_logits):
+    raise NotImplementedError
+
+  # ---- interface
+  def init(self, rng):
+    state = super().init(rng)
+    meta = self.init_meta()
+    state["meta_params"] = meta
+    state["meta_opt_state"] = self.meta_tx.init(meta)
+    return state
+
+  def _per_sample_fn(self, state, inputs, labels, teacher_logits):
+    tau = self.cfg.temperature
+
+    def per_sample(params, rest):
+      logits, new_rest = self.student_forward(params, rest, inputs)
+      soft = losses.kd_loss(logits, teacher_logits, temperature=tau)
+      hard = losses.cross_entropy(logits, labels)
+      return (soft, hard), (new_rest, logits)
+
+    return per_sample
+
+  def _val_loss_fn(self, val_batch):
+    train_mode = self.cfg.val_bn_mode == "train"
+
+    def val_loss(params, rest):
+      logits, _ = self.student_forward(params, rest, val_batch["inputs"], train=train_mode)
+      return jnp.mean(losses.cross_entropy(logits, val_batch["labels"]))
+
+    return val_loss
+
+  def step_kind(self, step: int) -> str:
+    return "meta" if step % self.cfg.meta_interval == 0 else "plain"
+
+  def train_step(self, state, batch, kind="meta"):
+    teacher_logits = self.teacher_logits(state, batch["inputs"])
+    per_sample = self._per_sample_fn(state, batch["inputs"], batch["labels"], teacher_logits)
+    weight_fn = lambda meta, logits: self.alpha(meta, state, batch, logits, teacher_logits)  # noqa: E731
+    if kind == "meta":
+      return self._meta_step(state, batch, per_sample, weight_fn)
+    return self._plain_step(state, batch["labels"], per_sample, weight_fn)
+
+  def _plain_step(self, state, labels, per_sample, weight_fn, meta_metrics=None):
+    """A student step on the fused loss with α(φ) held fixed (stop-gradient)."""
+
+    def objective(params):
+      (soft, hard), (new_rest, logits) = per_sample(params, state["rest"])
+      alpha = jax.lax.stop_gradient(weight_fn(state["meta_params"], jax.lax.stop_gradient(logits)))
+      return bilevel.train_loss(alpha, soft, hard), (new_rest, logits, alpha)
+
+    (loss, (new_rest, logits, alpha)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    params, opt_state = bilevel.optimizer_step(self.tx, grads, state["opt_state"], state["params"])
+    new_state = dict(state, params=params, rest=new_rest, opt_state=opt_state, step=state["step"] + 1)
+    return new_state, self._metrics(loss, logits, labels, alpha, meta_metrics)
+
+  def _meta_step(self, state, batch, per_sample, weight_fn):
+    val_loss_fn = self._val_loss_fn(batch["val"])
+    if self.cfg.unroll_steps > 1:
+      meta_grad, val_loss = bilevel.unrolled_hypergrad(
+          weight_fn, state["meta_params"], [per_sample] * self.cfg.unroll_steps, val_loss_fn, state["params"],
+          state["rest"], state["opt_state"], self.tx)
+      result = None
+    else:
+      result = bilevel.lookahead_hypergrad(weight_fn, state["meta_params"], per_sample, val_loss_fn,
+                                           state["params"], state["rest"], state["opt_state"], self.tx)
+      meta_grad, val_loss = result.meta_grad, result.val_loss
+    updates, meta_opt_state = self.meta_tx.update(meta_grad, state["meta_opt_state"], state["meta_params"])
+    meta_params = optax.apply_updates(state["meta_params"], updates)
+    meta_metrics = {"val_loss": val_loss, "meta_grad_norm": optax.tree.norm(meta_grad)}
+    state = dict(state, meta_params=meta_params, meta_opt_state=meta_opt_state)
+    if result is not None and self.cfg.ordering == "reuse":
+      new_state = dict(state, params=result.params, rest=result.rest, opt_state=result.opt_state,
+                       step=state["step"] + 1)
+      return new_state, self._metrics(result.train_loss, result.student_logits, batch["labels"], result.alpha,
+                                      meta_metrics)
+    return self._plain_step(state, batch["labels"], per_sample, weight_fn, meta_metrics)
+
+  def _metrics(self, loss, logits, labels, alpha, meta_metrics):
+    # Meta and plain steps return the same metrics so the trainer can average them; a plain step reports zeros
+    # for the meta quantities (with meta_interval k their logged averages are scaled by 1/k).
+    zero = jnp.zeros((), jnp.float32)
+    meta_metrics = meta_metrics or {"val_loss": zero, "meta_grad_norm": zero}
+    return {"loss": loss, "accuracy": base.batch_accuracy(logits, labels), "alpha_mean": jnp.mean(alpha),
+            "alpha_std": jnp.std(alpha), **meta_metrics}
+
+
+class TGeoKD(MetaReweightKD):
+  name = "tgeo"
+  config_group = "tgeo"
+
+  @classmethod
+  def validate_config(cls, config):
+    super().validate_config(config)
+    require(config, "tgeo.layout", lambda v: v in geometry.LAYOUTS, f"one of {list(geometry.LAYOUTS)}")
+
+  def init_meta(self):
+    dim = geometry.feature_dim(self.cfg.layout, self.spec.num_classes)
+    net = FusionNet(dim, tuple(self.cfg.fusion_hidden), rngs=nnx.Rngs(self.config.seed + 1))
+    self.fusion_graphdef, meta = nnx.split(net, nnx.Param)
+    return meta
+
+  def init(self, rng):
+    state = super().init(rng)
+    state["frozen"]["class_mean"] = self._class_mean_teacher(state)
+    return state
+
+  def _class_mean_teacher(self, state):
+    """T̄ [K, K] over the student's training split with the frozen teacher (computed once; the teacher is fixed)."""
+    teacher_probs = jax.jit(lambda t, x: jax.nn.softmax(
+        models.apply(self.teacher.graphdef, t["params"], t["rest"], x, train=False)[0]))
+    source = self.task.train
+    probs = []
+    for start in range(0, len(source), 1000):
+      idx = np.arange(start, min(start + 1000, len(source)))
+      probs.append(np.asarray(teacher_probs(state["frozen"]["teacher"], source.gather(idx))))
+    return geometry.class_mean_teacher(jnp.asarray(np.concatenate(probs)), jnp.asarray(source.labels),
+                                       self.spec.num_classes)
+
+  def features(self, state, labels, student_logits, teacher_logits):
+    return geometry.relation_features(student_logits, teacher_logits, labels, state["frozen"]["class_mean"],
+                                      self.cfg.layout)
+
+  def alpha(self, meta_params, state, batch, student_logits, teacher_logits):
+    feats = self.features(state, batch["labels"], student_logits, teacher_logits)
+    return nnx.merge(self.fusion_graphdef, meta_params)(feats)
