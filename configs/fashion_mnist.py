@@ -25,6 +25,7 @@ def meta_config() -> ml_collections.ConfigDict:
   m.meta_interval = 1  # update the meta-parameters every k student steps
   m.unroll_steps = 1  # >1: hypergradient through n unrolled steps (research; needs ordering='lookahead')
   m.val_bn_mode = "train"  # BatchNorm mode of the validation forward at the lookahead parameters
+  m.analysis_examples = 5000  # α-by-group analytics each epoch over this many training examples (0 = off)
   return m
 
 
@@ -49,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split_seed = 0  # the split is the same for every run seed
   c.data.train_subset = 0  # 0 = all; else a stratified subset of the training part of that many examples
   c.data.augment = "none"  # none | flip | crop_flip
+  # Outlier probe: append this many Gaussian-noise examples with random labels to the training part (the α
+  # analytics then report their mean α against normal examples; paper: outliers < 0.3, normal 0.4-0.6).
+  c.data.outliers = 0
   c.data.synthetic = ml_collections.ConfigDict(
       dict(num_train=512, num_test=256, input_shape=(28, 28, 1), num_classes=10, seed=0))
 

@@ -57,6 +57,7 @@ def validate(config) -> None:
   require(config, "steps_per_run", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = no limit)")
   require(config, "data.val_fraction", lambda v: is_number(v) and 0 < v < 1, "a fraction in (0, 1)")
   require(config, "data.train_subset", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = all)")
+  require(config, "data.outliers", lambda v: is_int(v) and v >= 0, "an integer >= 0")
   positive_number(config, "optimizer.learning_rate")
   nonnegative_number(config, "optimizer.weight_decay")
   nonnegative_number(config, "optimizer.clip_norm")

@@ -222,6 +222,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       epoch += 1
       results = evaluate(eval_step, state, task.test, batch_size=config.eval_batch_size, mesh=mesh)
       meta["best_accuracy"] = max(meta["best_accuracy"], results["accuracy"])
+      if jax.process_index() == 0:
+        results.update(method.epoch_report(dict(state, frozen=frozen), workdir, epoch))
       record = dict(step=step, epoch=epoch, **results, **last_train,
                     seconds=meta["seconds"] + time.time() - start_time)
       if jax.process_index() == 0:

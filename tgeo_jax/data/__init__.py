@@ -36,6 +36,8 @@ class TaskData:
   num_classes: int
   input_shape: tuple[int, ...]
   augment: Any = None
+  # [len(train)] bool: the examples injected by the outlier probe (None without it).
+  outlier_mask: np.ndarray | None = None
 
   @property
   def spec(self) -> "TaskSpec":
@@ -102,7 +104,33 @@ def load(data_config, *, seed: int) -> TaskData:
     if keep_fraction < 1.0:
       _, chosen = stratified_split(train.labels, keep_fraction, data_config.split_seed + 1)
       train = sources.subset(train, chosen)
-  return TaskData(name, train, val, test, num_classes, input_shape, augment_lib.get(data_config.augment))
+  outlier_mask = None
+  if data_config.outliers:
+    train, outlier_mask = inject_outliers(train, data_config.outliers, num_classes, seed=data_config.split_seed)
+  return TaskData(name, train, val, test, num_classes, input_shape, augment_lib.get(data_config.augment),
+                  outlier_mask)
+
+
+def inject_outliers(source, count: int, num_classes: int, *, seed: int):
+  """Appends ``count`` Gaussian-noise examples with uniformly random labels (the paper's outlier probe).
+
+  Pixel-valued (uint8) sources get N(127.5, 64²) noise clipped to [0, 255]; float sources N(0, 1) in their own
+  space. Returns the extended source and the ``[len]`` boolean mask of the injected examples.
+  """
+  if not isinstance(source, sources.ArraySource) or isinstance(source.inputs, dict):
+    raise UserError("data.outliers: the outlier probe needs an in-memory image dataset")
+  rng = np.random.default_rng([seed, 104729])
+  shape = (count, *source.inputs.shape[1:])
+  if source.inputs.dtype == np.uint8:
+    noise = np.clip(rng.normal(127.5, 64.0, size=shape), 0, 255).astype(np.uint8)
+  else:
+    noise = rng.normal(size=shape).astype(source.inputs.dtype)
+  labels = rng.integers(0, num_classes, size=count)
+  extended = sources.ArraySource(np.concatenate([source.inputs, noise]), np.concatenate([source.labels, labels]),
+                                 source.to_model)
+  mask = np.zeros(len(extended), bool)
+  mask[len(source):] = True
+  return extended, mask
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

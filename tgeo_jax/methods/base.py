@@ -81,6 +81,11 @@ class Method:
     del step
     return None
 
+  def epoch_report(self, state: dict, workdir: str, epoch: int) -> dict:
+    """Method-specific analysis after each evaluation (host side); scalars are added to metrics.jsonl."""
+    del state, workdir, epoch
+    return {}
+
   def predict(self, state: dict, inputs: jax.Array) -> jax.Array:
     logits, _ = models.apply(self.student.graphdef, state["params"], state["rest"], inputs, train=False)
     return logits

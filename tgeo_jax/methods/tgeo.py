@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tgeo_jax import bilevel, geometry, losses, models
+from tgeo_jax import alpha_report, bilevel, geometry, losses, models
 from tgeo_jax.config_checks import positive_int, positive_number, require
 from tgeo_jax.errors import UserError
 from tgeo_jax.methods import base
@@ -163,6 +163,36 @@ class MetaReweightKD(base.Method):
       return new_state, self._metrics(result.train_loss, result.student_logits, batch["labels"], result.alpha,
                                       meta_metrics)
     return self._plain_step(state, batch["labels"], per_sample, weight_fn, meta_metrics)
+
+  def epoch_report(self, state, workdir, epoch):
+    """α by group over (up to ``analysis_examples`` of) the training examples; see ``alpha_report``."""
+    if not self.cfg.analysis_examples:
+      return {}
+    source = self.task.train
+    n = min(len(source), self.cfg.analysis_examples)
+    # A fixed, seed-independent sample so epochs (and runs) are compared on the same examples; outliers kept.
+    indices = np.sort(np.random.default_rng(0).permutation(len(source))[:n])
+    outliers = self.task.outlier_mask
+    if outliers is not None:
+      indices = np.union1d(indices, np.flatnonzero(outliers))
+    if not hasattr(self, "_alpha_fn"):
+      def alpha_fn(state, inputs, labels, index):
+        logits = self.predict(state, inputs)
+        teacher_logits = self.teacher_logits(state, inputs)
+        batch = {"inputs": inputs, "labels": labels, "index": index}
+        alpha = self.alpha(state["meta_params"], state, batch, logits, teacher_logits)
+        s, t = jax.nn.softmax(logits), jax.nn.softmax(teacher_logits)
+        return alpha, jnp.argmax(teacher_logits, -1) == labels, jnp.sum((t - s) ** 2, -1)
+      self._alpha_fn = jax.jit(alpha_fn)
+    parts = []
+    for start in range(0, len(indices), 1000):
+      idx = indices[start:start + 1000]
+      parts.append(jax.device_get(self._alpha_fn(state, source.gather(idx), source.labels[idx],
+                                                 idx.astype(np.int32))))
+    alpha, teacher_correct, gap = (np.concatenate(x) for x in zip(*parts))
+    summary = alpha_report.write(workdir, epoch, int(state["step"]), alpha, teacher_correct, gap,
+                                 None if outliers is None else outliers[indices])
+    return {k: v for k, v in summary.items() if k.startswith("alpha_")}
 
   def _metrics(self, loss, logits, labels, alpha, meta_metrics):
     # Meta and plain steps return the same metrics so the trainer can average them; a plain step reports zeros

@@ -1,0 +1,99 @@
+"""α analytics for learned fusion ratios (TGeo-KD, RW-KD): the paper's Table 4 / Figure 3 groups and outliers.
+
+Each epoch, α is computed for (up to ``analysis_examples`` of) the training examples with the current student and
+fusion net, and summarised by group:
+
+* teacher correct / incorrect (top-1 on the example's training label), crossed with
+* student–teacher discrepancy ``‖t − s‖²`` (probabilities at τ = 1) in the top / bottom 20% of all examples;
+
+plus the injected outliers against the normal examples when ``data.outliers`` > 0. Records go to
+``WORKDIR/alpha.jsonl``; ``alpha_hist.png`` (the distribution by group, this epoch) and ``alpha_groups.png``
+(group means over epochs) are redrawn each epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+GROUPS = ("tc_large", "tc_small", "ti_large", "ti_small")
+GROUP_LABELS = {
+    "tc_large": "teacher correct, large S-T gap (top 20%)",
+    "tc_small": "teacher correct, small S-T gap (bottom 20%)",
+    "ti_large": "teacher wrong, large S-T gap (top 20%)",
+    "ti_small": "teacher wrong, small S-T gap (bottom 20%)",
+}
+
+
+def group_masks(teacher_correct: np.ndarray, discrepancy: np.ndarray, quantile: float = 0.2) -> dict:
+  """Boolean masks ``[N]`` of the four groups; the thresholds are quantiles over all examples."""
+  hi, lo = np.quantile(discrepancy, 1 - quantile), np.quantile(discrepancy, quantile)
+  large, small = discrepancy >= hi, discrepancy <= lo
+  return {"tc_large": teacher_correct & large, "tc_small": teacher_correct & small,
+          "ti_large": ~teacher_correct & large, "ti_small": ~teacher_correct & small}
+
+
+def summarize(alpha: np.ndarray, teacher_correct: np.ndarray, discrepancy: np.ndarray,
+              outlier_mask: np.ndarray | None = None) -> dict:
+  """Mean α overall, per group (NaN for an empty group) and for outliers vs normal examples."""
+  out = {"alpha_mean": float(alpha.mean()), "alpha_std": float(alpha.std())}
+  for name, mask in group_masks(teacher_correct, discrepancy).items():
+    out[f"alpha_{name}"] = float(alpha[mask].mean()) if mask.any() else float("nan")
+    out[f"count_{name}"] = int(mask.sum())
+  if outlier_mask is not None and outlier_mask.any():
+    out["alpha_outlier"] = float(alpha[outlier_mask].mean())
+    out["alpha_normal"] = float(alpha[~outlier_mask].mean())
+  return out
+
+
+def write(workdir: str, epoch: int, step: int, alpha: np.ndarray, teacher_correct: np.ndarray,
+          discrepancy: np.ndarray, outlier_mask: np.ndarray | None = None) -> dict:
+  """Appends the epoch's summary to alpha.jsonl and redraws the figures; returns the summary."""
+  summary = dict(epoch=epoch, step=step, **summarize(alpha, teacher_correct, discrepancy, outlier_mask))
+  path = os.path.join(workdir, "alpha.jsonl")
+  records = []
+  if os.path.exists(path):
+    with open(path) as f:
+      records = [r for r in (json.loads(line) for line in f if line.strip()) if r["epoch"] < epoch]
+  records.append(summary)
+  with open(path + ".tmp", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  os.replace(path + ".tmp", path)
+  _plot(workdir, epoch, records, alpha, group_masks(teacher_correct, discrepancy), outlier_mask)
+  return summary
+
+
+def _plot(workdir, epoch, records, alpha, masks, outlier_mask):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  bins = np.linspace(0, 1, 41)
+  ax.hist(alpha, bins=bins, color="0.8", label="all training examples", density=True)
+  for name, mask in masks.items():
+    if mask.sum() > 1:
+      ax.hist(alpha[mask], bins=bins, histtype="step", density=True, label=GROUP_LABELS[name])
+  if outlier_mask is not None and outlier_mask.any():
+    ax.hist(alpha[outlier_mask], bins=bins, histtype="step", density=True, color="k", linestyle="--",
+            label="injected outliers")
+  ax.set(xlabel="α (weight of the teacher term)", ylabel="density", title=f"α distribution, epoch {epoch}")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "alpha_hist.png"), dpi=100)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  epochs = [r["epoch"] for r in records]
+  for name in GROUPS:
+    ax.plot(epochs, [r[f"alpha_{name}"] for r in records], marker="o", label=GROUP_LABELS[name])
+  if "alpha_outlier" in records[-1]:
+    ax.plot(epochs, [r.get("alpha_outlier", np.nan) for r in records], "k--", marker="x", label="outliers")
+    ax.plot(epochs, [r.get("alpha_normal", np.nan) for r in records], "k:", label="normal examples")
+  ax.set(xlabel="epoch", ylabel="mean α", ylim=(0, 1), title="mean α by group")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "alpha_groups.png"), dpi=100)
+  plt.close(fig)
