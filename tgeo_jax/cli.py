@@ -9,13 +9,14 @@ from tgeo_jax.errors import UserError
 
 def run(config, workdir: str) -> int:
   from absl import logging
-  from tgeo_jax import parallel, trainer
+  from tgeo_jax import methods, parallel, trainer
   # orbax logs every save at INFO; keep the console to our own progress lines unless asked (-v / --verbosity).
   if logging.get_verbosity() == logging.INFO:
     logging.set_verbosity(logging.WARNING)
   try:
     parallel.initialize_distributed(bool(config.get("distributed", False)))
-    summary = trainer.train_and_evaluate(config, workdir)
+    method_cls = methods.get_class(config.method)
+    summary = (method_cls.run or trainer.train_and_evaluate)(config, workdir)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

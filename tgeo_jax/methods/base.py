@@ -49,6 +49,9 @@ class Method:
     self.config, self.spec, self.task = config, spec, task
     self.student, self.tx, self.teacher = student, tx, teacher
 
+  # A method whose CLI run is more than one training run (TriKD's generations) sets ``run(config, workdir)``.
+  run = None
+
   @classmethod
   def validate_config(cls, config) -> None:
     """Raises ``UserError`` naming a bad method-specific field; the common fields are checked already."""
