@@ -41,7 +41,8 @@ def load_teacher_from(model_name: str, path: str, spec, *, field: str, model_fie
     raise UserError(f"{field}: expected the work directory of a finished {model_name!r} run, got ''")
   ckpt_dir = checkpoint_dir(path)
   try:
-    model = models.create(model_name, num_classes=spec.num_classes, input_shape=spec.input_shape)
+    model = models.create(model_name, num_classes=spec.num_classes, input_shape=spec.input_shape,
+                          **spec.model_kwargs)
   except KeyError as e:
     raise UserError(f"{model_field}: {e.args[0]}") from None
   meta = _latest_meta(ckpt_dir, field)

@@ -47,7 +47,7 @@ def build_method(config, task: data.TaskData, steps_per_epoch: int):
   spec = task.spec
   try:
     student_model = models.create(config.model.name, num_classes=spec.num_classes, input_shape=spec.input_shape,
-                                  seed=config.seed)
+                                  seed=config.seed, **spec.model_kwargs)
   except KeyError as e:
     raise UserError(f"model.name: {e.args[0]}") from None
   tx = optim.make_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs)

@@ -38,10 +38,12 @@ class TaskData:
   augment: Any = None
   # [len(train)] bool: the examples injected by the outlier probe (None without it).
   outlier_mask: np.ndarray | None = None
+  # Extra constructor arguments the task imposes on every model (e.g. vocabulary sizes).
+  model_kwargs: dict = dataclasses.field(default_factory=dict)
 
   @property
   def spec(self) -> "TaskSpec":
-    return TaskSpec(self.name, self.num_classes, self.input_shape, len(self.train))
+    return TaskSpec(self.name, self.num_classes, self.input_shape, len(self.train), self.model_kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +52,9 @@ class TaskSpec:
 
   name: str
   num_classes: int
-  input_shape: tuple[int, ...]
+  input_shape: Any
   train_size: int
+  model_kwargs: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,19 +75,58 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
   return kept, held
 
 
+@dataclasses.dataclass
+class RawTask:
+  """What a dataset loader returns, before the validation hold-out.
+
+  ``finalize(train, val, test) -> (train, val, test)`` runs after the split: preprocessing fitted on the student's
+  training part only (MinMax scalers, vocabularies, oversampling) goes there, so validation and test never leak
+  into it. ``model_kwargs`` reach ``models.create`` (e.g. Wide&Deep's vocabulary sizes).
+  """
+
+  train: Any
+  test: Any
+  num_classes: int
+  input_shape: Any
+  finalize: Any = None
+  model_kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+def _fashion_mnist(data_config) -> RawTask:
+  splits = sources.fashion_mnist(data_config.dir or sources.FASHION_MNIST_DIR)
+  return RawTask(splits["train"], splits["test"], 10, (28, 28, 1))
+
+
+def _synthetic(data_config) -> RawTask:
+  c = data_config.synthetic
+  splits = sources.synthetic(num_train=c.num_train, num_test=c.num_test, input_shape=tuple(c.input_shape),
+                             num_classes=c.num_classes, seed=c.seed)
+  return RawTask(splits["train"], splits["test"], c.num_classes, tuple(c.input_shape))
+
+
+# data.name -> loader(data_config) -> RawTask; "module:function" entries are imported on first use.
+LOADERS: dict[str, Any] = {
+    "fashion_mnist": _fashion_mnist,
+    "synthetic": _synthetic,
+}
+
+
+def _loader(name: str):
+  if name not in LOADERS:
+    raise UserError(f"data.name: unknown dataset {name!r}; expected one of {sorted(LOADERS)}")
+  loader = LOADERS[name]
+  if isinstance(loader, str):
+    import importlib
+    module, fn = loader.split(":")
+    loader = getattr(importlib.import_module(module), fn)
+  return loader
+
+
 def load(data_config, *, seed: int) -> TaskData:
   """Builds the task named by ``data_config.name`` with its validation split and optional training subset."""
   name = data_config.name
-  if name == "fashion_mnist":
-    splits = sources.fashion_mnist(data_config.dir or sources.FASHION_MNIST_DIR)
-    num_classes, input_shape = 10, (28, 28, 1)
-  elif name == "synthetic":
-    splits = sources.synthetic(num_train=data_config.synthetic.num_train, num_test=data_config.synthetic.num_test,
-                               input_shape=tuple(data_config.synthetic.input_shape),
-                               num_classes=data_config.synthetic.num_classes, seed=data_config.synthetic.seed)
-    num_classes, input_shape = data_config.synthetic.num_classes, tuple(data_config.synthetic.input_shape)
-  else:
-    raise UserError(f"data.name: unknown dataset {name!r}; expected one of ['fashion_mnist', 'synthetic']")
+  raw = _loader(name)(data_config)
+  splits, num_classes, input_shape = {"train": raw.train, "test": raw.test}, raw.num_classes, raw.input_shape
 
   full_train, test = splits["train"], splits["test"]
   for split_name, src in (("train", full_train), ("test", test)):
@@ -104,11 +146,13 @@ def load(data_config, *, seed: int) -> TaskData:
     if keep_fraction < 1.0:
       _, chosen = stratified_split(train.labels, keep_fraction, data_config.split_seed + 1)
       train = sources.subset(train, chosen)
+  if raw.finalize is not None:
+    train, val, test = raw.finalize(train, val, test)
   outlier_mask = None
   if data_config.outliers:
     train, outlier_mask = inject_outliers(train, data_config.outliers, num_classes, seed=data_config.split_seed)
   return TaskData(name, train, val, test, num_classes, input_shape, augment_lib.get(data_config.augment),
-                  outlier_mask)
+                  outlier_mask, dict(raw.model_kwargs))
 
 
 def inject_outliers(source, count: int, num_classes: int, *, seed: int):

@@ -110,7 +110,7 @@ class TriKD(base.Method):
     else:
       try:
         model = models.create(config.teacher.model, num_classes=spec.num_classes, input_shape=spec.input_shape,
-                              seed=config.seed + 1)
+                              seed=config.seed + 1, **spec.model_kwargs)
       except KeyError as e:
         raise UserError(f"teacher.model: {e.args[0]}") from None
       self.online_teacher = models.split(model)
