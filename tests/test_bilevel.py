@@ -225,7 +225,14 @@ def _manual_lookahead_val_loss(problem, meta, opt_kind):
     return jnp.mean(alpha * soft + (1.0 - alpha) * hard)
 
   grads = jax.grad(train_objective)(problem.params)
-  if opt_kind == "clip_chain":
+  if opt_kind in ("momentum", "nesterov"):
+    # The warm state's trace is h (one step from zero); the new trace is mu h + g.
+    def step(theta, g, h):
+      trace = MOMENTUM * h + g
+      return theta - LR * ((g + MOMENTUM * trace) if opt_kind == "nesterov" else trace)
+
+    new_params = jax.tree.map(step, problem.params, grads, problem.warm_grads)
+  elif opt_kind == "clip_chain":
     def clip(tree):
       global_norm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(tree)))
       return jax.tree.map(lambda v: v * jnp.minimum(1.0, CLIP_NORM / global_norm), tree)
@@ -251,10 +258,12 @@ def _manual_lookahead_val_loss(problem, meta, opt_kind):
 
 class FiniteDifferenceTest(parameterized.TestCase):
 
-  @parameterized.parameters("clip_chain", "adam")
-  def test_hypergradient_matches_central_differences(self, opt_kind):
+  @parameterized.parameters(("mlp_tiny", "momentum"), ("mlp_tiny", "nesterov"), ("cnn_tiny", "momentum"),
+                            ("cnn_tiny", "nesterov"), ("mlp_tiny", "clip_chain"), ("mlp_tiny", "adam"))
+  def test_hypergradient_matches_central_differences(self, model, opt_kind):
+    # cnn_tiny: BatchNorm in train mode in the train forward and in the validation forward.
     with jax.enable_x64(True):
-      problem = make_problem("mlp_tiny", dtype=np.float64)
+      problem = make_problem(model, dtype=np.float64)
       tx = OPTIMIZERS[opt_kind]()
 
       @jit

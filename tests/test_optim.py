@@ -1,7 +1,6 @@
 """Schedules and optimizer chains built from the config."""
 
 import chex
-import ml_collections
 import numpy as np
 import pytest
 

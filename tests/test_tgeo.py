@@ -11,7 +11,7 @@ import pytest
 
 from configs import fashion_mnist
 from conftest import TINY, run_cli
-from tgeo_jax import data, losses, trainer
+from tgeo_jax import data, trainer
 from tgeo_jax.methods import reweight
 from test_trainer import final_arrays
 

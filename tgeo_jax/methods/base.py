@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from tgeo_jax import losses, models
+from tgeo_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,39 @@ class Method:
     }
     if self.teacher is not None:
       state["frozen"]["teacher"] = self.teacher.variables
+      if self.caches_teacher_logits():
+        state["frozen"]["teacher_logits_table"] = self.teacher_logits_over_train(state)
     return state
+
+  def caches_teacher_logits(self) -> bool:
+    """``teacher.cache_logits``: 'auto' caches when training inputs are not augmented (the teacher's outputs
+    are then a fixed function of the example), 'on'/'off' force it."""
+    mode = self.config.teacher.get("cache_logits", "off")
+    if mode not in ("auto", "on", "off"):
+      raise UserError(f"teacher.cache_logits: expected 'auto', 'on' or 'off', got {mode!r}")
+    if mode == "on" and self.task is not None and self.task.augment is not None:
+      raise UserError("teacher.cache_logits: 'on' needs data.augment='none' (augmented inputs change the "
+                      "teacher's outputs every epoch)")
+    if mode == "auto":
+      return self.task is not None and self.task.augment is None
+    return mode == "on"
+
+  def teacher_logits_over_train(self, state: dict, chunk: int = 1000) -> jax.Array:
+    """``[len(train), K]`` frozen-teacher logits of every training example (one jitted pass, in chunks)."""
+    import numpy as np
+    fn = jax.jit(self.teacher_logits)
+    source = self.task.train
+    parts = [np.asarray(fn(state, source.gather(np.arange(s, min(s + chunk, len(source))))))
+             for s in range(0, len(source), chunk)]
+    return jnp.asarray(np.concatenate(parts))
+
+  def batch_teacher_logits(self, state: dict, batch: dict) -> jax.Array:
+    """The teacher's logits for a training batch ``[B, K]``: looked up by example index when cached
+    (``state['frozen']['teacher_logits_table']``), else one forward pass of the frozen teacher."""
+    table = state["frozen"].get("teacher_logits_table")
+    if table is not None:
+      return table[batch["index"]]
+    return self.teacher_logits(state, batch["inputs"])
 
   def train_step(self, state: dict, batch: dict, kind=None) -> tuple[dict, dict]:
     """``kind`` is ``step_kind(step)``, a static (hashable) choice among compiled variants of the step."""

@@ -102,7 +102,7 @@ class DIST(base.Method):
   def train_step(self, state, batch, kind=None):
     del kind  # a single compiled variant
     cfg = self.config.dist
-    teacher_logits = self.teacher_logits(state, batch["inputs"])
+    teacher_logits = self.batch_teacher_logits(state, batch)
 
     def loss_from_logits(logits):
       loss, metrics = dist_loss(logits, teacher_logits, batch["labels"], temperature=cfg.temperature,

@@ -23,7 +23,7 @@ class KD(base.Method):
 
   def train_step(self, state, batch, kind=None):
     cfg = self.config.kd
-    teacher_logits = self.teacher_logits(state, batch["inputs"])
+    teacher_logits = self.batch_teacher_logits(state, batch)
 
     def loss_from_logits(logits):
       loss, metrics = kd_loss(logits, teacher_logits, batch["labels"], temperature=cfg.temperature,

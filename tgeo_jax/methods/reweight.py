@@ -53,7 +53,7 @@ class RuleReweightKD(base.Method):
     raise NotImplementedError
 
   def train_step(self, state, batch, kind=None):
-    teacher_logits = self.teacher_logits(state, batch["inputs"])
+    teacher_logits = self.batch_teacher_logits(state, batch)
     labels = batch["labels"]
     tau = self.config.reweight.temperature
 

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tgeo_jax import alpha_report, bilevel, geometry, losses, models
+from tgeo_jax import alpha_report, bilevel, geometry, losses
 from tgeo_jax.config_checks import positive_int, positive_number, require
 from tgeo_jax.errors import UserError
 from tgeo_jax.methods import base
@@ -122,7 +122,7 @@ class MetaReweightKD(base.Method):
     return "meta" if step % self.cfg.meta_interval == 0 else "plain"
 
   def train_step(self, state, batch, kind="meta"):
-    teacher_logits = self.teacher_logits(state, batch["inputs"])
+    teacher_logits = self.batch_teacher_logits(state, batch)
     per_sample = self._per_sample_fn(state, batch["inputs"], batch["labels"], teacher_logits)
     weight_fn = lambda meta, logits: self.alpha(meta, state, batch, logits, teacher_logits)  # noqa: E731
     if kind == "meta":
@@ -225,14 +225,10 @@ class TGeoKD(MetaReweightKD):
 
   def _class_mean_teacher(self, state):
     """T̄ [K, K] over the student's training split with the frozen teacher (computed once; the teacher is fixed)."""
-    teacher_probs = jax.jit(lambda t, x: jax.nn.softmax(
-        models.apply(self.teacher.graphdef, t["params"], t["rest"], x, train=False)[0]))
-    source = self.task.train
-    probs = []
-    for start in range(0, len(source), 1000):
-      idx = np.arange(start, min(start + 1000, len(source)))
-      probs.append(np.asarray(teacher_probs(state["frozen"]["teacher"], source.gather(idx))))
-    return geometry.class_mean_teacher(jnp.asarray(np.concatenate(probs)), jnp.asarray(source.labels),
+    logits = state["frozen"].get("teacher_logits_table")
+    if logits is None:
+      logits = self.teacher_logits_over_train(state)
+    return geometry.class_mean_teacher(jax.nn.softmax(logits), jnp.asarray(self.task.train.labels),
                                        self.spec.num_classes)
 
   def features(self, state, labels, student_logits, teacher_logits):
