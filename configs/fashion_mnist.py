@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Stop (with a checkpoint) after this many steps in one process; 0 = run to the end. For time-limited job
   # slots: the same command continues where it stopped.
   c.steps_per_run = 0
+  # A NaN/Inf loss, gradient or state: 'stop' (name the step and quantity, exit 1; nothing non-finite is ever
+  # checkpointed) or 'skip' (keep the previous state for that step and count it in metrics/summary).
+  c.nonfinite = "stop"
   c.distributed = False  # multi-host: call jax.distributed.initialize() first
 
   c.data = ml_collections.ConfigDict()

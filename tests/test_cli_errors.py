@@ -2,12 +2,52 @@
 
 import os
 import re
+import shutil
 
+import numpy as np
 import pytest
 
 from conftest import TINY, run_cli
+from tgeo_jax.data import sources
 
 KD = "--config=configs/fashion_mnist.py:kd"
+TGEO = "--config=configs/fashion_mnist.py:tgeo"
+FMNIST = "--config.data.name=fashion_mnist"
+
+
+def fake_fashion_mnist(directory, kind):
+  """Fashion-MNIST IDX files (as Debian's package lays them out) with one defect named by ``kind``."""
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 120), ("t10k", 40)):
+    count = 0 if kind == "no_examples" else n
+    size = 32 if kind == "images_32x32" else 28
+    labels = np.arange(count) % 10
+    if kind == "label_12" and split == "train":
+      labels[5] = 12
+    sources.write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte"), rng.integers(0, 256, (count, size, size)))
+    label_path = os.path.join(directory, f"{split}-labels-idx1-ubyte")
+    if kind == "zero_byte_labels" and split == "train":
+      open(label_path, "wb").close()
+    elif not (kind == "missing_labels" and split == "t10k"):
+      sources.write_idx(label_path, labels)
+  return directory
+
+
+def corrupt_copy(run_dir, directory):
+  """A copy of a finished run whose latest checkpoint has garbled array data."""
+  shutil.copytree(run_dir, directory)
+  ckpt_dir = os.path.join(directory, "checkpoints")
+  latest = max(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  for root, _, files in os.walk(os.path.join(ckpt_dir, str(latest), "state")):
+    for f in files:
+      if os.path.basename(root) == "d":
+        data = bytearray(open(os.path.join(root, f), "rb").read())
+        for i in range(len(data) // 2, min(len(data), len(data) // 2 + 16)):
+          data[i] ^= 0x5A
+        open(os.path.join(root, f), "wb").write(bytes(data))
+  return directory
+
 
 # (case id, extra CLI args, regex the error line must match). "{teacher}" is the tiny teacher's work directory.
 CASES = [
@@ -33,12 +73,42 @@ CASES = [
      r"teacher.checkpoint: .*does not match"),
     ("batch_not_divisible", ["--config.teacher.checkpoint={teacher}", "--config.batch_size=30"],
      r"batch_size: 30 must be a positive multiple of the device count \(4\)"),
+    ("teacher_corrupt", ["--config.teacher.checkpoint={corrupt_teacher}"],
+     r"teacher.checkpoint: checkpoint .*/checkpoints/28 is corrupt: "),
+    # Data files: Fashion-MNIST IDX directories with one defect each.
+    ("label_out_of_range", [FMNIST, "--config.data.dir={data:label_12}"],
+     r"train-labels-idx1-ubyte: labels must be in \[0, 10\), found 12"),
+    ("images_wrong_shape", [FMNIST, "--config.data.dir={data:images_32x32}"],
+     r"train-images-idx3-ubyte: expected images of shape \[N, 28, 28\], got \(120, 32, 32\)"),
+    ("no_examples", [FMNIST, "--config.data.dir={data:no_examples}"],
+     r"data: the train split of 'fashion_mnist' is empty"),
+    ("zero_byte_file", [FMNIST, "--config.data.dir={data:zero_byte_labels}"],
+     r"/train-labels-idx1-ubyte: not an unsigned-byte IDX file"),
+    ("missing_data_file", [FMNIST, "--config.data.dir={data:missing_labels}"],
+     r"data.dir: Fashion-MNIST IDX files not found in .* \(expected t10k-labels-idx1-ubyte\[.gz\]\)"),
+    # Numeric ranges and names.
+    ("negative_weight_decay", ["--config.optimizer.weight_decay=-0.1"],
+     r"optimizer.weight_decay: expected a number >= 0, got -0.1"),
+    ("momentum_above_one", ["--config.optimizer.momentum=1.5"],
+     r"optimizer.momentum: expected a momentum in \[0, 1\), got 1.5"),
+    ("negative_checkpoint_interval", ["--config.checkpoint.every_steps=-2"],
+     r"checkpoint.every_steps: expected an integer >= 0"),
+    ("unknown_nonfinite_mode", ["--config.nonfinite=explode"], r"nonfinite: expected 'stop' or 'skip', got 'explode'"),
+    ("unknown_tgeo_layout", [TGEO, "--config.tgeo.layout=nope"], r"tgeo.layout: expected one of \[.*'reference'.*\], "
+                                                                  r"got 'nope'"),
+    ("unknown_tgeo_ordering", [TGEO, "--config.tgeo.ordering=nope"],
+     r"tgeo.ordering: expected 'reuse' or 'lookahead', got 'nope'"),
 ]
 
 
 @pytest.mark.parametrize("name,args,pattern", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(name, args, pattern, tiny_teacher, tmp_path):
   args = [a.replace("{teacher}", tiny_teacher) for a in args]
+  if any("{corrupt_teacher}" in a for a in args):
+    corrupt = corrupt_copy(tiny_teacher, str(tmp_path / "corrupt_teacher"))
+    args = [a.replace("{corrupt_teacher}", corrupt) for a in args]
+  args = [re.sub(r"\{data:(\w+)\}", lambda m: fake_fashion_mnist(str(tmp_path / m.group(1)), m.group(1)), a)
+          for a in args]
   config = [a for a in args if a.startswith("--config=")] or [KD]
   rest = [a for a in args if not a.startswith("--config=")]
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"} if name == "batch_not_divisible" else None
@@ -55,8 +125,16 @@ def test_resume_with_another_config_is_refused(tiny_teacher, tmp_path):
   workdir = str(tmp_path / "run")
   run_cli(["--config=configs/fashion_mnist.py:ce", f"--workdir={workdir}", *TINY])
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-  proc = run_cli(["--config=configs/fashion_mnist.py:ce", f"--workdir={workdir}", *TINY,
-                  "--config.model.name=mlp_tiny"], check=False)
-  assert proc.returncode == 2
-  assert "model.name: 'cnn_tiny' -> 'mlp_tiny'" in proc.stderr and "nothing was overwritten" in proc.stderr
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+  ce = "--config=configs/fashion_mnist.py:ce"
+  changes = [  # (config + overrides, the difference the error names)
+      ([ce, "--config.model.name=mlp_tiny"], "model.name: 'cnn_tiny' -> 'mlp_tiny'"),
+      ([ce, "--config.data.synthetic.num_classes=5"], "num_classes: 10 -> 5"),
+      ([KD, f"--config.teacher.checkpoint={tiny_teacher}"], "method: 'ce' -> 'kd'"),
+  ]
+  for args, expected in changes:
+    proc = run_cli([*args[:1], f"--workdir={workdir}", *TINY, *args[1:]], check=False)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "warn" not in line.lower()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert expected in lines[0] and "nothing was overwritten" in lines[0], lines[0]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before

@@ -47,3 +47,15 @@ def test_sgd_chain_clips_and_decays():
   updates, _ = tx.update({"w": jnp.array([10.0])}, tx.init(params), params)
   # clip 10 -> 1, add 0.5 * 2 = 1, times -lr.
   chex.assert_trees_all_close(updates, {"w": jnp.array([-2.0])})
+
+
+def test_adam_update_is_differentiable_at_zero_gradient():
+  """The lookahead differentiates through tx.update; with eps_root = 0, Adam's sqrt(v) gives NaN at v = 0."""
+  import jax
+  import jax.numpy as jnp
+  tx = optim.make_optimizer(opt_config(name="adam", learning_rate=1e-3, warmup_epochs=0, schedule="constant",
+                                       weight_decay=0.0, clip_norm=0.0), steps_per_epoch=1, num_epochs=1)
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)
+  jvp = jax.jvp(lambda g: tx.update(g, state, params)[0], ({"w": jnp.zeros(3)},), ({"w": jnp.ones(3)},))[1]
+  assert bool(jnp.all(jnp.isfinite(jvp["w"])))

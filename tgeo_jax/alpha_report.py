@@ -37,10 +37,10 @@ def group_masks(teacher_correct: np.ndarray, discrepancy: np.ndarray, quantile: 
 
 def summarize(alpha: np.ndarray, teacher_correct: np.ndarray, discrepancy: np.ndarray,
               outlier_mask: np.ndarray | None = None) -> dict:
-  """Mean α overall, per group (NaN for an empty group) and for outliers vs normal examples."""
+  """Mean α overall, per group (None for an empty group) and for outliers vs normal examples."""
   out = {"alpha_mean": float(alpha.mean()), "alpha_std": float(alpha.std())}
   for name, mask in group_masks(teacher_correct, discrepancy).items():
-    out[f"alpha_{name}"] = float(alpha[mask].mean()) if mask.any() else float("nan")
+    out[f"alpha_{name}"] = float(alpha[mask].mean()) if mask.any() else None  # JSON null: an empty group
     out[f"count_{name}"] = int(mask.sum())
   if outlier_mask is not None and outlier_mask.any():
     out["alpha_outlier"] = float(alpha[outlier_mask].mean())
@@ -88,7 +88,8 @@ def _plot(workdir, epoch, records, alpha, masks, outlier_mask):
   fig, ax = plt.subplots(figsize=(7, 4))
   epochs = [r["epoch"] for r in records]
   for name in GROUPS:
-    ax.plot(epochs, [r[f"alpha_{name}"] for r in records], marker="o", label=GROUP_LABELS[name])
+    ax.plot(epochs, [np.nan if r[f"alpha_{name}"] is None else r[f"alpha_{name}"] for r in records], marker="o",
+            label=GROUP_LABELS[name])
   if "alpha_outlier" in records[-1]:
     ax.plot(epochs, [r.get("alpha_outlier", np.nan) for r in records], "k--", marker="x", label="outliers")
     ax.plot(epochs, [r.get("alpha_normal", np.nan) for r in records], "k:", label="normal examples")

@@ -5,6 +5,9 @@ from __future__ import annotations
 from tgeo_jax import methods
 from tgeo_jax.errors import UserError
 
+# What a NaN/Inf loss, gradient or state does: end the run naming the step, or skip that update and count it.
+NONFINITE_MODES = ("stop", "skip")
+
 
 def _field(config, dotted: str):
   node = config
@@ -66,6 +69,8 @@ def validate(config) -> None:
   positive_int(config, "log.every_steps")
   require(config, "checkpoint.every_steps", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = epoch ends)")
   positive_int(config, "checkpoint.max_to_keep")
+  if "nonfinite" in config:  # configs written before the option default to 'stop'
+    require(config, "nonfinite", lambda v: v in NONFINITE_MODES, "'stop' or 'skip'")
   if "kd" in config:
     positive_number(config, "kd.temperature")
   method_cls.validate_config(config)

@@ -6,6 +6,11 @@ import optax
 
 from tgeo_jax.errors import UserError
 
+# Inside sqrt(v + eps_root): the bilevel lookahead differentiates through the update, and d sqrt(v)/dv at v = 0
+# (a parameter, e.g. an unused embedding row, whose gradient has always been 0) is inf, making the hypergradient
+# NaN. 1e-16 keeps it finite and changes the step by < 1e-8 relative for any non-zero second moment.
+ADAM_EPS_ROOT = 1e-16
+
 
 def make_schedule(opt_config, *, steps_per_epoch: int, num_epochs: int) -> optax.Schedule:
   """Learning rate per step: linear warm-up over ``warmup_epochs``, then ``schedule``:
@@ -47,9 +52,9 @@ def make_optimizer(opt_config, *, steps_per_epoch: int, num_epochs: int) -> opta
   elif name == "adam":
     if opt_config.weight_decay:
       parts.append(optax.add_decayed_weights(opt_config.weight_decay))
-    parts.append(optax.adam(schedule))
+    parts.append(optax.adam(schedule, eps_root=ADAM_EPS_ROOT))
   elif name == "adamw":
-    parts.append(optax.adamw(schedule, weight_decay=opt_config.weight_decay))
+    parts.append(optax.adamw(schedule, eps_root=ADAM_EPS_ROOT, weight_decay=opt_config.weight_decay))
   else:
     raise UserError(f"optimizer.name: unknown optimizer {name!r}; expected 'sgd', 'adam' or 'adamw'")
   return optax.chain(*parts)

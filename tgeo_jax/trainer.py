@@ -3,13 +3,17 @@
 Everything method-specific happens behind ``method.init / train_step / predict / teacher_logits``. The loop:
 one jitted ``train_step`` over a replicated state and a ``('data',)``-sharded batch; evaluation each epoch over
 every test example; a checkpoint at each epoch end (and every ``checkpoint.every_steps``) and on SIGTERM/SIGINT;
-automatic, exact resume from the latest checkpoint in ``workdir``.
+automatic, exact resume from the newest good checkpoint in ``workdir``.
+
+Non-finite values: the jitted step also checks its metrics (loss, gradient norm, ...) and the new state for
+NaN/Inf and keeps an on-device record of the first bad step, read on the host only where the loop syncs anyway
+(log points) and before every checkpoint save, so a non-finite state is never saved. ``nonfinite='stop'`` ends the
+run naming that step and quantity; ``'skip'`` keeps the previous state for such a step and counts it.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -30,7 +34,7 @@ RESUME_FIELDS = ("method", "model.name", "data.name", "teacher.model", "batch_si
 
 
 class NonFiniteError(RuntimeError):
-  """A loss or gradient became NaN/Inf; the run stops before checkpointing it."""
+  """A loss, gradient or state became NaN/Inf; the run stops before checkpointing it."""
 
 
 def _get(config_dict: dict, dotted: str):
@@ -71,6 +75,10 @@ def make_eval_step(method):
       sums["teacher_correct"] = jnp.sum(losses.accuracy(teacher_logits, batch["labels"]) * mask)
       sums["agreement"] = jnp.sum((jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)) * mask)
       sums["teacher_kl"] = jnp.sum(losses.kl_divergence(logits, teacher_logits, temperature=1.0) * mask)
+    if logits.shape[-1] == 2:
+      # Binary tasks (CTR): per-example positive-class probabilities; evaluate() turns them into AUC / log-loss.
+      sums["per_example"] = {"positive_prob": jax.nn.softmax(logits.astype(jnp.float32), -1)[:, 1],
+                             "labels": batch["labels"], "mask": mask}
     return sums
 
   return eval_step
@@ -78,10 +86,12 @@ def make_eval_step(method):
 
 def evaluate(eval_step, state, source, *, batch_size: int, mesh) -> dict:
   """Test metrics over every example of ``source``; ``eval_step(state, batch) -> sums``."""
-  totals = None
+  totals, per_example = None, []
   for batch in data.eval_batches(source, batch_size=batch_size, process_index=jax.process_index(),
                                  process_count=jax.process_count()):
-    sums = eval_step(state, parallel.shard_batch(batch, mesh))
+    sums = dict(eval_step(state, parallel.shard_batch(batch, mesh)))
+    if "per_example" in sums:  # concatenated, not summed
+      per_example.append(sums.pop("per_example"))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals.pop("count"))
@@ -90,14 +100,25 @@ def evaluate(eval_step, state, source, *, batch_size: int, mesh) -> dict:
     out["teacher_accuracy"] = float(totals["teacher_correct"]) / count
     out["agreement"] = float(totals["agreement"]) / count
     out["teacher_kl"] = float(totals["teacher_kl"]) / count
+  if per_example:
+    from jax.experimental import multihost_utils
+    from tgeo_jax import metrics as binary_metrics
+    fetch = (jax.device_get if jax.process_count() == 1
+             else lambda x: multihost_utils.process_allgather(x, tiled=True))
+    cols = {k: np.concatenate([np.asarray(fetch(b[k])) for b in per_example]) for k in per_example[0]}
+    keep = cols["mask"] > 0
+    out["auc"] = binary_metrics.roc_auc(cols["labels"][keep], cols["positive_prob"][keep])
+    out["log_loss"] = binary_metrics.log_loss(cols["labels"][keep], cols["positive_prob"][keep])
   return out
 
 
 class _StopRequest:
-  """SIGTERM/SIGINT: finish the current step, save a checkpoint, exit."""
+  """SIGTERM/SIGINT: finish the current step, save a checkpoint, exit (see ``train_and_evaluate``)."""
 
   def __init__(self):
     self.signum = None
+    # False until the training loop starts: a signal then exits at once (there is nothing new to save).
+    self.deferred = False
     self._old = {}
 
   def __enter__(self):
@@ -110,6 +131,12 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     del frame
+    if not self.deferred:
+      _log(f"Received signal {signum} before training started: exiting (nothing to save).")
+      raise SystemExit(128 + signum)
+    if self.signum is not None:  # a second signal: the user insists; the last checkpoint stays intact
+      print(f"Received signal {signum} again: exiting without a checkpoint.", file=sys.stderr, flush=True)
+      os._exit(128 + signum)
     self.signum = signum
 
   def __exit__(self, *exc):
@@ -123,7 +150,17 @@ def _log(msg: str) -> None:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains ``config.method`` in ``workdir`` (resuming when it holds a checkpoint); returns the summary."""
+  """Trains ``config.method`` in ``workdir`` (resuming when it holds a checkpoint); returns the summary.
+
+  SIGTERM/SIGINT: before the training loop starts, the process exits at once (nothing to save); inside it, the
+  current step finishes, a checkpoint is saved and the process exits with status 128 + signal; after it, the run
+  finishes normally.
+  """
+  with _StopRequest() as stop:
+    return _train_and_evaluate(config, workdir, stop)
+
+
+def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
   start_time = time.time()
   config_checks.validate(config)
   os.makedirs(workdir, exist_ok=True)
@@ -142,18 +179,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   state = parallel.replicate(method.init(jax.random.PRNGKey(config.seed)), mesh)
   frozen = state.pop("frozen")
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
+                                     cleanup_tmp=True)
   config_dict = json.loads(config.to_json_best_effort())
-  meta = {"epoch": 0, "best_accuracy": 0.0, "seconds": 0.0}
+  meta = {"epoch": 0, "best_accuracy": 0.0, "seconds": 0.0, "skipped_steps": 0}
 
   existing = ckpt.steps()
   if existing:
-    _check_resume_compatible(ckpt.read_meta(existing[-1]).get("config", {}), config_dict, workdir)
-    restored = ckpt.restore_latest(state)
+    # The newest good checkpoint (a corrupt one is moved aside with a one-line warning); a checkpoint of another
+    # configuration stops the run before anything is read or moved.
+    restored = ckpt.restore_latest(
+        state, check_meta=lambda saved: _check_resume_compatible(saved, config_dict, task.num_classes, workdir))
     if restored is None:
       raise UserError(f"workdir: no readable checkpoint among steps {existing} in {workdir!r}")
     step0, state, meta = restored
-    _check_resume_compatible(meta.get("config", {}), config_dict, workdir)
+    meta.setdefault("skipped_steps", 0)
     state = parallel.replicate(state, mesh)
     _log(f"Resuming {config.method} in {workdir} from step {step0} of {total_steps} (epoch {meta['epoch']}).")
   else:
@@ -163,81 +203,114 @@ def train_and_evaluate(config, workdir: str) -> dict:
          f"examples, {jax.device_count()} device(s).")
 
   writer = report.MetricWriter(workdir, resume_step=step0 if existing else None, tensorboard=config.log.tensorboard)
-  train_step = jax.jit(lambda s, f, b, kind: _split_frozen(method.train_step(dict(s, frozen=f), b, kind)),
-                       donate_argnums=(0,), static_argnums=(3,))
+  nonfinite = config.get("nonfinite", "stop")
+  guarded_step, quantity_names = make_guarded_step(method, skip_nonfinite=nonfinite == "skip")
+  train_step = jax.jit(guarded_step, donate_argnums=(0,), static_argnums=(3,))
+  health = parallel.replicate(initial_health(step0, meta["skipped_steps"]), mesh)
   eval_fn = jax.jit(lambda s, f, b: make_eval_step(method)(dict(s, frozen=f), b))
   eval_step = lambda s, b: eval_fn(s, frozen, b)  # noqa: E731
   val_stream = (data.validation_batches(task.val, batch_size=config.val_batch_size, seed=config.seed,
                                         process_index=jax.process_index(), process_count=jax.process_count())
                 if method.uses_validation_batch else None)
+  last_saved = step0 if existing else None
 
-  def save(step, epoch, finished=False):
+  def check_health(host_health, step):
+    """Stops the run (stop mode) if any step so far was non-finite; returns the skipped-step count."""
+    if nonfinite == "stop" and int(host_health["first_bad_step"]) >= 0:
+      raise NonFiniteError(_nonfinite_message(host_health, quantity_names, step, last_saved))
+    return int(host_health["skipped"])
+
+  def save(step, epoch, health, finished=False):
+    nonlocal last_saved
+    skipped = check_health(jax.device_get(health), step)  # never checkpoint a non-finite state
+    if step == last_saved:  # e.g. a signal right after an every_steps save
+      return
     host_meta = dict(meta, epoch=epoch, step=step, total_steps=total_steps, finished=finished,
                      method=config.method, num_classes=task.num_classes, config=config_dict,
-                     seconds=meta["seconds"] + time.time() - start_time)
+                     skipped_steps=skipped, seconds=meta["seconds"] + time.time() - start_time)
     ckpt.save(step, state, host_meta)
+    last_saved = step
+
+  def stop_for_signal(signum, step):
+    _log(f"Received signal {signum}: saved a checkpoint at step {step}; run the same command to resume.")
+    writer.close()
+    ckpt.close()
+    sys.exit(128 + signum)
 
   step = step0
-  with _StopRequest() as stop:
-    while step < total_steps:
-      epoch, offset = divmod(step, steps_per_epoch)
-      batches = data.train_batches(task.train, batch_size=config.batch_size, seed=config.seed, epoch=epoch,
-                                   augment=task.augment, process_index=jax.process_index(),
-                                   process_count=jax.process_count())[offset:]
-      bar = tqdm.tqdm(total=steps_per_epoch, initial=offset, desc=f"epoch {epoch + 1}/{config.num_epochs}",
-                      disable=not config.log.progress or jax.process_index() != 0, leave=False, dynamic_ncols=True)
-      running, num_running = None, 0
-      for batch in batches.to_iter_dataset():
-        if val_stream is not None:
-          batch["val"] = val_stream[step]
-        state, metrics = train_step(state, frozen, parallel.shard_batch(batch, mesh), method.step_kind(step))
-        running = metrics if running is None else jax.tree.map(jnp.add, running, metrics)
-        num_running += 1
-        step += 1
-        bar.update(1)
-        if step % config.log.every_steps == 0 or step % steps_per_epoch == 0:
-          # The only host sync in the loop: averaged training metrics every log.every_steps.
-          host = {k: float(v) / num_running for k, v in jax.device_get(running).items()}
-          _check_finite(host, step)
+  skipped_at_log = meta["skipped_steps"]
+  last_train = {}
+  stop.deferred = True  # from here on a signal means: finish the step, save, exit
+  while step < total_steps:
+    epoch, offset = divmod(step, steps_per_epoch)
+    batches = data.train_batches(task.train, batch_size=config.batch_size, seed=config.seed, epoch=epoch,
+                                 augment=task.augment, process_index=jax.process_index(),
+                                 process_count=jax.process_count())[offset:]
+    bar = tqdm.tqdm(total=steps_per_epoch, initial=offset, desc=f"epoch {epoch + 1}/{config.num_epochs}",
+                    disable=not config.log.progress or jax.process_index() != 0, leave=False, dynamic_ncols=True)
+    running, num_running = None, 0
+    for batch in batches.to_iter_dataset():
+      if val_stream is not None:
+        batch["val"] = val_stream[step]
+      state, metrics, health = train_step(state, frozen, parallel.shard_batch(batch, mesh),
+                                          method.step_kind(step), health)
+      running = metrics if running is None else jax.tree.map(jnp.add, running, metrics)
+      num_running += 1
+      step += 1
+      bar.update(1)
+      if step % config.log.every_steps == 0 or step % steps_per_epoch == 0:
+        # The only host sync in the loop: averaged training metrics and the non-finite record, every
+        # log.every_steps steps.
+        host_running, host_health = jax.device_get((running, health))
+        skipped = check_health(host_health, step)
+        # Skipped steps contribute zeros to the sums: average over the steps that were applied.
+        applied = num_running - (skipped - skipped_at_log)
+        skipped_at_log = skipped
+        host = {k: float(v) / applied for k, v in host_running.items()} if applied else {}
+        if host:
           bar.set_postfix(loss=f"{host['loss']:.4f}", acc=f"{host.get('accuracy', float('nan')):.3f}")
-          last_train = {f"train_{k}": v for k, v in host.items()}
-          running, num_running = None, 0
-        if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 and step % steps_per_epoch:
-          save(step, epoch)
-        if stop.signum is not None:
-          save(step, epoch)
-          bar.close()
-          _log(f"Received signal {stop.signum}: saved a checkpoint at step {step}; run the same command to resume.")
-          ckpt.close()
-          sys.exit(128 + stop.signum)
-        if config.steps_per_run and step - step0 >= config.steps_per_run and step % steps_per_epoch:
-          save(step, epoch)
-          bar.close()
-          _log(f"Stopping after {config.steps_per_run} steps (steps_per_run) at step {step} of {total_steps}; "
-               "run the same command to continue.")
-          writer.close()
-          ckpt.close()
-          return {"method": config.method, "finished": False, "num_steps": step}
-      bar.close()
-      epoch += 1
-      results = evaluate(eval_step, state, task.test, batch_size=config.eval_batch_size, mesh=mesh)
-      meta["best_accuracy"] = max(meta["best_accuracy"], results["accuracy"])
-      if jax.process_index() == 0:
-        results.update(method.epoch_report(dict(state, frozen=frozen), workdir, epoch))
-      record = dict(step=step, epoch=epoch, **results, **last_train,
-                    seconds=meta["seconds"] + time.time() - start_time)
-      if jax.process_index() == 0:
-        writer.write(record)
-      _log(f"epoch {epoch}/{config.num_epochs} step {step}: test accuracy {results['accuracy']:.4f} "
-           f"loss {results['loss']:.4f}" + (f" (teacher {results['teacher_accuracy']:.4f}, agreement "
-                                           f"{results['agreement']:.4f})" if "teacher_accuracy" in results else ""))
-      save(step, epoch, finished=step >= total_steps)
-      if config.steps_per_run and step - step0 >= config.steps_per_run and step < total_steps:
-        _log(f"Stopping after {step - step0} steps (steps_per_run) at step {step} of {total_steps}; "
+        last_train = {f"train_{k}": v for k, v in host.items()}
+        running, num_running = None, 0
+      if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 and step % steps_per_epoch:
+        save(step, epoch, health)
+      if stop.signum is not None and step % steps_per_epoch:
+        save(step, epoch, health)
+        bar.close()
+        stop_for_signal(stop.signum, step)
+      if config.steps_per_run and step - step0 >= config.steps_per_run and step % steps_per_epoch:
+        save(step, epoch, health)
+        bar.close()
+        _log(f"Stopping after {config.steps_per_run} steps (steps_per_run) at step {step} of {total_steps}; "
              "run the same command to continue.")
         writer.close()
         ckpt.close()
         return {"method": config.method, "finished": False, "num_steps": step}
+    bar.close()
+    epoch += 1
+    host_health = jax.device_get(health)
+    skipped = check_health(host_health, step)  # before evaluating or saving
+    results = evaluate(eval_step, state, task.test, batch_size=config.eval_batch_size, mesh=mesh)
+    meta["best_accuracy"] = max(meta["best_accuracy"], results["accuracy"])
+    if jax.process_index() == 0:
+      results.update(method.epoch_report(dict(state, frozen=frozen), workdir, epoch))
+    record = dict(step=step, epoch=epoch, **results, **last_train, skipped_steps=skipped,
+                  seconds=meta["seconds"] + time.time() - start_time)
+    if jax.process_index() == 0:
+      writer.write(record)
+    _log(f"epoch {epoch}/{config.num_epochs} step {step}: test accuracy {results['accuracy']:.4f} "
+         f"loss {results['loss']:.4f}" + (f" (teacher {results['teacher_accuracy']:.4f}, agreement "
+                                         f"{results['agreement']:.4f})" if "teacher_accuracy" in results else "")
+         + (f"; {skipped} non-finite step(s) skipped so far (first: "
+            f"{_nonfinite_what(host_health, quantity_names)})" if skipped else ""))
+    save(step, epoch, health, finished=step >= total_steps)
+    if stop.signum is not None and step < total_steps:
+      stop_for_signal(stop.signum, step)
+    if config.steps_per_run and step - step0 >= config.steps_per_run and step < total_steps:
+      _log(f"Stopping after {step - step0} steps (steps_per_run) at step {step} of {total_steps}; "
+           "run the same command to continue.")
+      writer.close()
+      ckpt.close()
+      return {"method": config.method, "finished": False, "num_steps": step}
 
   if step0 >= total_steps:
     _log(f"{workdir} already finished ({total_steps} steps); re-evaluating the final checkpoint.")
@@ -251,12 +324,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "loss": final["loss"],
       "num_steps": step,
       "num_epochs": config.num_epochs,
+      "skipped_steps": int(jax.device_get(health)["skipped"]),
       "seconds": seconds,
       "seed": config.seed,
       "num_devices": jax.device_count(),
       "finished": True,
   }
-  for key in ("teacher_accuracy", "agreement", "teacher_kl"):
+  for key in ("teacher_accuracy", "agreement", "teacher_kl", "auc", "log_loss"):
     if key in final:
       summary[key] = final[key]
   if jax.process_index() == 0:
@@ -273,16 +347,99 @@ def _split_frozen(out):
   return state, metrics
 
 
-def _check_finite(metrics: dict, step: int) -> None:
-  for name, value in metrics.items():
-    if not math.isfinite(value):
-      raise NonFiniteError(f"step {step}: training {name} is {value}; stopping before it is checkpointed "
-                           "(lower optimizer.learning_rate or set optimizer.clip_norm)")
+# ------------------------------------------------------------------------------------------ non-finite values
 
 
-def _check_resume_compatible(saved: dict, current: dict, workdir: str) -> None:
+def initial_health(step: int, skipped: int = 0) -> dict:
+  """The on-device non-finite record: ``step`` (steps taken), ``first_bad_step`` (-1: none), ``what`` (index into
+  the quantity names), ``value`` (that quantity's value, NaN for state entries), ``skipped`` (steps skipped)."""
+  return {"step": jnp.int32(step), "first_bad_step": jnp.int32(-1), "what": jnp.int32(-1),
+          "value": jnp.float32(0.0), "skipped": jnp.int32(skipped)}
+
+
+def _select(ok, new, old):
+  if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(jnp.where(ok, jax.random.key_data(new), jax.random.key_data(old)),
+                                    impl=jax.random.key_impl(new))
+  return jnp.where(ok, new, old)
+
+
+def make_guarded_step(method, *, skip_nonfinite: bool):
+  """``step(state, frozen, batch, kind, health) -> (state, metrics, health)`` around ``method.train_step``.
+
+  Checks every step, on device, that the metrics (loss first, then the gradient norm, then the others) and every
+  floating entry of the new state are finite, and records the first step that is not in ``health`` (the host
+  reads it at log points and before saves: no per-step sync). With ``skip_nonfinite`` such a step's update is
+  dropped (the whole previous state is kept, optimizer counts included, as ``optax.apply_if_finite`` does), its
+  metrics are zeroed and it is counted in ``health['skipped']``. Returns the step and the list of quantity names
+  that ``health['what']`` indexes (filled while tracing).
+  """
+  names: list[str] = []
+
+  def code(name):
+    if name not in names:
+      names.append(name)
+    return names.index(name)
+
+  def step(state, frozen, batch, kind, health):
+    new_state, metrics = _split_frozen(method.train_step(dict(state, frozen=frozen), batch, kind))
+    checks = []  # (name code, all finite, value)
+    for name in sorted(metrics, key=lambda k: (k != "loss", k != "grad_norm", k)):
+      value = jnp.asarray(metrics[name])
+      if jnp.issubdtype(value.dtype, jnp.inexact):
+        checks.append((code(f"training {name}"), jnp.all(jnp.isfinite(value)),
+                       jnp.mean(value).astype(jnp.float32)))
+    for key in sorted(new_state):
+      leaves = [x for x in jax.tree.leaves(new_state[key]) if jnp.issubdtype(x.dtype, jnp.inexact)]
+      if leaves:
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+        checks.append((code(f"new {key}"), finite, jnp.float32(jnp.nan)))
+    if not checks:
+      return new_state, metrics, dict(health, step=health["step"] + 1)
+    each_ok = jnp.stack([c[1] for c in checks])
+    ok = jnp.all(each_ok)
+    first = jnp.argmin(each_ok)  # the first quantity that is not finite
+    number = health["step"] + 1
+    newly_bad = jnp.logical_and(~ok, health["first_bad_step"] < 0)
+    new_health = {
+        "step": number,
+        "first_bad_step": jnp.where(newly_bad, number, health["first_bad_step"]),
+        "what": jnp.where(newly_bad, jnp.asarray([c[0] for c in checks], jnp.int32)[first], health["what"]),
+        "value": jnp.where(newly_bad, jnp.stack([c[2] for c in checks])[first], health["value"]),
+        "skipped": health["skipped"] + ((~ok).astype(jnp.int32) if skip_nonfinite else 0),
+    }
+    if skip_nonfinite:
+      new_state = jax.tree.map(lambda n, o: _select(ok, n, o), new_state, state)
+      metrics = jax.tree.map(lambda m: jnp.where(ok, m, jnp.zeros_like(m)), metrics)
+    return new_state, metrics, new_health
+
+  return step, names
+
+
+def _nonfinite_what(host_health, names) -> str:
+  name = names[int(host_health["what"])]
+  if name.startswith("training "):
+    return f"step {int(host_health['first_bad_step'])}, {name} = {float(host_health['value'])}"
+  return f"step {int(host_health['first_bad_step'])}, {name} has NaN/Inf entries"
+
+
+def _nonfinite_message(host_health, names, step, last_saved) -> str:
+  bad = int(host_health["first_bad_step"])
+  name = names[int(host_health["what"])]
+  what = (f"the {name} is {float(host_health['value'])}" if name.startswith("training ")
+          else f"the {name.removeprefix('new ')} state has NaN/Inf entries")
+  kept = (f"the last checkpoint, step {last_saved}, is intact" if last_saved is not None
+          else "no checkpoint was saved")
+  return (f"step {bad}: {what}; stopped at step {step} before saving it, {kept}. Lower optimizer.learning_rate, "
+          "set optimizer.clip_norm > 0, or set nonfinite='skip' to skip such steps")
+
+
+def _check_resume_compatible(saved_meta: dict, current: dict, num_classes: int, workdir: str) -> None:
+  saved = saved_meta.get("config", {})
   diffs = [f"{k}: {_get(saved, k)!r} -> {_get(current, k)!r}" for k in RESUME_FIELDS
            if _get(saved, k) != _get(current, k)]
+  if saved_meta.get("num_classes", num_classes) != num_classes:
+    diffs.append(f"num_classes: {saved_meta['num_classes']} -> {num_classes}")
   if diffs:
     raise UserError(f"workdir: {workdir!r} holds checkpoints of a different run ({'; '.join(diffs)}); "
                     "use another --workdir (nothing was overwritten)")

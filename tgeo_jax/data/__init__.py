@@ -108,6 +108,8 @@ def _synthetic(data_config) -> RawTask:
 LOADERS: dict[str, Any] = {
     "fashion_mnist": _fashion_mnist,
     "synthetic": _synthetic,
+    "attack": "tgeo_jax.data.tabular:attack",
+    "criteo": "tgeo_jax.data.tabular:criteo",
 }
 
 

@@ -96,4 +96,5 @@ def num_params(params) -> int:
 def _import_zoo():
   # Importing registers; kept lazy so `import tgeo_jax.models` stays cheap.
   from tgeo_jax.models import small  # noqa: F401
+  from tgeo_jax.models import wide_deep  # noqa: F401
   from tgeo_jax.models import zoo  # noqa: F401

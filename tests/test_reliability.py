@@ -1,0 +1,253 @@
+"""Killed runs lose nothing, signals save a checkpoint, non-finite values never reach a checkpoint, nothing is
+unpickled. Training runs go through the real CLI (``python train.py``) on the tiny synthetic task."""
+
+import glob
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY, run_cli
+from test_trainer import final_arrays
+from tgeo_jax import report
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# Two epochs of 14 steps with a checkpoint every 2 steps: many saves to land a kill in.
+FREQUENT = [*TINY, "--config.num_epochs=2", "--config.checkpoint.every_steps=2"]
+
+
+def kd_args(teacher):
+  return ["--config=configs/fashion_mnist.py:kd", *FREQUENT, f"--config.teacher.checkpoint={teacher}"]
+
+
+def tgeo_args(teacher):
+  return ["--config=configs/fashion_mnist.py:tgeo", *FREQUENT, f"--config.teacher.checkpoint={teacher}",
+          "--config.tgeo.analysis_examples=0"]
+
+
+def start(args, log_path):
+  log = open(log_path, "a")
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, stdout=log,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def listing(ckpt_dir):
+  try:
+    return set(os.listdir(ckpt_dir))
+  except FileNotFoundError:
+    return set()
+
+
+def finished_steps(names):
+  return {int(n) for n in names if n.isdigit()}
+
+
+def wait_and_kill(proc, ckpt_dir, trigger, rng, *, sig=signal.SIGKILL, timeout=120.0):
+  """Polls the checkpoint directory and sends ``sig`` at ``trigger``; returns True if the signal was sent.
+
+  ``("save", n)``: when the n-th save of this process has begun (orbax's temporary directory is there): a kill
+  inside a checkpoint save. ``("step", n)``: a random 0-0.3 s after the n-th new finished checkpoint of this
+  process appeared: a kill anywhere in the loop (a step, an evaluation, the next save).
+  """
+  kind, n = trigger
+  names = listing(ckpt_dir)
+  before = finished_steps(names)
+  # Saves begun by this process: temporary directories appearing (one left by a killed predecessor is removed
+  # when the run starts, and a new save of that step makes it appear again).
+  present, saves = {x for x in names if x.endswith(TMP_SUFFIX)}, 0
+  deadline = time.time() + timeout
+  while proc.poll() is None and time.time() < deadline:
+    names = listing(ckpt_dir)
+    tmp = {x for x in names if x.endswith(TMP_SUFFIX)}
+    saves += len(tmp - present)
+    present = tmp
+    if (kind == "save" and saves >= n) or (kind == "step" and len(finished_steps(names) - before) >= n):
+      if kind == "step":
+        time.sleep(rng.uniform(0.0, 0.3))
+      if proc.poll() is None:
+        proc.send_signal(sig)
+        return True
+    time.sleep(0.002)
+  return False
+
+
+def run_with_kills(args, workdir, triggers, rng, log_path):
+  """Runs ``train.py ARGS`` on ``workdir``, SIGKILLs it at each trigger in turn (restarting the same command each
+  time), then lets a last run finish. Returns the number of kills that landed while a save was in progress."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  mid_save = 0
+  for trigger in triggers:
+    proc = start([*args, f"--workdir={workdir}"], log_path)
+    killed = wait_and_kill(proc, ckpt_dir, trigger, rng)
+    rc = proc.wait(timeout=120)
+    if killed and rc == -signal.SIGKILL:
+      # A temporary directory left behind: the process died inside a save (orbax never renamed it).
+      mid_save += any(n.endswith(TMP_SUFFIX) for n in listing(ckpt_dir))
+    else:
+      assert rc == 0, open(log_path).read()  # it finished before the kill: correctness is still checked
+  final = run_cli([*args, f"--workdir={workdir}"])
+  assert "Traceback" not in final.stderr, final.stderr
+  return mid_save
+
+
+def assert_same_run(a_dir, b_dir):
+  """The final checkpoints are bit-identical (every array) and both describe the same evaluations."""
+  step_a, a = final_arrays(a_dir)
+  step_b, b = final_arrays(b_dir)
+  assert step_a == step_b == 28 and a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  records_a = report.read_jsonl(os.path.join(a_dir, "metrics.jsonl"))
+  records_b = report.read_jsonl(os.path.join(b_dir, "metrics.jsonl"))
+  assert [(r["step"], r["accuracy"]) for r in records_a] == [(r["step"], r["accuracy"]) for r in records_b]
+  summary_a = report.read_json(os.path.join(a_dir, "summary.json"))
+  summary_b = report.read_json(os.path.join(b_dir, "summary.json"))
+  assert summary_a["accuracy"] == summary_b["accuracy"] and summary_b["num_steps"] == 28
+
+
+@pytest.fixture(scope="module")
+def straight_kd(tiny_teacher, tmp_path_factory):
+  """An uninterrupted kd run with the same flags (the reference for the kill and signal tests)."""
+  workdir = str(tmp_path_factory.mktemp("straight_kd"))
+  run_cli([*kd_args(tiny_teacher), f"--workdir={workdir}"])
+  return workdir
+
+
+def test_sigkill_anywhere_then_resume_is_bit_exact_kd(tiny_teacher, straight_kd, tmp_path):
+  rng = random.Random(1234)
+  # Two kills inside a save (the 2nd and a later save of that process) and one at a random point of the loop.
+  triggers = [("save", rng.randint(1, 3)), ("step", rng.randint(1, 3)), ("save", rng.randint(2, 4))]
+  workdir = str(tmp_path / "killed")
+  mid_save = run_with_kills(kd_args(tiny_teacher), workdir, triggers, rng, str(tmp_path / "log.txt"))
+  assert mid_save >= 1, open(tmp_path / "log.txt").read()  # at least one kill really landed inside a save
+  assert not glob.glob(os.path.join(workdir, "checkpoints", "*" + TMP_SUFFIX))  # unfinished saves were cleaned up
+  assert_same_run(straight_kd, workdir)
+
+
+def test_sigkill_then_resume_is_bit_exact_tgeo(tiny_teacher, tmp_path):
+  """TGeo-KD's state adds the fusion net (meta_params) and its optimizer state to the student's."""
+  rng = random.Random(5678)
+  triggers = [("save", rng.randint(1, 3)), ("step", rng.randint(2, 5))]
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  run_cli([*tgeo_args(tiny_teacher), f"--workdir={straight}"])
+  run_with_kills(tgeo_args(tiny_teacher), killed, triggers, rng, str(tmp_path / "log.txt"))
+  keys = final_arrays(killed)[1].keys()
+  assert any("meta_params" in k for k in keys) and any("meta_opt_state" in k for k in keys)
+  assert any("['opt_state']" in k for k in keys)
+  assert_same_run(straight, killed)
+
+
+def test_sigterm_and_sigint_save_a_checkpoint(tiny_teacher, straight_kd, tmp_path):
+  workdir = str(tmp_path / "signalled")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  args = [*kd_args(tiny_teacher), f"--workdir={workdir}"]
+  rng = random.Random(0)
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    log_path = str(tmp_path / f"log_{sig.name}.txt")
+    proc = start(args, log_path)
+    # After a new checkpoint of this process: the training loop (and its signal handler) is running.
+    wait_and_kill(proc, ckpt_dir, ("step", 1), rng, sig=sig)
+    rc = proc.wait(timeout=120)
+    out = open(log_path).read()
+    assert "Traceback" not in out, out
+    if rc == 0:  # finished before the signal arrived
+      break
+    assert rc == 128 + sig, out
+    match = re.search(rf"Received signal {int(sig)}: saved a checkpoint at step (\d+); run the same command", out)
+    assert match, out
+    assert max(finished_steps(listing(ckpt_dir))) == int(match.group(1))
+  run_cli(args)
+  assert_same_run(straight_kd, workdir)
+
+
+def all_checkpoint_arrays(workdir):
+  """Every array of every checkpoint step on disk."""
+  import orbax.checkpoint as ocp
+  import jax
+  out = {}
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  with ocp.CheckpointManager(ckpt_dir, item_names=("state", "meta")) as mgr:
+    to_host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    for step in mgr.all_steps():
+      state = mgr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(fallback_sharding=to_host)))["state"]
+      for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        out[(step, jax.tree_util.keystr(path))] = np.asarray(leaf)
+  return out
+
+
+# lr 1e10 without clipping: finite for a couple of steps, then NaN/Inf (a checkpoint exists before it).
+DIVERGING = ["--config=configs/fashion_mnist.py:ce", *FREQUENT, "--config.optimizer.learning_rate=1e10",
+             "--config.optimizer.clip_norm=0"]
+
+
+def test_nonfinite_stops_naming_the_step_and_never_checkpoints_it(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = run_cli([*DIVERGING, f"--workdir={workdir}"], check=False)
+  assert proc.returncode == 1, (proc.stdout, proc.stderr)
+  assert "Traceback" not in proc.stderr
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, proc.stderr
+  match = re.fullmatch(r"error: step (\d+): the (training \w+ is (nan|inf|-inf)|\w+ state has NaN/Inf entries); "
+                       r"stopped at step (\d+) before saving it, .*nonfinite='skip'.*", lines[0])
+  assert match, lines[0]
+  first_bad, stopped = int(match.group(1)), int(match.group(4))
+  assert first_bad <= stopped
+  arrays = all_checkpoint_arrays(workdir)
+  assert all(step < first_bad for step, _ in arrays)  # nothing at or after the first bad step was saved
+  for key, value in arrays.items():
+    if value.dtype.kind == "f":
+      assert np.all(np.isfinite(value)), key
+
+
+def test_nonfinite_skip_mode_finishes_and_counts(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = run_cli([*DIVERGING, f"--workdir={workdir}", "--config.nonfinite=skip"])
+  assert "non-finite step(s) skipped so far (first: step" in proc.stdout, proc.stdout
+  summary = report.read_json(os.path.join(workdir, "summary.json"))
+  assert summary["finished"] and summary["num_steps"] == 28 and 0 < summary["skipped_steps"] <= 28
+  records = report.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["skipped_steps"] for r in records][-1] == summary["skipped_steps"]
+  arrays = all_checkpoint_arrays(workdir)
+  assert arrays
+  for key, value in arrays.items():
+    if value.dtype.kind == "f":
+      assert np.all(np.isfinite(value)), key
+  meta = json.load(open(os.path.join(workdir, "checkpoints", "28", "meta", "metadata")))
+  assert meta["skipped_steps"] == summary["skipped_steps"]
+
+
+# ------------------------------------------------------------------------------------------- nothing unsafe
+
+UNSAFE = [
+    (r"^\s*(import|from)\s+(c?pickle|dill|cloudpickle|joblib|shelve|marshal)\b", "a pickle-family import"),
+    (r"\b(c?pickle|dill|cloudpickle|shelve|marshal)\.(load|loads|Unpickler)\b", "unpickling"),
+    (r"allow_pickle\s*=\s*True", "np.load(allow_pickle=True)"),
+    (r"\btorch\.load\s*\(", "torch.load"),
+    (r"\bread_pickle\s*\(", "pandas.read_pickle"),
+    (r"\bjoblib\.load\s*\(", "joblib.load"),
+]
+
+
+def unsafe_loads(text):
+  return [(what, line.strip()) for line in text.splitlines() for pattern, what in UNSAFE if re.search(pattern, line)]
+
+
+def test_no_pickle_anywhere():
+  assert unsafe_loads("import pickle\nx = np.load(f, allow_pickle=True)\nstate = torch.load(p)\n")  # the check bites
+  assert not unsafe_loads('"""nothing is unpickled"""\nx = np.load(f)\n')
+  sources = glob.glob(os.path.join(ROOT, "tgeo_jax", "**", "*.py"), recursive=True)
+  sources += [os.path.join(ROOT, "train.py")] + glob.glob(os.path.join(ROOT, "configs", "*.py"))
+  assert len(sources) > 10
+  found = {os.path.relpath(path, ROOT): unsafe_loads(open(path).read()) for path in sources}
+  assert not {k: v for k, v in found.items() if v}
+  # Checkpoints are read only through orbax (tensorstore arrays + JSON).
+  checkpoint_source = open(os.path.join(ROOT, "tgeo_jax", "checkpoint.py")).read()
+  assert "import orbax.checkpoint as ocp" in checkpoint_source and "np.load" not in checkpoint_source
