@@ -95,6 +95,8 @@ def make_config(method: str, args):
   config.teacher.model = args.teacher
   config.batch_size = args.batch
   config.val_batch_size = args.val_batch
+  # The library's own logit table would make the "online" rows cached too: the benchmark controls caching itself.
+  config.teacher.cache_logits = "off"
   return config
 
 
