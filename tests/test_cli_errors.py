@@ -138,3 +138,27 @@ def test_resume_with_another_config_is_refused(tiny_teacher, tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert expected in lines[0] and "nothing was overwritten" in lines[0], lines[0]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def _assert_one_line_error(proc, pattern):
+  assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+  lines = [line for line in proc.stderr.splitlines() if line.strip() and "warn" not in line.lower()]
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_csv_with_a_non_numeric_column(tmp_path):
+  rows = ["f1,f2,label"] + [f"{i},{'abc' if i == 3 else i * 2},{i % 3}" for i in range(12)]
+  (tmp_path / "attack.csv").write_text("\n".join(rows) + "\n")
+  proc = run_cli(["--config=configs/attack.py:ce", f"--workdir={tmp_path / 'run'}", f"--config.data.dir={tmp_path}",
+                  "--config.data.file=attack.csv", "--config.log.progress=False"], check=False)
+  _assert_one_line_error(proc, r"attack.csv.*line 5.*'abc'")
+
+
+def test_criteo_line_with_the_wrong_field_count(tmp_path):
+  good = "\t".join(["1"] + [str(i) for i in range(13)] + ["68fd1e64"] * 26)
+  lines = [good] * 6 + ["0\t1\t2"] + [good] * 3
+  (tmp_path / "dac.txt").write_text("\n".join(lines) + "\n")
+  proc = run_cli(["--config=configs/criteo.py:ce", f"--workdir={tmp_path / 'run'}", f"--config.data.dir={tmp_path}",
+                  "--config.data.file=dac.txt", "--config.log.progress=False"], check=False)
+  _assert_one_line_error(proc, r"dac.txt: line 7 has 3 tab-separated fields, expected 40")
