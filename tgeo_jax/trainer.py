@@ -70,7 +70,9 @@ def make_eval_step(method):
         "correct": jnp.sum(losses.accuracy(logits, batch["labels"]) * mask),
         "count": jnp.sum(mask),
     }
-    teacher_logits = method.teacher_logits(state, batch["inputs"])
+    teacher_logits = batch.get("teacher_logits")  # precomputed by FixedTeacherLogits for a frozen teacher
+    if teacher_logits is None:
+      teacher_logits = method.teacher_logits(state, batch["inputs"])
     if teacher_logits is not None:
       sums["teacher_correct"] = jnp.sum(losses.accuracy(teacher_logits, batch["labels"]) * mask)
       sums["agreement"] = jnp.sum((jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)) * mask)
@@ -84,12 +86,33 @@ def make_eval_step(method):
   return eval_step
 
 
-def evaluate(eval_step, state, source, *, batch_size: int, mesh) -> dict:
-  """Test metrics over every example of ``source``; ``eval_step(state, batch) -> sums``."""
+class FixedTeacherLogits:
+  """A frozen teacher's logits on the evaluation batches, computed at the first evaluation and reused after:
+  they cannot change, and recomputing them cost a teacher forward over the whole test set every epoch."""
+
+  def __init__(self, method, frozen):
+    self._fn = jax.jit(lambda f, x: method.teacher_logits({"frozen": f}, x))
+    self._frozen = frozen
+    self._cache = []
+
+  def __call__(self, index: int, inputs):
+    if index == len(self._cache):
+      self._cache.append(self._fn(self._frozen, inputs))
+    return self._cache[index]
+
+
+def evaluate(eval_step, state, source, *, batch_size: int, mesh, teacher_logits=None) -> dict:
+  """Test metrics over every example of ``source``; ``eval_step(state, batch) -> sums``.
+
+  ``teacher_logits(i, inputs)`` (a ``FixedTeacherLogits``), when given, supplies batch ``i``'s teacher logits.
+  """
   totals, per_example = None, []
-  for batch in data.eval_batches(source, batch_size=batch_size, process_index=jax.process_index(),
-                                 process_count=jax.process_count()):
-    sums = dict(eval_step(state, parallel.shard_batch(batch, mesh)))
+  for i, batch in enumerate(data.eval_batches(source, batch_size=batch_size, process_index=jax.process_index(),
+                                              process_count=jax.process_count())):
+    batch = parallel.shard_batch(batch, mesh)
+    if teacher_logits is not None:
+      batch["teacher_logits"] = teacher_logits(i, batch["inputs"])
+    sums = dict(eval_step(state, batch))
     if "per_example" in sums:  # concatenated, not summed
       per_example.append(sums.pop("per_example"))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -209,6 +232,8 @@ def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
   health = parallel.replicate(initial_health(step0, meta["skipped_steps"]), mesh)
   eval_fn = jax.jit(lambda s, f, b: make_eval_step(method)(dict(s, frozen=f), b))
   eval_step = lambda s, b: eval_fn(s, frozen, b)  # noqa: E731
+  fixed_teacher = (FixedTeacherLogits(method, frozen)
+                   if method.teacher is not None and method.teacher_is_frozen else None)
   val_stream = (data.validation_batches(task.val, batch_size=config.val_batch_size, seed=config.seed,
                                         process_index=jax.process_index(), process_count=jax.process_count())
                 if method.uses_validation_batch else None)
@@ -289,7 +314,8 @@ def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
     epoch += 1
     host_health = jax.device_get(health)
     skipped = check_health(host_health, step)  # before evaluating or saving
-    results = evaluate(eval_step, state, task.test, batch_size=config.eval_batch_size, mesh=mesh)
+    results = evaluate(eval_step, state, task.test, batch_size=config.eval_batch_size, mesh=mesh,
+                       teacher_logits=fixed_teacher)
     meta["best_accuracy"] = max(meta["best_accuracy"], results["accuracy"])
     if jax.process_index() == 0:
       results.update(method.epoch_report(dict(state, frozen=frozen), workdir, epoch))
@@ -314,7 +340,8 @@ def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
 
   if step0 >= total_steps:
     _log(f"{workdir} already finished ({total_steps} steps); re-evaluating the final checkpoint.")
-  final = evaluate(eval_step, state, task.test, batch_size=config.eval_batch_size, mesh=mesh)
+  final = evaluate(eval_step, state, task.test, batch_size=config.eval_batch_size, mesh=mesh,
+                   teacher_logits=fixed_teacher)
   seconds = meta["seconds"] + (time.time() - start_time if step0 < total_steps else 0.0)
   summary = {
       "method": config.method,

@@ -110,6 +110,8 @@ LOADERS: dict[str, Any] = {
     "synthetic": _synthetic,
     "attack": "tgeo_jax.data.tabular:attack",
     "criteo": "tgeo_jax.data.tabular:criteo",
+    "cifar100": "tgeo_jax.data.tfds_sources:cifar100",
+    "imagenet2012": "tgeo_jax.data.tfds_sources:imagenet2012",
 }
 
 

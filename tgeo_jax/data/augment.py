@@ -44,3 +44,63 @@ def get(name: str):
   if name not in AUGMENTATIONS:
     raise UserError(f"data.augment: unknown augmentation {name!r}; expected one of {sorted(AUGMENTATIONS)}")
   return AUGMENTATIONS[name]
+
+
+# ------------------------------------------------------------------ TFDS image tasks (tgeo_jax.data.tfds_sources)
+
+def crop_flip_fill(images: np.ndarray, rng: np.random.Generator, fill, padding: int = 4) -> np.ndarray:
+  """``crop_flip`` with the padding filled with the per-channel value ``fill`` instead of zeros."""
+  b, h, w, c = images.shape
+  padded = np.empty((b, h + 2 * padding, w + 2 * padding, c), images.dtype)
+  padded[...] = np.asarray(fill, images.dtype)
+  padded[:, padding:padding + h, padding:padding + w] = images
+  dy = rng.integers(0, 2 * padding + 1, size=b)
+  dx = rng.integers(0, 2 * padding + 1, size=b)
+  rows = dy[:, None] + np.arange(h)[None, :]
+  cols = dx[:, None] + np.arange(w)[None, :]
+  cropped = padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  return flip(cropped, rng)
+
+
+def crop_flip_cifar100(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """RepDistiller's CIFAR-100 crop: pad 4 with black *raw* pixels (normalised: -mean/std), crop 32, flip."""
+  from tgeo_jax.data.tfds_sources import CIFAR100_MEAN, CIFAR100_STD
+  return crop_flip_fill(images, rng, -CIFAR100_MEAN / CIFAR100_STD)
+
+
+def random_resized_crop_box(rng: np.random.Generator, h: int, w: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """torchvision's RandomResizedCrop box ``(top, left, height, width)`` (10 tries, then the central fallback)."""
+  area = h * w
+  log_ratio = np.log(ratio)
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = np.exp(rng.uniform(*log_ratio))
+    cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+  in_ratio = w / h
+  if in_ratio < ratio[0]:
+    cw, ch = w, int(round(w / ratio[0]))
+  elif in_ratio > ratio[1]:
+    ch, cw = h, int(round(h * ratio[1]))
+  else:
+    cw, ch = w, h
+  return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def imagenet_crop_flip(images: np.ndarray, rng: np.random.Generator, size: int = 224) -> np.ndarray:
+  """Random-resized crop (bilinear, Pillow per channel) of each ``[H, W, C]`` float image to ``size``, then flip."""
+  from PIL import Image
+  b, h, w, c = images.shape
+  out = np.empty((b, size, size, c), np.float32)
+  for i in range(b):
+    top, left, ch, cw = random_resized_crop_box(rng, h, w)
+    crop = np.asarray(images[i, top:top + ch, left:left + cw], np.float32)
+    for k in range(c):
+      out[i, :, :, k] = np.asarray(Image.fromarray(np.ascontiguousarray(crop[:, :, k]), mode="F").resize(
+          (size, size), Image.BILINEAR))
+  return flip(out, rng)
+
+
+AUGMENTATIONS["crop_flip_cifar100"] = crop_flip_cifar100
+AUGMENTATIONS["imagenet_crop_flip"] = imagenet_crop_flip

@@ -131,6 +131,7 @@ class ATSC(base.Method):
   """SimKD with adapting teacher(s) and a CE-trained shared classifier; predicts through the adapted head(s)."""
 
   name = "atsc"
+  teacher_is_frozen = False  # the teacher adapts: its logits change every step
 
   @classmethod
   def validate_config(cls, config) -> None:

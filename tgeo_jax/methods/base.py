@@ -42,6 +42,8 @@ class Method:
   name: str = "?"
   uses_teacher: bool = True
   uses_validation_batch: bool = False
+  # teacher_logits(state, x) depends only on the frozen teacher (evaluation may then compute them once).
+  teacher_is_frozen: bool = True
 
   def __init__(self, config, spec, *, student: models.Functional, tx: optax.GradientTransformation,
                teacher: Teacher | None, task=None):
