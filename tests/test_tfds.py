@@ -1,0 +1,130 @@
+"""TFDS-backed CIFAR-100 / ImageNet sources and configs, on ``tfds.testing.mock_data`` (no download)."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from tgeo_jax import data as data_lib  # noqa: E402
+from tgeo_jax.data import augment, tfds_sources  # noqa: E402
+from tgeo_jax.errors import UserError  # noqa: E402
+
+
+def _config_module(name):
+  spec = importlib.util.spec_from_file_location(f"test_cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _mock(n):
+  # USE_CODE: mock records generated from the builder's feature spec (no metadata files needed).
+  return tfds.testing.mock_data(num_examples=n, policy=tfds.testing.MockPolicy.USE_CODE)
+
+
+def test_cifar100_source_shapes_labels_normalisation():
+  config = _config_module("cifar100").get_config("resnet32x4_resnet8x4:kd")
+  with _mock(40):
+    raw = tfds_sources.cifar100(config.data)
+    assert raw.num_classes == 100 and raw.input_shape == (32, 32, 3)
+    assert len(raw.train) == 40 and raw.train.labels.dtype == np.int32
+    assert raw.train.labels.min() >= 0 and raw.train.labels.max() < 100
+    x = raw.train.gather(np.array([3, 0, 7]))
+    assert x.shape == (3, 32, 32, 3) and x.dtype == np.float32
+    record = raw.train.src[3]
+    assert int(record["label"]) == raw.train.labels[3]
+    expected = (np.asarray(record["image"], np.float32) / 255.0 - tfds_sources.CIFAR100_MEAN) / \
+        tfds_sources.CIFAR100_STD
+    np.testing.assert_allclose(x[0], expected, rtol=1e-5, atol=1e-5)
+    task = data_lib.load(config.data, seed=0)
+    assert len(task.train) + len(task.val) == 40
+    assert task.augment is augment.crop_flip_cifar100
+
+
+def test_crop_flip_cifar100_pads_with_black_raw_pixels():
+  images = np.full((8, 32, 32, 3), 5.0, np.float32)
+  out = augment.crop_flip_cifar100(images, np.random.default_rng(0))
+  black = -tfds_sources.CIFAR100_MEAN / tfds_sources.CIFAR100_STD
+  assert out.shape == images.shape
+  values = out.reshape(-1, 3)
+  is_pad = np.all(np.isclose(values, black), axis=1)
+  assert np.all(is_pad | np.all(values == 5.0, axis=1)) and is_pad.any()
+
+
+def test_imagenet_sources_and_crop():
+  config = _config_module("imagenet").get_config("kd")
+  assert (config.model.name, config.teacher.model) == ("resnet18", "resnet34")
+  with _mock(6):
+    raw = tfds_sources.imagenet2012(config.data)
+    assert raw.input_shape == (224, 224, 3)
+    train = raw.train.gather(np.array([0, 1]))
+    test = raw.test.gather(np.array([0, 1, 2]))
+    assert train.shape == (2, 256, 256, 3) and test.shape == (3, 224, 224, 3)
+    from tgeo_jax.data import sources
+    _, val, _ = raw.finalize(sources.subset(raw.train, [2, 3, 4, 5]), sources.subset(raw.train, [0, 1]), raw.test)
+    assert val.gather(np.arange(2)).shape == (2, 224, 224, 3)
+  crops = augment.imagenet_crop_flip(train, np.random.default_rng(0))
+  assert crops.shape == (2, 224, 224, 3) and crops.dtype == np.float32 and np.isfinite(crops).all()
+
+
+def test_cifar100_configs():
+  module = _config_module("cifar100")
+  c = module.get_config("resnet32x4_shufflev2:dist")
+  assert (c.teacher.model, c.model.name, c.method) == ("resnet32x4", "shufflev2", "dist")
+  assert c.optimizer.learning_rate == 0.01 and c.num_epochs == 240 and c.batch_size == 64
+  assert tuple(c.optimizer.decay_epochs) == (150, 180, 210) and c.teacher.cache_logits == "off"
+  t = module.get_config("teacher:resnet32x4")
+  assert (t.method, t.model.name, t.optimizer.learning_rate) == ("ce", "resnet32x4", 0.05)
+  for pair in module.PAIRS:
+    module.get_config(f"{pair}:kd")
+  with pytest.raises(ValueError):
+    module.get_config("resnet50_mobilenetv2:kd")
+
+
+def test_cifar100_end_to_end_on_mock_data(tmp_path):
+  """A few CE steps of the real trainer on mock CIFAR-100 (in-process, so the mock is active)."""
+  from tgeo_jax import cli
+  config = _config_module("cifar100").get_config("teacher:resnet8")
+  config.num_epochs = 1
+  config.batch_size = 16
+  config.val_batch_size = 8
+  config.eval_batch_size = 32
+  config.log.progress = False
+  config.log.every_steps = 2
+  config.optimizer.decay_epochs = ()
+  config.optimizer.schedule = "constant"
+  workdir = str(tmp_path / "run")
+  with _mock(96):
+    assert cli.run(config, workdir) == 0
+  assert os.path.exists(os.path.join(workdir, "summary.json"))
+  # KD from that run with the teacher re-run on every augmented batch (teacher.cache_logits='off').
+  kd = _config_module("cifar100").get_config("resnet32x4_resnet8x4:kd")
+  for key in ("num_epochs", "batch_size", "val_batch_size", "eval_batch_size", "log", "optimizer"):
+    kd[key] = config[key]
+  kd.model.name = kd.teacher.model = "resnet8"
+  kd.teacher.checkpoint = workdir
+  kd_dir = str(tmp_path / "kd")
+  with _mock(96):
+    assert cli.run(kd, kd_dir) == 0
+  with open(os.path.join(kd_dir, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["method"] == "kd" and 0.0 <= summary["accuracy"] <= 1.0
+
+
+def test_missing_dataset_is_one_line(tmp_path):
+  empty = str(tmp_path / "tfds")
+  os.makedirs(empty)
+  with pytest.raises(UserError, match="not prepared"):
+    tfds_sources.open_split("cifar100", "train", empty)
+  proc = run_cli(["--config=configs/cifar100.py:resnet32x4_resnet8x4:kd", f"--workdir={tmp_path / 'w'}",
+                  f"--config.data.dir={empty}"], check=False)
+  assert proc.returncode == 2, proc.stderr
+  lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "tfds build cifar100" in lines[0] and empty in lines[0], proc.stderr
+  assert "Traceback" not in proc.stderr
