@@ -25,7 +25,10 @@ def parse_flags(argv):
     FLAGS.config.keys  # noqa: B018 - a failed config file load surfaces only on access: surface it here
     return rest
   except flags.Error as e:
-    message = str(e).splitlines()[0]
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    message = lines[0]
+    if "Traceback" in str(e):  # a config file's get_config raised: its own last line says what is wrong
+      message = f"{message} {lines[-1]}"
   except (KeyError, AttributeError) as e:
     field = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
                   and re.sub(r"\W", "", str(e)) in a.split("=")[0]), None)

@@ -51,6 +51,8 @@ def corrupt_copy(run_dir, directory):
 
 # (case id, extra CLI args, regex the error line must match). "{teacher}" is the tiny teacher's work directory.
 CASES = [
+    ("unknown_cifar_pair", ["--config=configs/cifar100.py:resnet50_mobilenetv2:kd"],
+     r"--config=configs/cifar100.py.*unknown pair 'resnet50_mobilenetv2'"),
     ("unknown_method", ["--config=configs/fashion_mnist.py:nope"], r"method: unknown method 'nope'"),
     ("unknown_model", ["--config.model.name=resnet1000"], r"model.name: unknown model 'resnet1000'"),
     ("unknown_dataset", ["--config.data.name=mnist3d"], r"data.name: unknown dataset 'mnist3d'"),
