@@ -18,26 +18,15 @@ Published (TGeo-KD, ICLR 2024, attack detection accuracy): teacher 88.19%, TGeo-
 τ = 1.5; its optimizer, batch size and epoch count are not published: Adam 1e-3, batch 256, 30 epochs here.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _base_config() -> ml_collections.ConfigDict:
-  # configs/ is not a package: load the shared defaults from the file beside this one.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist.py")
-  spec = importlib.util.spec_from_file_location("tgeo_configs_fashion_mnist", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.base_config()
-
+from tgeo_jax.default_config import base_config, set_temperature
 
 TEMPERATURE = 1.5  # METHODS.md §6
 
 
 def get_config(arg: str = "kd") -> ml_collections.ConfigDict:
-  c = _base_config()
+  c = base_config()
   c.data.name = "attack"
   c.data.dir = ""  # directory of data.file / data.test_file ('' = the current directory or absolute paths)
   c.data.file = ""  # the CSV (required)
@@ -61,8 +50,7 @@ def get_config(arg: str = "kd") -> ml_collections.ConfigDict:
   c.optimizer.clip_norm = 1.0
 
   c.teacher.model = "attack_teacher"
-  for group in ("kd", "tgeo", "reweight", "rwkd", "dist", "trikd"):
-    c[group].temperature = TEMPERATURE
+  set_temperature(c, TEMPERATURE)
 
   if arg == "teacher":
     c.method = "ce"

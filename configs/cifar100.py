@@ -28,19 +28,9 @@ Published numbers (test accuracy %, METHODS.md §6 and §3; teacher -> student, 
 ResNet-50 -> MobileNetV2 (DIST 68.66) is left out: RepDistiller's CIFAR-shaped ResNet-50 is not in the model zoo.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _base_config() -> ml_collections.ConfigDict:
-  # configs/ is not a package: load the shared defaults from the file beside this one.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist.py")
-  spec = importlib.util.spec_from_file_location("tgeo_configs_fashion_mnist", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.base_config()
+from tgeo_jax.default_config import base_config
 
 # pair name -> (teacher, student)
 PAIRS = {
@@ -55,7 +45,7 @@ SMALL_LR_MODELS = ("mobilenetv2", "shufflev1", "shufflev2")
 
 
 def protocol() -> ml_collections.ConfigDict:
-  c = _base_config()
+  c = base_config()
   c.data.name = "cifar100"
   c.data.dir = ""  # TFDS data_dir ('' = TFDS_DATA_DIR or ~/tensorflow_datasets)
   c.data.val_fraction = 0.1

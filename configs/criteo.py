@@ -17,26 +17,15 @@ Evaluation reports accuracy, AUC and log-loss (``auc``, ``log_loss`` in metrics.
 The epoch count is not part of the protocol; CTR embeddings overfit after a few passes: 5 here.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _base_config() -> ml_collections.ConfigDict:
-  # configs/ is not a package: load the shared defaults from the file beside this one.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist.py")
-  spec = importlib.util.spec_from_file_location("tgeo_configs_fashion_mnist", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.base_config()
-
+from tgeo_jax.default_config import base_config, set_temperature
 
 TEMPERATURE = 2.0  # METHODS.md §6
 
 
 def get_config(arg: str = "kd") -> ml_collections.ConfigDict:
-  c = _base_config()
+  c = base_config()
   c.data.name = "criteo"
   c.data.dir = ""  # directory of data.file / data.test_file
   c.data.file = "dac_sample.txt"
@@ -58,8 +47,7 @@ def get_config(arg: str = "kd") -> ml_collections.ConfigDict:
   c.optimizer.clip_norm = 1.0
 
   c.teacher.model = "wide_deep_teacher"
-  for group in ("kd", "tgeo", "reweight", "rwkd", "dist", "trikd"):
-    c[group].temperature = TEMPERATURE
+  set_temperature(c, TEMPERATURE)
 
   if arg == "teacher":
     c.method = "ce"

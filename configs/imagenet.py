@@ -13,23 +13,12 @@ resize 256 + centre crop 224. A stratified 1% of the training split is held out 
 Published: KD 70.66-71.21 (ResNet-18), DIST 72.07.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _base_config() -> ml_collections.ConfigDict:
-  # configs/ is not a package: load the shared defaults from the file beside this one.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist.py")
-  spec = importlib.util.spec_from_file_location("tgeo_configs_fashion_mnist", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.base_config()
-
+from tgeo_jax.default_config import base_config
 
 def get_config(arg: str = "kd") -> ml_collections.ConfigDict:
-  c = _base_config()
+  c = base_config()
   c.data.name = "imagenet2012"
   c.data.dir = ""
   c.data.val_fraction = 0.01
