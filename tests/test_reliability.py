@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY, run_cli
-from test_trainer import final_arrays
+from test_trainer import assert_same_run, final_arrays
 from tgeo_jax import report
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -95,21 +95,6 @@ def run_with_kills(args, workdir, triggers, rng, log_path):
   final = run_cli([*args, f"--workdir={workdir}"])
   assert "Traceback" not in final.stderr, final.stderr
   return mid_save
-
-
-def assert_same_run(a_dir, b_dir):
-  """The final checkpoints are bit-identical (every array) and both describe the same evaluations."""
-  step_a, a = final_arrays(a_dir)
-  step_b, b = final_arrays(b_dir)
-  assert step_a == step_b == 28 and a.keys() == b.keys()
-  for key in a:
-    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-  records_a = report.read_jsonl(os.path.join(a_dir, "metrics.jsonl"))
-  records_b = report.read_jsonl(os.path.join(b_dir, "metrics.jsonl"))
-  assert [(r["step"], r["accuracy"]) for r in records_a] == [(r["step"], r["accuracy"]) for r in records_b]
-  summary_a = report.read_json(os.path.join(a_dir, "summary.json"))
-  summary_b = report.read_json(os.path.join(b_dir, "summary.json"))
-  assert summary_a["accuracy"] == summary_b["accuracy"] and summary_b["num_steps"] == 28
 
 
 @pytest.fixture(scope="module")

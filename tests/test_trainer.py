@@ -24,6 +24,21 @@ def final_arrays(workdir):
   return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
 
 
+def assert_same_run(a_dir, b_dir):
+  """The final checkpoints are bit-identical (every array) and both describe the same evaluations."""
+  step_a, a = final_arrays(a_dir)
+  step_b, b = final_arrays(b_dir)
+  assert step_a == step_b == 28 and a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  records_a = report.read_jsonl(os.path.join(a_dir, "metrics.jsonl"))
+  records_b = report.read_jsonl(os.path.join(b_dir, "metrics.jsonl"))
+  assert [(r["step"], r["accuracy"]) for r in records_a] == [(r["step"], r["accuracy"]) for r in records_b]
+  summary_a = report.read_json(os.path.join(a_dir, "summary.json"))
+  summary_b = report.read_json(os.path.join(b_dir, "summary.json"))
+  assert summary_a["accuracy"] == summary_b["accuracy"] and summary_b["num_steps"] == 28
+
+
 def test_teacher_and_kd_student_outputs(tiny_teacher, tmp_path):
   summary = json.load(open(os.path.join(tiny_teacher, "summary.json")))
   assert summary["method"] == "ce" and 0 <= summary["accuracy"] <= 1
@@ -61,15 +76,7 @@ def test_resume_is_bit_exact(tiny_teacher, tmp_path):
   assert "Stopping after 9 steps" in first.stdout
   second = run_cli([*common, f"--workdir={split}"])
   assert "Resuming kd" in second.stdout and "from step 9 of 28" in second.stdout
-  step_a, a = final_arrays(straight)
-  step_b, b = final_arrays(split)
-  assert step_a == step_b == 28 and a.keys() == b.keys()
-  for key in a:
-    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-  # metrics.jsonl of the split run describes the same two evaluations.
-  ra = report.read_jsonl(os.path.join(straight, "metrics.jsonl"))
-  rb = report.read_jsonl(os.path.join(split, "metrics.jsonl"))
-  assert [r["accuracy"] for r in ra] == [r["accuracy"] for r in rb]
+  assert_same_run(straight, split)
 
 
 def test_one_and_four_devices_agree(tiny_teacher, tmp_path):
