@@ -100,6 +100,12 @@ CASES = [
                                                                   r"got 'nope'"),
     ("unknown_tgeo_ordering", [TGEO, "--config.tgeo.ordering=nope"],
      r"tgeo.ordering: expected 'reuse' or 'lookahead', got 'nope'"),
+    ("unknown_compute_dtype", ["--config.compute_dtype=float16"],
+     r"compute_dtype: expected one of \['float32', 'bfloat16'\]"),
+    ("label_noise_out_of_range", ["--config.data.label_noise=1.5"],
+     r"data.label_noise: expected a fraction in \[0, 1\), got 1.5"),
+    ("unknown_alpha_normalization", [TGEO, "--config.tgeo.alpha_normalization=softmax"],
+     r"tgeo.alpha_normalization: expected 'none' or 'center', got 'softmax'"),
 ]
 
 

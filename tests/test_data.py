@@ -134,3 +134,56 @@ def test_synthetic_task_and_mismatched_lengths():
   assert task.num_classes == 10
   with pytest.raises(UserError, match="3 inputs but 4 labels"):
     sources.ArraySource(np.zeros((3, 2)), np.array([0, 1, 2, 3]))
+
+
+def test_symmetric_label_noise_flips_exactly_the_fraction():
+  labels = np.repeat(np.arange(10), 100)
+  noisy = data.symmetric_label_noise(labels, 0.2, 10, seed=3)
+  wrong = noisy != labels
+  assert wrong.sum() == 200  # exactly round(0.2 * 1000), every chosen label changed
+  # New labels are spread over the other nine classes: offsets (new - old) mod 10 cover 1..9, never 0.
+  offsets = np.bincount((noisy[wrong] - labels[wrong]) % 10, minlength=10)
+  assert offsets[0] == 0 and offsets[1:].min() >= 8  # ~22 expected each
+  np.testing.assert_array_equal(noisy, data.symmetric_label_noise(labels, 0.2, 10, seed=3))
+  assert not np.array_equal(noisy, data.symmetric_label_noise(labels, 0.2, 10, seed=4))
+
+
+def test_label_noise_touches_only_the_students_training_labels(tmp_path):
+  fake_fashion_mnist(str(tmp_path), n_train=1000)
+  clean = data.load(data_config(dir=str(tmp_path), val_fraction=0.2), seed=0)
+  noisy = data.load(data_config(dir=str(tmp_path), val_fraction=0.2, label_noise=0.25), seed=0)
+  assert int(np.sum(noisy.train.labels != clean.train.labels)) == 200  # 0.25 * 800
+  np.testing.assert_array_equal(noisy.val.labels, clean.val.labels)
+  np.testing.assert_array_equal(noisy.test.labels, clean.test.labels)
+  idx = np.arange(0, 800, 7)
+  np.testing.assert_array_equal(noisy.train.gather(idx), clean.train.gather(idx))  # same images
+  # The pipeline serves the noisy labels.
+  batch = data.train_batches(noisy.train, batch_size=100, seed=0, epoch=0)[0]
+  np.testing.assert_array_equal(batch["labels"], noisy.train.labels[batch["index"]])
+
+
+def test_val_subset_and_train_with_val(tmp_path):
+  fake_fashion_mnist(str(tmp_path), n_train=1000)
+  task = data.load(data_config(dir=str(tmp_path), val_fraction=0.2, train_subset=400, val_subset=50), seed=0)
+  assert len(task.train) == 400 and len(task.val) == 50
+  np.testing.assert_array_equal(np.bincount(task.val.labels), [5] * 10)
+  both = data.load(data_config(dir=str(tmp_path), val_fraction=0.2, train_subset=400, val_subset=50,
+                               train_with_val=True), seed=0)
+  assert len(both.train) == 450 and len(both.val) == 50
+  idx = np.array([449, 0, 400, 3])
+  want = np.concatenate([task.val.gather([49]), task.train.gather([0]), task.val.gather([0]),
+                         task.train.gather([3])])
+  np.testing.assert_array_equal(both.train.gather(idx), want)
+  np.testing.assert_array_equal(both.train.labels[idx], [task.val.labels[49], task.train.labels[0],
+                                                         task.val.labels[0], task.train.labels[3]])
+  with pytest.raises(UserError, match="data.val_subset"):
+    data.load(data_config(dir=str(tmp_path), val_fraction=0.2, val_subset=201), seed=0)
+
+
+@pytest.mark.parametrize("field,value", [("label_noise", 1.0), ("label_noise", -0.1), ("val_subset", -1)])
+def test_new_data_fields_are_validated(field, value):
+  from tgeo_jax import config_checks
+  c = fmnist_config.get_config("kd")
+  c.data[field] = value
+  with pytest.raises(UserError, match=f"data.{field}: expected"):
+    config_checks.validate(c)

@@ -146,3 +146,40 @@ def test_tgeo_one_and_four_devices_agree(tiny_teacher, tmp_path):
   for key in a:
     if a[key].dtype.kind == "f":
       np.testing.assert_allclose(a[key], b[key], atol=1e-5, rtol=1e-5, err_msg=key)
+
+
+def test_alpha_init_and_batch_centring(tiny_teacher):
+  """``alpha_init`` sets every sample's α before the first meta step; ``alpha_normalization='center'`` keeps the
+  batch's mean pre-sigmoid output at logit(alpha_init) while the meta steps move α between samples."""
+  method, state, batch = build("tgeo", tiny_teacher, **{"tgeo.alpha_init": 0.9})
+  _, metrics = jax.jit(method.train_step, static_argnums=2)(state, batch, "plain")
+  np.testing.assert_allclose(float(metrics["alpha_mean"]), 0.9, rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["alpha_std"]), 0.0, atol=1e-6)
+
+  method, state, batch = build("tgeo", tiny_teacher, **{"tgeo.alpha_init": 0.8, "tgeo.fusion_lr": 1e-2,
+                                                        "tgeo.alpha_normalization": "center"})
+  step = jax.jit(method.train_step, static_argnums=2)
+  for i in range(3):
+    state, metrics = step(state, batch, "meta")
+    assert float(metrics["meta_grad_norm"]) > 0
+  logits = method.predict(state, batch["inputs"])
+  alpha = np.asarray(method.alpha(state["meta_params"], state, batch, logits,
+                                  method.batch_teacher_logits(state, batch)), np.float64)
+  z = np.log(alpha / (1 - alpha))
+  np.testing.assert_allclose(z.mean(), np.log(0.8 / 0.2), atol=1e-4)
+  assert alpha.std() > 1e-4  # the samples' α differ after the meta steps
+
+
+def test_teacher_logits_disk_cache(tiny_teacher, tmp_path):
+  """``teacher.logits_cache_dir``: the second run reads the table the first one stored, and it is the same."""
+  cache = str(tmp_path / "cache")
+  method, state, _ = build("kd", tiny_teacher, **{"teacher.logits_cache_dir": cache})
+  files = os.listdir(cache)
+  assert len(files) == 1 and files[0].endswith(".npy")
+  np.save(os.path.join(cache, files[0]), np.load(os.path.join(cache, files[0])) + 1.0)  # mark the stored table
+  _, again, _ = build("tgeo", tiny_teacher, **{"teacher.logits_cache_dir": cache})
+  np.testing.assert_allclose(np.asarray(again["frozen"]["teacher_logits_table"]),
+                             np.asarray(state["frozen"]["teacher_logits_table"]) + 1.0)
+  _, fresh, _ = build("kd", tiny_teacher)  # no cache: computed, equal to the first run's table
+  np.testing.assert_array_equal(np.asarray(fresh["frozen"]["teacher_logits_table"]),
+                                np.asarray(state["frozen"]["teacher_logits_table"]))

@@ -20,7 +20,7 @@ from tgeo_jax.models.shufflenet import ShuffleV1Unit, channel_shuffle
 
 # Trainable parameters of the PyTorch reference models: conv weights + BatchNorm weight and bias (running
 # statistics are buffers) + Linear weight and bias, counted from the definitions in HobbitLong/RepDistiller
-# models/{resnet,wrn,mobilenetv2,ShuffleNetv1,ShuffleNetv2}.py (identical in megvii-research/mdistiller
+# models/{resnet,resnetv2,wrn,mobilenetv2,ShuffleNetv1,ShuffleNetv2}.py (identical in megvii-research/mdistiller
 # mdistiller/models/cifar/) with num_classes=100, and torchvision's resnet18/34/50 and mobilenet_v2 (= mdistiller
 # models/imagenet/resnet.py) with 1000 classes; the last four are the numbers torchvision publishes. They agree
 # with the rounded figures of the CRD paper's CIFAR-100 tables (e.g. resnet32x4 7.43M, ShuffleV2 1.36M).
@@ -34,6 +34,9 @@ REFERENCE_PARAMS = {
     "resnet110": 1_736_564,
     "resnet8x4": 1_233_540,
     "resnet32x4": 7_433_860,
+    # resnetv2.py ResNet50: torchvision's 25,557,032 - 7x7 stem (9,408) + 3x3 stem (1,728) - 1000-class fc
+    # (2,049,000) + 100-class fc (204,900); the CRD paper's tables round it to 23.71M.
+    "resnet50_cifar": 23_705_252,
     "wrn_16_1": 180_916,
     "wrn_16_2": 703_284,
     "wrn_40_1": 569_780,
@@ -54,6 +57,7 @@ EXPECTED_FMAP = {
     **{f"resnet{d}": (8, 8, 64) for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet8x4": (8, 8, 256),
     "resnet32x4": (8, 8, 256),
+    "resnet50_cifar": (4, 4, 2048),
     "wrn_16_1": (8, 8, 64),
     "wrn_16_2": (8, 8, 128),
     "wrn_40_1": (8, 8, 64),

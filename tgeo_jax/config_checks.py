@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tgeo_jax import methods
+from tgeo_jax import methods, models
 from tgeo_jax.errors import UserError
 
 # What a NaN/Inf loss, gradient or state does: end the run naming the step, or skip that update and count it.
@@ -61,6 +61,10 @@ def validate(config) -> None:
   require(config, "data.val_fraction", lambda v: is_number(v) and 0 < v < 1, "a fraction in (0, 1)")
   require(config, "data.train_subset", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = all)")
   require(config, "data.outliers", lambda v: is_int(v) and v >= 0, "an integer >= 0")
+  if "label_noise" in config.data:  # configs written before these options keep the old behaviour
+    require(config, "data.val_subset", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = all)")
+    require(config, "data.label_noise", lambda v: is_number(v) and 0 <= v < 1, "a fraction in [0, 1)")
+    require(config, "data.train_with_val", lambda v: isinstance(v, bool), "True or False")
   positive_number(config, "optimizer.learning_rate")
   nonnegative_number(config, "optimizer.weight_decay")
   nonnegative_number(config, "optimizer.clip_norm")
@@ -73,4 +77,5 @@ def validate(config) -> None:
     require(config, "nonfinite", lambda v: v in NONFINITE_MODES, "'stop' or 'skip'")
   if "kd" in config:
     positive_number(config, "kd.temperature")
+  models.compute_dtype(config)  # 'float32' (also when absent) | 'bfloat16'; anything else is a UserError
   method_cls.validate_config(config)

@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   # checkpointed) or 'skip' (keep the previous state for that step and count it in metrics/summary).
   c.nonfinite = "stop"
   c.distributed = False  # multi-host: call jax.distributed.initialize() first
+  # float32 | bfloat16: the student's and teacher's convolutions and matmuls in bfloat16 (GPU/TPU); parameters,
+  # BatchNorm statistics, heads, logits, losses, DIST's correlations and TGeo-KD's α machinery stay float32.
+  c.compute_dtype = "float32"
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "fashion_mnist"
@@ -45,6 +48,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.val_fraction = 0.1  # stratified held-out validation part of the training split
   c.data.split_seed = 0  # the split is the same for every run seed
   c.data.train_subset = 0  # 0 = all; else a stratified subset of the training part of that many examples
+  c.data.val_subset = 0  # 0 = all; else a stratified subset of the validation part of that many examples
+  # Symmetric label noise on the student's training part only: this fraction of its examples (chosen by
+  # data.split_seed, the same for every method and run seed) get a label drawn uniformly from the other classes.
+  # The teacher's own run, the validation part and the test split keep clean labels.
+  c.data.label_noise = 0.0
+  # Control for methods that learn on the validation labels (TGeo-KD, RW-KD): train on train + validation.
+  c.data.train_with_val = False
   c.data.augment = "none"  # none | flip | crop_flip
   # Outlier probe: append this many Gaussian-noise examples with random labels to the training part (the α
   # analytics then report their mean α against normal examples; paper: outliers < 0.3, normal 0.4-0.6).
@@ -76,12 +86,19 @@ def base_config() -> ml_collections.ConfigDict:
   # Compute the frozen teacher's logits once over the training part and look them up per batch:
   # auto = when data.augment is 'none' (the outputs are then fixed per example) | on | off.
   c.teacher.cache_logits = "auto"
+  # When set, the cached training-part table is also stored in this directory (keyed by a hash of the teacher's
+  # variables and the training inputs) and reused by later runs with the same teacher and training part.
+  c.teacher.logits_cache_dir = ""
 
   c.ce = ml_collections.ConfigDict(dict(label_smoothing=0.0))
   c.kd = ml_collections.ConfigDict(dict(temperature=4.0, w_ce=0.1, w_kd=0.9))
   c.tgeo = meta_config()
   c.tgeo.layout = "reference"  # relation features: reference (9K) | vertices | edges | intra | no_st | sg_tg | angles | scalar
   c.tgeo.fusion_hidden = (32, 16)  # fusion MLP 9K -> 32 -> 16 -> 1 (LeakyReLU, sigmoid)
+  c.tgeo.alpha_init = 0.5  # α of every sample before the first meta step (the output layer's bias)
+  # 'none' | 'center': α_i = sigmoid(z_i - mean_batch(z) + logit(alpha_init)); the batch's α level stays near
+  # alpha_init and the meta-gradient can only move weight between samples (cf. Meta-Weight-Net's normalisation).
+  c.tgeo.alpha_normalization = "none"
   # ANL-KD / ADA-KD / WLS-KD: rule-based alpha in the same convex combination.
   c.reweight = ml_collections.ConfigDict(dict(temperature=4.0))
   # RW-KD: a free per-sample alpha learned with the same lookahead (fusion_* fields apply to the alpha table).

@@ -7,6 +7,8 @@ runs on one CPU, eight GPUs or a multi-host TPU slice.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -17,9 +19,30 @@ DATA_AXIS = "data"
 
 
 def initialize_distributed(enabled: bool) -> None:
-  """Multi-host set-up (one call per process, before any other JAX call); no-op when disabled."""
-  if enabled:
-    jax.distributed.initialize()
+  """Multi-host set-up (one call per process, before any other JAX call); no-op when disabled.
+
+  On Cloud TPU, SLURM and Open MPI, ``jax.distributed.initialize()`` finds the coordinator, the process count and
+  this process's index itself. Anywhere else (processes started by hand, several processes on one machine) give
+  them in every process's environment: ``JAX_COORDINATOR_ADDRESS=host:port`` (read by JAX itself; process 0's
+  host), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. A failed set-up is a one-line ``UserError``.
+  """
+  if not enabled:
+    return
+  kwargs = {}
+  for name, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if os.environ.get(name):
+      try:
+        kwargs[arg] = int(os.environ[name])
+      except ValueError:
+        raise UserError(f"distributed: environment variable {name} must be an integer, got "
+                        f"{os.environ[name]!r}") from None
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, TypeError, RuntimeError) as e:
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise UserError(f"distributed: jax.distributed.initialize() failed ({first_line}); outside TPU/SLURM/Open "
+                    "MPI set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID in every "
+                    "process") from None
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -45,8 +68,23 @@ def check_batch_size(name: str, batch_size: int, mesh) -> None:
 
 
 def replicate(tree, mesh):
-  """Puts a host/device pytree on every device (the state)."""
-  return jax.device_put(tree, replicated(mesh))
+  """Puts a host/device pytree on every device (the state); every process must pass the same values."""
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda x: _replicate_across_processes(x, sharding), tree)
+
+
+def _replicate_across_processes(x, sharding):
+  # A committed array on one local device (e.g. a teacher restored from its checkpoint) cannot be device_put
+  # onto the other processes' devices: JAX's CPU and GPU backends have no cross-host device transfer. From host
+  # data instead, each process fills its own devices with its (identical) copy.
+  if not isinstance(x, jax.Array) or not x.is_fully_addressable:
+    return jax.device_put(x, sharding)  # host data, or already a global array
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  return jax.device_put(np.asarray(x), sharding)
 
 
 def shard_batch(local_batch, mesh):

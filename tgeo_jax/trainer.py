@@ -51,7 +51,7 @@ def build_method(config, task: data.TaskData, steps_per_epoch: int):
   spec = task.spec
   try:
     student_model = models.create(config.model.name, num_classes=spec.num_classes, input_shape=spec.input_shape,
-                                  seed=config.seed, **spec.model_kwargs)
+                                  seed=config.seed, dtype=models.compute_dtype(config), **spec.model_kwargs)
   except KeyError as e:
     raise UserError(f"model.name: {e.args[0]}") from None
   tx = optim.make_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs)
@@ -343,6 +343,9 @@ def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
   final = evaluate(eval_step, state, task.test, batch_size=config.eval_batch_size, mesh=mesh,
                    teacher_logits=fixed_teacher)
   seconds = meta["seconds"] + (time.time() - start_time if step0 < total_steps else 0.0)
+  # The held-out validation part, for model selection (e.g. the learning rate) without looking at the test set.
+  val = (evaluate(eval_step, state, task.val, batch_size=config.eval_batch_size, mesh=mesh)
+         if len(task.val) else {})
   summary = {
       "method": config.method,
       "model": config.model.name,
@@ -360,6 +363,9 @@ def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
   for key in ("teacher_accuracy", "agreement", "teacher_kl", "auc", "log_loss"):
     if key in final:
       summary[key] = final[key]
+  for key in ("accuracy", "loss", "auc"):
+    if key in val:
+      summary[f"val_{key}"] = val[key]
   if jax.process_index() == 0:
     report.write_json(os.path.join(workdir, "summary.json"), summary)
   writer.close()

@@ -9,6 +9,7 @@ so that every test example counts exactly once.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -150,13 +151,43 @@ def load(data_config, *, seed: int) -> TaskData:
     if keep_fraction < 1.0:
       _, chosen = stratified_split(train.labels, keep_fraction, data_config.split_seed + 1)
       train = sources.subset(train, chosen)
+  val_subset = data_config.get("val_subset", 0)
+  if val_subset:
+    if val_subset > len(val):
+      raise UserError(f"data.val_subset: {val_subset} exceeds the {len(val)} validation examples")
+    if val_subset < len(val):
+      _, chosen = stratified_split(val.labels, val_subset / len(val), data_config.split_seed + 2)
+      val = sources.subset(val, chosen)
+  if data_config.get("label_noise", 0.0):
+    train = with_label_noise(train, data_config.label_noise, num_classes, seed=data_config.split_seed)
   if raw.finalize is not None:
     train, val, test = raw.finalize(train, val, test)
+  if data_config.get("train_with_val", False):
+    train = sources.concatenate(train, val)
   outlier_mask = None
   if data_config.outliers:
     train, outlier_mask = inject_outliers(train, data_config.outliers, num_classes, seed=data_config.split_seed)
   return TaskData(name, train, val, test, num_classes, input_shape, augment_lib.get(data_config.augment),
                   outlier_mask, dict(raw.model_kwargs))
+
+
+def symmetric_label_noise(labels: np.ndarray, fraction: float, num_classes: int, *, seed: int) -> np.ndarray:
+  """``labels [N]`` with exactly ``round(fraction * N)`` of them (a random choice) replaced by a label drawn
+  uniformly from the *other* ``num_classes - 1`` classes (so every chosen label is wrong)."""
+  rng = np.random.default_rng([seed, 15485863])
+  labels = np.asarray(labels)
+  chosen = rng.permutation(len(labels))[:int(round(fraction * len(labels)))]
+  noisy = labels.copy()
+  # An offset in [1, K) added modulo K: uniform over the other classes.
+  noisy[chosen] = (labels[chosen] + rng.integers(1, num_classes, size=len(chosen))) % num_classes
+  return noisy.astype(labels.dtype)
+
+
+def with_label_noise(source, fraction: float, num_classes: int, *, seed: int):
+  """A shallow copy of ``source`` whose labels carry ``symmetric_label_noise`` (the inputs are shared)."""
+  noisy = copy.copy(source)
+  noisy.labels = symmetric_label_noise(source.labels, fraction, num_classes, seed=seed)
+  return noisy
 
 
 def inject_outliers(source, count: int, num_classes: int, *, seed: int):

@@ -81,6 +81,36 @@ def subset(source, indices):
   return source.subset(indices) if hasattr(source, "subset") else SubsetSource(source, indices)
 
 
+@dataclasses.dataclass
+class ConcatSource:
+  """``first`` followed by ``second`` (same example structure and model transform), without copying either."""
+
+  first: Any
+  second: Any
+
+  def __post_init__(self):
+    self.labels = np.concatenate([np.asarray(self.first.labels), np.asarray(self.second.labels)]).astype(np.int32)
+    self._n1 = len(self.first.labels)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def gather(self, indices: np.ndarray) -> Any:
+    indices = np.asarray(indices)
+    in_first = indices < self._n1
+    parts = [self.first.gather(indices[in_first]), self.second.gather(indices[~in_first] - self._n1)]
+    # Re-interleave into the requested order.
+    order = np.argsort(np.concatenate([np.flatnonzero(in_first), np.flatnonzero(~in_first)]), kind="stable")
+    if isinstance(parts[0], dict):
+      return {k: np.concatenate([parts[0][k], parts[1][k]])[order] for k in parts[0]}
+    return np.concatenate(parts)[order]
+
+
+def concatenate(first, second):
+  """The examples of ``first`` then ``second`` (e.g. the training and validation parts)."""
+  return ConcatSource(first, second)
+
+
 # ----------------------------------------------------------------------------------------------- Fashion-MNIST
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

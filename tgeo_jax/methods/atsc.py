@@ -150,7 +150,8 @@ class ATSC(base.Method):
     for i, (model_name, path) in enumerate(parse_extra_teachers(cfg.extra_teachers)):
       field = f"atsc.extra_teachers[{i}]"
       self.teachers.append(teacher_lib.load_teacher_from(model_name, path, spec, field=field,
-                                                         model_field=f"{field} model"))
+                                                         model_field=f"{field} model",
+                                                         dtype=models.compute_dtype(config)))
       fields.append(field)
     s_shape = simkd.feature_map_shape(*self.student, spec.input_shape)
     self.sizes, self.projectors, joint_masks, self.head_masks = [], [], [], []

@@ -90,13 +90,37 @@ class Method:
     return mode == "on"
 
   def teacher_logits_over_train(self, state: dict, chunk: int = 1000) -> jax.Array:
-    """``[len(train), K]`` frozen-teacher logits of every training example (one jitted pass, in chunks)."""
+    """``[len(train), K]`` frozen-teacher logits of every training example (one jitted pass, in chunks).
+
+    With ``teacher.logits_cache_dir`` set, the table is stored there under a hash of the teacher's variables and
+    the training inputs, so runs that share a teacher and a training part (other methods, seeds, label noise)
+    read it instead of recomputing it.
+    """
+    import hashlib
+    import os
+
     import numpy as np
-    fn = jax.jit(self.teacher_logits)
     source = self.task.train
-    parts = [np.asarray(fn(state, source.gather(np.arange(s, min(s + chunk, len(source))))))
-             for s in range(0, len(source), chunk)]
-    return jnp.asarray(np.concatenate(parts))
+    inputs = [source.gather(np.arange(s, min(s + chunk, len(source)))) for s in range(0, len(source), chunk)]
+    cache_dir = self.config.teacher.get("logits_cache_dir", "")
+    path = None
+    if cache_dir:
+      digest = hashlib.sha256()
+      for leaf in jax.tree.leaves((state["frozen"]["teacher"], inputs)):
+        leaf = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{leaf.dtype}{leaf.shape}".encode())
+        digest.update(leaf.tobytes())
+      path = os.path.join(cache_dir, f"teacher_logits_{digest.hexdigest()[:32]}.npy")
+      if os.path.exists(path):
+        return jnp.asarray(np.load(path))
+    fn = jax.jit(self.teacher_logits)
+    table = np.concatenate([np.asarray(fn(state, x)) for x in inputs])
+    if path is not None and jax.process_index() == 0:
+      os.makedirs(cache_dir, exist_ok=True)
+      tmp = f"{path}.{os.getpid()}.tmp.npy"
+      np.save(tmp, table)
+      os.replace(tmp, path)  # atomic: a concurrent reader sees the whole table or none
+    return jnp.asarray(table)
 
   def batch_teacher_logits(self, state: dict, batch: dict) -> jax.Array:
     """The teacher's logits for a training batch ``[B, K]``: looked up by example index when cached

@@ -38,16 +38,22 @@ class FusionNet(nnx.Module):
   the two supervisions, as the paper's α "starts near 0.5").
   """
 
-  def __init__(self, in_dim: int, hidden=(32, 16), *, rngs: nnx.Rngs):
+  def __init__(self, in_dim: int, hidden=(32, 16), *, alpha_init: float = 0.5, rngs: nnx.Rngs):
     dims = [in_dim, *hidden]
     self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
-    self.out = nnx.Linear(dims[-1], 1, kernel_init=nnx.initializers.zeros, rngs=rngs)
+    bias = float(np.log(alpha_init / (1.0 - alpha_init)))
+    self.out = nnx.Linear(dims[-1], 1, kernel_init=nnx.initializers.zeros,
+                          bias_init=nnx.initializers.constant(bias), rngs=rngs)
 
-  def __call__(self, features):
+  def logits(self, features):
+    """``[N, D] -> [N]``: the pre-sigmoid output z (α = sigmoid(z))."""
     h = features
     for layer in self.layers:
       h = nnx.leaky_relu(layer(h))
-    return jax.nn.sigmoid(self.out(h)[:, 0])
+    return self.out(h)[:, 0]
+
+  def __call__(self, features):
+    return jax.nn.sigmoid(self.logits(features))
 
 
 def make_meta_optimizer(cfg) -> optax.GradientTransformation:
@@ -211,10 +217,14 @@ class TGeoKD(MetaReweightKD):
   def validate_config(cls, config):
     super().validate_config(config)
     require(config, "tgeo.layout", lambda v: v in geometry.LAYOUTS, f"one of {list(geometry.LAYOUTS)}")
+    if "alpha_normalization" in config.tgeo:  # configs written before these options keep the old behaviour
+      require(config, "tgeo.alpha_init", lambda v: 0 < v < 1, "a number in (0, 1)")
+      require(config, "tgeo.alpha_normalization", lambda v: v in ("none", "center"), "'none' or 'center'")
 
   def init_meta(self):
     dim = geometry.feature_dim(self.cfg.layout, self.spec.num_classes)
-    net = FusionNet(dim, tuple(self.cfg.fusion_hidden), rngs=nnx.Rngs(self.config.seed + 1))
+    net = FusionNet(dim, tuple(self.cfg.fusion_hidden), alpha_init=self.cfg.get("alpha_init", 0.5),
+                    rngs=nnx.Rngs(self.config.seed + 1))
     self.fusion_graphdef, meta = nnx.split(net, nnx.Param)
     return meta
 
@@ -237,4 +247,9 @@ class TGeoKD(MetaReweightKD):
 
   def alpha(self, meta_params, state, batch, student_logits, teacher_logits):
     feats = self.features(state, batch["labels"], student_logits, teacher_logits)
-    return nnx.merge(self.fusion_graphdef, meta_params)(feats)
+    z = nnx.merge(self.fusion_graphdef, meta_params).logits(feats)
+    if self.cfg.get("alpha_normalization", "none") == "center":
+      # Over the global batch (under data parallelism XLA all-reduces the mean).
+      init = self.cfg.get("alpha_init", 0.5)
+      z = z - jnp.mean(z) + jnp.log(init / (1.0 - init))
+    return jax.nn.sigmoid(z)

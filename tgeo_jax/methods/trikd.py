@@ -102,7 +102,8 @@ class TriKD(base.Method):
   def __init__(self, config, spec, **kwargs):
     super().__init__(config, spec, **kwargs)
     self.anchor = teacher_lib.load_teacher_from(config.model.name, config.trikd.anchor_checkpoint, spec,
-                                                field="trikd.anchor_checkpoint", model_field="model.name")
+                                                field="trikd.anchor_checkpoint", model_field="model.name",
+                                                dtype=models.compute_dtype(config))
     if config.teacher.checkpoint:
       online = teacher_lib.load_teacher(config, spec)
       self.online_teacher = models.Functional(online.graphdef, online.variables["params"],
@@ -110,7 +111,7 @@ class TriKD(base.Method):
     else:
       try:
         model = models.create(config.teacher.model, num_classes=spec.num_classes, input_shape=spec.input_shape,
-                              seed=config.seed + 1, **spec.model_kwargs)
+                              seed=config.seed + 1, dtype=models.compute_dtype(config), **spec.model_kwargs)
       except KeyError as e:
         raise UserError(f"teacher.model: {e.args[0]}") from None
       self.online_teacher = models.split(model)

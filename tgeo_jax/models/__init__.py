@@ -9,6 +9,11 @@ Every registered model is an ``nnx.Module`` with
 
 BatchNorm runs on batch statistics when ``train=True`` and on its running averages otherwise; the mode is a
 call argument (static under jit), never module state, so one graphdef serves both.
+
+Mixed precision (``create(..., dtype=jnp.bfloat16)``, the config's ``compute_dtype``): parameters stay float32
+(Flax's ``param_dtype``) and convolutions / matmuls run in ``dtype``; BatchNorm computes its statistics and its
+normalisation in float32 and stores float32 running statistics; the head (global average pooling + the linear
+classifier) runs in float32, so every model returns float32 logits and every loss reduces in float32.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+
+from tgeo_jax.errors import UserError
 
 _REGISTRY: dict[str, Callable[..., nnx.Module]] = {}
 
@@ -38,12 +46,58 @@ def available() -> list[str]:
   return sorted(_REGISTRY)
 
 
-def create(name: str, *, num_classes: int, input_shape: tuple[int, ...], seed: int = 0, **kwargs) -> nnx.Module:
-  """Builds model ``name``; ``input_shape`` is one example's shape (no batch axis)."""
+def create(name: str, *, num_classes: int, input_shape: tuple[int, ...], seed: int = 0, dtype=None,
+           **kwargs) -> nnx.Module:
+  """Builds model ``name``; ``input_shape`` is one example's shape (no batch axis).
+
+  ``dtype``: the compute dtype of the model's body (``None``: that of the parameters, float32); see the module
+  docstring. It changes no parameter, so checkpoints are interchangeable between compute dtypes.
+  """
   _import_zoo()
   if name not in _REGISTRY:
     raise KeyError(f"unknown model {name!r}; expected one of {sorted(_REGISTRY)}")
-  return _REGISTRY[name](num_classes=num_classes, input_shape=tuple(input_shape), rngs=nnx.Rngs(seed), **kwargs)
+  return _REGISTRY[name](num_classes=num_classes, input_shape=tuple(input_shape), rngs=nnx.Rngs(seed), dtype=dtype,
+                         **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- mixed precision
+
+# ``config.compute_dtype`` -> the ``dtype`` argument of ``create``. 'float32' maps to None (no cast at all) rather
+# than to float32, so the default mode is exactly the code path without mixed precision.
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(config):
+  """The models' compute dtype from ``config.compute_dtype`` ('float32', the default, or 'bfloat16').
+
+  Raises a one-line ``UserError`` naming the field for any other value.
+  """
+  name = config.get("compute_dtype", "float32")
+  if not isinstance(name, str) or name not in COMPUTE_DTYPES:
+    raise UserError(f"compute_dtype: expected one of {list(COMPUTE_DTYPES)}, got {name!r}")
+  return COMPUTE_DTYPES[name]
+
+
+def at_least_float32(x: jax.Array) -> jax.Array:
+  """``x`` promoted to float32 if it is a narrower float (bfloat16); float32/float64 are left as they are."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _promote_to_float32(args, *, dtype=None, inexact=True):
+  # BatchNorm's ``promote_dtype`` hook: Flax's default casts the input, the running statistics, scale and bias
+  # to the compute dtype first, so with bfloat16 the normalisation itself (and, in eval mode, the stored
+  # statistics) would be rounded to 8 bits of mantissa. Keeping them at >= float32 costs nothing on GPU/TPU
+  # (the casts fuse into the elementwise op) and BatchNorm still casts its output to ``dtype``.
+  del dtype, inexact
+  return tuple(None if a is None else at_least_float32(jnp.asarray(a)) for a in args)
+
+
+def batch_norm_dtype_kwargs(dtype) -> dict:
+  """``nnx.BatchNorm`` keyword arguments for compute dtype ``dtype``: output in ``dtype``, statistics and
+  normalisation arithmetic in float32. Empty for ``None`` (Flax's default behaviour, unchanged)."""
+  if dtype is None:
+    return {}
+  return {"dtype": dtype, "promote_dtype": _promote_to_float32}
 
 
 class Functional(NamedTuple):

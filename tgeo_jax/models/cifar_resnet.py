@@ -4,7 +4,8 @@ Also home of the PyTorch-equivalent layer constructors the whole zoo shares (``c
 ``torch_linear``): the zoo's parameter counts, paddings and initial distributions follow the PyTorch
 reference code, so that published KD recipes (learning rates, weight decay) transfer unchanged.
 
-Layout is NHWC throughout; convolution kernels are HWIO.
+Layout is NHWC throughout; convolution kernels are HWIO. Every constructor takes ``dtype``, the compute dtype
+(``None`` or ``jnp.bfloat16``; see ``tgeo_jax.models``): parameters stay float32 whatever it is.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tgeo_jax.models import register
+from tgeo_jax.models import at_least_float32, batch_norm_dtype_kwargs, register
 
 # PyTorch ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``: N(0, 2 / (k * k * C_out)), untruncated.
 # RepDistiller's ``normal_(0, sqrt(2 / n))`` with ``n = k * k * C_out`` (WRN, MobileNetV2) is the same law.
@@ -27,19 +28,22 @@ TORCH_DEFAULT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"
 
 
 def conv2d(c_in: int, c_out: int, kernel: int, *, stride: int = 1, padding: int = 0, groups: int = 1,
-           kernel_init=KAIMING_FAN_OUT, rngs: nnx.Rngs) -> nnx.Conv:
+           kernel_init=KAIMING_FAN_OUT, dtype=None, rngs: nnx.Rngs) -> nnx.Conv:
   """PyTorch's ``nn.Conv2d(..., bias=False)``: ``[B, H, W, c_in] -> [B, H', W', c_out]``.
 
   The padding is explicit and symmetric, as in PyTorch: XLA's ``"SAME"`` pads a stride-2 3x3 conv on an even
   input as (0, 1) instead of (1, 1), which shifts every window and would break weights ported from PyTorch.
   """
   return nnx.Conv(c_in, c_out, (kernel, kernel), strides=stride, padding=((padding, padding), (padding, padding)),
-                  feature_group_count=groups, use_bias=False, kernel_init=kernel_init, rngs=rngs)
+                  feature_group_count=groups, use_bias=False, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
 
 
-def batch_norm(num_features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  """``nn.BatchNorm2d``: scale 1, bias 0, PyTorch momentum 0.1 (Flax's 0.9) and epsilon 1e-5."""
-  return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+def batch_norm(num_features: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  """``nn.BatchNorm2d``: scale 1, bias 0, PyTorch momentum 0.1 (Flax's 0.9) and epsilon 1e-5.
+
+  With a compute ``dtype`` the output is in ``dtype``; statistics and normalisation stay float32.
+  """
+  return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, rngs=rngs, **batch_norm_dtype_kwargs(dtype))
 
 
 def torch_linear(d_in: int, d_out: int, *, kernel_init=None, bias_init=None, rngs: nnx.Rngs) -> nnx.Linear:
@@ -54,8 +58,11 @@ def torch_linear(d_in: int, d_out: int, *, kernel_init=None, bias_init=None, rng
 
 
 def global_avg_pool(fmap: jax.Array) -> jax.Array:
-  """``[B, H, W, C] -> [B, C]``; the references' ``AvgPool2d(H)`` on their last map is exactly this."""
-  return jnp.mean(fmap, axis=(1, 2))
+  """``[B, H, W, C] -> [B, C]``; the references' ``AvgPool2d(H)`` on their last map is exactly this.
+
+  In at least float32: the head after it then runs in float32 and the logits come out float32 (mixed precision).
+  """
+  return jnp.mean(at_least_float32(fmap), axis=(1, 2))
 
 
 class BasicBlock(nnx.Module):
@@ -65,14 +72,14 @@ class BasicBlock(nnx.Module):
   shape changes (RepDistiller's ``downsample``), the identity otherwise.
   """
 
-  def __init__(self, c_in: int, c_out: int, stride: int, *, rngs: nnx.Rngs):
-    self.conv1 = conv2d(c_in, c_out, 3, stride=stride, padding=1, rngs=rngs)
-    self.bn1 = batch_norm(c_out, rngs=rngs)
-    self.conv2 = conv2d(c_out, c_out, 3, padding=1, rngs=rngs)
-    self.bn2 = batch_norm(c_out, rngs=rngs)
+  def __init__(self, c_in: int, c_out: int, stride: int, *, dtype=None, rngs: nnx.Rngs):
+    self.conv1 = conv2d(c_in, c_out, 3, stride=stride, padding=1, dtype=dtype, rngs=rngs)
+    self.bn1 = batch_norm(c_out, dtype=dtype, rngs=rngs)
+    self.conv2 = conv2d(c_out, c_out, 3, padding=1, dtype=dtype, rngs=rngs)
+    self.bn2 = batch_norm(c_out, dtype=dtype, rngs=rngs)
     if stride != 1 or c_in != c_out:
-      self.shortcut_conv = conv2d(c_in, c_out, 1, stride=stride, rngs=rngs)
-      self.shortcut_bn = batch_norm(c_out, rngs=rngs)
+      self.shortcut_conv = conv2d(c_in, c_out, 1, stride=stride, dtype=dtype, rngs=rngs)
+      self.shortcut_bn = batch_norm(c_out, dtype=dtype, rngs=rngs)
     else:
       self.shortcut_conv = self.shortcut_bn = None
 
@@ -90,19 +97,20 @@ class CifarResNet(nnx.Module):
   ``widths = (stem, stage1, stage2, stage3)``. ``features``: ``[B, 32, 32, C] -> [B, 8, 8, widths[3]]``.
   """
 
-  def __init__(self, *, depth: int, widths: Sequence[int], num_classes: int, input_shape, rngs: nnx.Rngs):
+  def __init__(self, *, depth: int, widths: Sequence[int], num_classes: int, input_shape, dtype=None,
+               rngs: nnx.Rngs):
     if (depth - 2) % 6:
       raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
     if len(input_shape) != 3:
       raise ValueError(f"CifarResNet expects images [H, W, C], got input_shape={tuple(input_shape)}")
     n = (depth - 2) // 6
-    self.stem_conv = conv2d(input_shape[-1], widths[0], 3, padding=1, rngs=rngs)
-    self.stem_bn = batch_norm(widths[0], rngs=rngs)
+    self.stem_conv = conv2d(input_shape[-1], widths[0], 3, padding=1, dtype=dtype, rngs=rngs)
+    self.stem_bn = batch_norm(widths[0], dtype=dtype, rngs=rngs)
     stages, c_in = [], widths[0]
     for stage_stride, c_out in zip((1, 2, 2), widths[1:]):
       blocks = []
       for i in range(n):
-        blocks.append(BasicBlock(c_in, c_out, stage_stride if i == 0 else 1, rngs=rngs))
+        blocks.append(BasicBlock(c_in, c_out, stage_stride if i == 0 else 1, dtype=dtype, rngs=rngs))
         c_in = c_out
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)

@@ -41,9 +41,10 @@ class ConvBNAct(nnx.Module):
   """``act(bn(conv_kxk(x)))`` with PyTorch padding ``k // 2``: ``[B, H, W, c_in] -> [B, H/s, W/s, c_out]``."""
 
   def __init__(self, c_in: int, c_out: int, kernel: int, *, stride: int = 1, groups: int = 1,
-               act: Callable[[jax.Array], jax.Array], rngs: nnx.Rngs):
-    self.conv = conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups, rngs=rngs)
-    self.bn = batch_norm(c_out, rngs=rngs)
+               act: Callable[[jax.Array], jax.Array], dtype=None, rngs: nnx.Rngs):
+    self.conv = conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups, dtype=dtype,
+                       rngs=rngs)
+    self.bn = batch_norm(c_out, dtype=dtype, rngs=rngs)
     self.act = act
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -58,13 +59,13 @@ class InvertedResidual(nnx.Module):
   """
 
   def __init__(self, c_in: int, c_out: int, stride: int, expand_ratio: int, *, always_expand: bool,
-               act: Callable[[jax.Array], jax.Array], rngs: nnx.Rngs):
+               act: Callable[[jax.Array], jax.Array], dtype=None, rngs: nnx.Rngs):
     hidden = c_in * expand_ratio
-    self.expand = (ConvBNAct(c_in, hidden, 1, act=act, rngs=rngs)
+    self.expand = (ConvBNAct(c_in, hidden, 1, act=act, dtype=dtype, rngs=rngs)
                    if expand_ratio != 1 or always_expand else None)
-    self.depthwise = ConvBNAct(hidden, hidden, 3, stride=stride, groups=hidden, act=act, rngs=rngs)
-    self.project = conv2d(hidden, c_out, 1, rngs=rngs)
-    self.project_bn = batch_norm(c_out, rngs=rngs)
+    self.depthwise = ConvBNAct(hidden, hidden, 3, stride=stride, groups=hidden, act=act, dtype=dtype, rngs=rngs)
+    self.project = conv2d(hidden, c_out, 1, dtype=dtype, rngs=rngs)
+    self.project_bn = batch_norm(c_out, dtype=dtype, rngs=rngs)
     self.use_residual = stride == 1 and c_in == c_out
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -82,22 +83,23 @@ class MobileNetV2(nnx.Module):
 
   def __init__(self, *, setting, stem_channels: int, last_channels: int, width_mult: float,
                round_channels: Callable[[float], int], always_expand: bool,
-               act: Callable[[jax.Array], jax.Array], num_classes: int, input_shape, rngs: nnx.Rngs):
+               act: Callable[[jax.Array], jax.Array], num_classes: int, input_shape, dtype=None,
+               rngs: nnx.Rngs):
     if len(input_shape) != 3:
       raise ValueError(f"MobileNetV2 expects images [H, W, C], got input_shape={tuple(input_shape)}")
     c_in = round_channels(stem_channels * width_mult)
-    self.stem = ConvBNAct(input_shape[-1], c_in, 3, stride=2, act=act, rngs=rngs)
+    self.stem = ConvBNAct(input_shape[-1], c_in, 3, stride=2, act=act, dtype=dtype, rngs=rngs)
     stages = []
     for t, c, n, s in setting:
       c_out = round_channels(c * width_mult)
       blocks = []
       for i in range(n):
         blocks.append(InvertedResidual(c_in, c_out, s if i == 0 else 1, t, always_expand=always_expand, act=act,
-                                       rngs=rngs))
+                                       dtype=dtype, rngs=rngs))
         c_in = c_out
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)
-    self.head_conv = ConvBNAct(c_in, last_channels, 1, act=act, rngs=rngs)
+    self.head_conv = ConvBNAct(c_in, last_channels, 1, act=act, dtype=dtype, rngs=rngs)
     # Both references: classifier weight N(0, 0.01), zero bias.
     self.fc = torch_linear(last_channels, num_classes, kernel_init=nnx.initializers.normal(0.01),
                            bias_init=nnx.initializers.zeros, rngs=rngs)

@@ -26,9 +26,9 @@ def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
   return x.reshape(*lead, groups, c // groups).swapaxes(-1, -2).reshape(*lead, c)
 
 
-def _conv(c_in, c_out, kernel, *, stride=1, groups=1, rngs):
+def _conv(c_in, c_out, kernel, *, stride=1, groups=1, dtype=None, rngs):
   return conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups, kernel_init=TORCH_DEFAULT,
-                rngs=rngs)
+                dtype=dtype, rngs=rngs)
 
 
 class ShuffleV1Unit(nnx.Module):
@@ -38,16 +38,16 @@ class ShuffleV1Unit(nnx.Module):
   ``[B, H, W, c_in] -> [B, H / stride, W / stride, c_out + (c_in if stride == 2 else 0)]``.
   """
 
-  def __init__(self, c_in: int, c_out: int, stride: int, groups: int, *, rngs: nnx.Rngs):
+  def __init__(self, c_in: int, c_out: int, stride: int, groups: int, *, dtype=None, rngs: nnx.Rngs):
     mid = c_out // 4
     # The reference leaves the first 1x1 conv ungrouped when it reads the 24-channel stem.
     first_groups = 1 if c_in == _STEM_CHANNELS else groups
-    self.conv1 = _conv(c_in, mid, 1, groups=first_groups, rngs=rngs)
-    self.bn1 = batch_norm(mid, rngs=rngs)
-    self.conv2 = _conv(mid, mid, 3, stride=stride, groups=mid, rngs=rngs)
-    self.bn2 = batch_norm(mid, rngs=rngs)
-    self.conv3 = _conv(mid, c_out, 1, groups=groups, rngs=rngs)
-    self.bn3 = batch_norm(c_out, rngs=rngs)
+    self.conv1 = _conv(c_in, mid, 1, groups=first_groups, dtype=dtype, rngs=rngs)
+    self.bn1 = batch_norm(mid, dtype=dtype, rngs=rngs)
+    self.conv2 = _conv(mid, mid, 3, stride=stride, groups=mid, dtype=dtype, rngs=rngs)
+    self.bn2 = batch_norm(mid, dtype=dtype, rngs=rngs)
+    self.conv3 = _conv(mid, c_out, 1, groups=groups, dtype=dtype, rngs=rngs)
+    self.bn3 = batch_norm(c_out, dtype=dtype, rngs=rngs)
     self.shuffle_groups = first_groups
     self.stride = stride
 
@@ -68,18 +68,18 @@ class ShuffleNetV1(nnx.Module):
   linear. Stage ``i`` ends at ``out_channels[i]`` channels."""
 
   def __init__(self, *, out_channels=(240, 480, 960), num_blocks=(4, 8, 4), groups: int = 3, num_classes: int,
-               input_shape, rngs: nnx.Rngs):
+               input_shape, dtype=None, rngs: nnx.Rngs):
     if len(input_shape) != 3:
       raise ValueError(f"ShuffleNetV1 expects images [H, W, C], got input_shape={tuple(input_shape)}")
-    self.stem_conv = _conv(input_shape[-1], _STEM_CHANNELS, 1, rngs=rngs)
-    self.stem_bn = batch_norm(_STEM_CHANNELS, rngs=rngs)
+    self.stem_conv = _conv(input_shape[-1], _STEM_CHANNELS, 1, dtype=dtype, rngs=rngs)
+    self.stem_bn = batch_norm(_STEM_CHANNELS, dtype=dtype, rngs=rngs)
     stages, c_in = [], _STEM_CHANNELS
     for c_stage, n in zip(out_channels, num_blocks):
       units = []
       for i in range(n):
         # The strided unit concatenates its input, so its own branch only produces the difference.
         units.append(ShuffleV1Unit(c_in, c_stage - c_in if i == 0 else c_stage, 2 if i == 0 else 1, groups,
-                                   rngs=rngs))
+                                   dtype=dtype, rngs=rngs))
         c_in = c_stage
       stages.append(nnx.List(units))
     self.stages = nnx.List(stages)
@@ -103,14 +103,14 @@ class ShuffleV2Unit(nnx.Module):
   """ShuffleNetV2 basic unit: split channels in halves ``(x1, x2)``, ``x2 -> 1x1 (+BN+ReLU) -> 3x3 depthwise (+BN)
   -> 1x1 (+BN+ReLU)``, concatenate with ``x1``, shuffle with 2 groups. ``[B, H, W, C] -> [B, H, W, C]``."""
 
-  def __init__(self, channels: int, *, rngs: nnx.Rngs):
+  def __init__(self, channels: int, *, dtype=None, rngs: nnx.Rngs):
     half = channels // 2
-    self.conv1 = _conv(half, half, 1, rngs=rngs)
-    self.bn1 = batch_norm(half, rngs=rngs)
-    self.conv2 = _conv(half, half, 3, groups=half, rngs=rngs)
-    self.bn2 = batch_norm(half, rngs=rngs)
-    self.conv3 = _conv(half, half, 1, rngs=rngs)
-    self.bn3 = batch_norm(half, rngs=rngs)
+    self.conv1 = _conv(half, half, 1, dtype=dtype, rngs=rngs)
+    self.bn1 = batch_norm(half, dtype=dtype, rngs=rngs)
+    self.conv2 = _conv(half, half, 3, groups=half, dtype=dtype, rngs=rngs)
+    self.bn2 = batch_norm(half, dtype=dtype, rngs=rngs)
+    self.conv3 = _conv(half, half, 1, dtype=dtype, rngs=rngs)
+    self.bn3 = batch_norm(half, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     half = x.shape[-1] // 2
@@ -125,20 +125,20 @@ class ShuffleV2DownUnit(nnx.Module):
   """ShuffleNetV2 down-sampling unit: two stride-2 branches on the whole input, each ending at ``c_out / 2``
   channels, concatenated and shuffled with 2 groups. ``[B, H, W, c_in] -> [B, H / 2, W / 2, c_out]``."""
 
-  def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs):
+  def __init__(self, c_in: int, c_out: int, *, dtype=None, rngs: nnx.Rngs):
     mid = c_out // 2
     # Left: 3x3 depthwise /2 (+BN), 1x1 (+BN+ReLU).
-    self.left_dw = _conv(c_in, c_in, 3, stride=2, groups=c_in, rngs=rngs)
-    self.left_dw_bn = batch_norm(c_in, rngs=rngs)
-    self.left_pw = _conv(c_in, mid, 1, rngs=rngs)
-    self.left_pw_bn = batch_norm(mid, rngs=rngs)
+    self.left_dw = _conv(c_in, c_in, 3, stride=2, groups=c_in, dtype=dtype, rngs=rngs)
+    self.left_dw_bn = batch_norm(c_in, dtype=dtype, rngs=rngs)
+    self.left_pw = _conv(c_in, mid, 1, dtype=dtype, rngs=rngs)
+    self.left_pw_bn = batch_norm(mid, dtype=dtype, rngs=rngs)
     # Right: 1x1 (+BN+ReLU), 3x3 depthwise /2 (+BN), 1x1 (+BN+ReLU).
-    self.right_pw1 = _conv(c_in, mid, 1, rngs=rngs)
-    self.right_pw1_bn = batch_norm(mid, rngs=rngs)
-    self.right_dw = _conv(mid, mid, 3, stride=2, groups=mid, rngs=rngs)
-    self.right_dw_bn = batch_norm(mid, rngs=rngs)
-    self.right_pw2 = _conv(mid, mid, 1, rngs=rngs)
-    self.right_pw2_bn = batch_norm(mid, rngs=rngs)
+    self.right_pw1 = _conv(c_in, mid, 1, dtype=dtype, rngs=rngs)
+    self.right_pw1_bn = batch_norm(mid, dtype=dtype, rngs=rngs)
+    self.right_dw = _conv(mid, mid, 3, stride=2, groups=mid, dtype=dtype, rngs=rngs)
+    self.right_dw_bn = batch_norm(mid, dtype=dtype, rngs=rngs)
+    self.right_pw2 = _conv(mid, mid, 1, dtype=dtype, rngs=rngs)
+    self.right_pw2_bn = batch_norm(mid, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     ura = not train
@@ -155,20 +155,20 @@ class ShuffleNetV2(nnx.Module):
   ``out_channels[3]`` + BN + ReLU, GAP, linear."""
 
   def __init__(self, *, out_channels=(116, 232, 464, 1024), num_blocks=(3, 7, 3), num_classes: int, input_shape,
-               rngs: nnx.Rngs):
+               dtype=None, rngs: nnx.Rngs):
     if len(input_shape) != 3:
       raise ValueError(f"ShuffleNetV2 expects images [H, W, C], got input_shape={tuple(input_shape)}")
-    self.stem_conv = _conv(input_shape[-1], _STEM_CHANNELS, 1, rngs=rngs)
-    self.stem_bn = batch_norm(_STEM_CHANNELS, rngs=rngs)
+    self.stem_conv = _conv(input_shape[-1], _STEM_CHANNELS, 1, dtype=dtype, rngs=rngs)
+    self.stem_bn = batch_norm(_STEM_CHANNELS, dtype=dtype, rngs=rngs)
     stages, c_in = [], _STEM_CHANNELS
     for c_stage, n in zip(out_channels[:3], num_blocks):
-      units = [ShuffleV2DownUnit(c_in, c_stage, rngs=rngs)]
-      units += [ShuffleV2Unit(c_stage, rngs=rngs) for _ in range(n)]
+      units = [ShuffleV2DownUnit(c_in, c_stage, dtype=dtype, rngs=rngs)]
+      units += [ShuffleV2Unit(c_stage, dtype=dtype, rngs=rngs) for _ in range(n)]
       stages.append(nnx.List(units))
       c_in = c_stage
     self.stages = nnx.List(stages)
-    self.head_conv = _conv(c_in, out_channels[3], 1, rngs=rngs)
-    self.head_bn = batch_norm(out_channels[3], rngs=rngs)
+    self.head_conv = _conv(c_in, out_channels[3], 1, dtype=dtype, rngs=rngs)
+    self.head_bn = batch_norm(out_channels[3], dtype=dtype, rngs=rngs)
     self.fc = torch_linear(out_channels[3], num_classes, rngs=rngs)
 
   def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:

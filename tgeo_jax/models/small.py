@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tgeo_jax.models import register
+from tgeo_jax.models import at_least_float32, batch_norm_dtype_kwargs, register
 
 
 def _pool2x2(x: jax.Array) -> jax.Array:
@@ -21,12 +21,13 @@ def _pool2x2(x: jax.Array) -> jax.Array:
 class MLP(nnx.Module):
   """``[B, *input_shape] -> [B, K]``: flatten, hidden Linear + LeakyReLU layers, linear head.
 
-  ``features`` returns the last hidden activation ``[B, hidden[-1]]``.
+  ``features`` returns the last hidden activation ``[B, hidden[-1]]`` (in the compute ``dtype``); the head runs
+  in float32 (see ``tgeo_jax.models``).
   """
 
-  def __init__(self, *, num_classes: int, input_shape, hidden=(256, 128), rngs: nnx.Rngs):
+  def __init__(self, *, num_classes: int, input_shape, hidden=(256, 128), dtype=None, rngs: nnx.Rngs):
     dims = [math.prod(input_shape), *hidden]
-    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+    self.layers = nnx.List([nnx.Linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
     self.head = nnx.Linear(dims[-1], num_classes, rngs=rngs)
 
   def features(self, x, *, train: bool = False):
@@ -37,7 +38,7 @@ class MLP(nnx.Module):
     return h
 
   def classify(self, fmap):
-    return self.head(fmap)
+    return self.head(at_least_float32(fmap))
 
   def __call__(self, x, *, train: bool = False):
     return self.classify(self.features(x, train=train))
@@ -47,19 +48,20 @@ class CNN(nnx.Module):
   """``[B, H, W, C] -> [B, K]``: stages of (3x3 conv, BatchNorm, ReLU) x ``convs_per_stage`` + 2x2 avg-pool
   (not after the last stage), then global average pooling and a linear head.
 
-  ``features`` returns the last stage's map ``[B, H / 2^(S-1), W / 2^(S-1), widths[-1]]``.
+  ``features`` returns the last stage's map ``[B, H / 2^(S-1), W / 2^(S-1), widths[-1]]`` (in the compute
+  ``dtype``); the head runs in float32 (see ``tgeo_jax.models``).
   """
 
   def __init__(self, *, num_classes: int, input_shape, widths=(32, 64, 128), convs_per_stage: int = 1,
-               rngs: nnx.Rngs):
+               dtype=None, rngs: nnx.Rngs):
     if len(input_shape) != 3:
       raise ValueError(f"CNN expects images [H, W, C], got input_shape={tuple(input_shape)}")
     convs, norms = [], []
     c_in = input_shape[-1]
     for width in widths:
       for _ in range(convs_per_stage):
-        convs.append(nnx.Conv(c_in, width, (3, 3), use_bias=False, rngs=rngs))
-        norms.append(nnx.BatchNorm(width, momentum=0.9, rngs=rngs))
+        convs.append(nnx.Conv(c_in, width, (3, 3), use_bias=False, dtype=dtype, rngs=rngs))
+        norms.append(nnx.BatchNorm(width, momentum=0.9, rngs=rngs, **batch_norm_dtype_kwargs(dtype)))
         c_in = width
     self.convs, self.norms = nnx.List(convs), nnx.List(norms)
     self.convs_per_stage = convs_per_stage
@@ -76,7 +78,7 @@ class CNN(nnx.Module):
     return h
 
   def classify(self, fmap):
-    return self.head(jnp.mean(fmap, axis=(1, 2)))
+    return self.head(jnp.mean(at_least_float32(fmap), axis=(1, 2)))
 
   def __call__(self, x, *, train: bool = False):
     return self.classify(self.features(x, train=train))

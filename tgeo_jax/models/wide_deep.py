@@ -17,6 +17,9 @@ is a shift that softmax ignores).
 ``features`` returns ``[B, D + 1]``: the deep part's last hidden layer ``[B, D]`` and, as its last column, the
 wide part's logit. ``classify`` is then the joint output layer (deep output + wide logit), so
 ``classify(features(x)) == __call__(x)`` as for every registered model (SimKD/ATSC rely on it).
+
+With a compute ``dtype`` (mixed precision) only the deep part's embeddings and DNN run in it; the wide part (a
+logistic regression whose sum over the fields wants float32) and the output layer stay float32.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tgeo_jax.errors import UserError
-from tgeo_jax.models import register
+from tgeo_jax.models import at_least_float32, register
 from tgeo_jax.models.small import MLP
 
 
@@ -34,7 +37,7 @@ class WideDeep(nnx.Module):
   """``{"dense": [B, num_dense], "sparse": [B, len(vocab_sizes)]} -> [B, 2]`` click logits ``[0, z]``."""
 
   def __init__(self, *, num_classes: int, input_shape, vocab_sizes=None, num_dense: int = 13,
-               embed_dim: int = 16, hidden=(64, 64, 64), rngs: nnx.Rngs):
+               embed_dim: int = 16, hidden=(64, 64, 64), dtype=None, rngs: nnx.Rngs):
     del input_shape  # the raw field count; the sizes that matter come from the task's model_kwargs
     if not vocab_sizes:
       raise UserError("model.name: Wide&Deep needs categorical inputs with vocabularies (data.name='criteo')")
@@ -50,9 +53,10 @@ class WideDeep(nnx.Module):
     self.wide_sparse = nnx.Embed(total, 1, embedding_init=nnx.initializers.zeros, rngs=rngs)
     self.wide_dense = nnx.Linear(num_dense, 1, kernel_init=nnx.initializers.zeros, rngs=rngs)
     # Deep: small-normal embeddings (as DeepCTR), then the DNN.
-    self.embeddings = nnx.Embed(total, embed_dim, embedding_init=nnx.initializers.normal(0.01), rngs=rngs)
+    self.embeddings = nnx.Embed(total, embed_dim, embedding_init=nnx.initializers.normal(0.01), dtype=dtype,
+                                rngs=rngs)
     dims = [len(self.vocab_sizes) * embed_dim + num_dense, *hidden]
-    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+    self.layers = nnx.List([nnx.Linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
     self.out = nnx.Linear(dims[-1], 1, use_bias=False, rngs=rngs)
 
   def features(self, x, *, train: bool = False):
@@ -61,12 +65,13 @@ class WideDeep(nnx.Module):
     rows = x["sparse"].astype(jnp.int32) + jnp.asarray(self.offsets, jnp.int32)  # [B, F]
     wide = self.wide_dense(dense)[:, 0] + jnp.sum(self.wide_sparse(rows)[..., 0], axis=-1)
     emb = self.embeddings(rows)  # [B, F, E]
-    h = jnp.concatenate([emb.reshape(emb.shape[0], -1), dense], axis=-1)
+    h = jnp.concatenate([emb.reshape(emb.shape[0], -1), dense.astype(emb.dtype)], axis=-1)
     for layer in self.layers:
       h = nnx.relu(layer(h))
-    return jnp.concatenate([h, wide[:, None]], axis=-1)
+    return jnp.concatenate([at_least_float32(h), wide[:, None]], axis=-1)
 
   def classify(self, fmap):
+    fmap = at_least_float32(fmap)
     z = self.out(fmap[:, :-1])[:, 0] + fmap[:, -1]
     return jnp.stack([jnp.zeros_like(z), z], axis=-1)
 

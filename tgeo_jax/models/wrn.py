@@ -16,12 +16,13 @@ class WideBlock(nnx.Module):
   ``a`` (not of ``x``), as in the reference; otherwise it is ``x`` itself.
   """
 
-  def __init__(self, c_in: int, c_out: int, stride: int, *, rngs: nnx.Rngs):
-    self.bn1 = batch_norm(c_in, rngs=rngs)
-    self.conv1 = conv2d(c_in, c_out, 3, stride=stride, padding=1, rngs=rngs)
-    self.bn2 = batch_norm(c_out, rngs=rngs)
-    self.conv2 = conv2d(c_out, c_out, 3, padding=1, rngs=rngs)
-    self.shortcut_conv = conv2d(c_in, c_out, 1, stride=stride, rngs=rngs) if c_in != c_out else None
+  def __init__(self, c_in: int, c_out: int, stride: int, *, dtype=None, rngs: nnx.Rngs):
+    self.bn1 = batch_norm(c_in, dtype=dtype, rngs=rngs)
+    self.conv1 = conv2d(c_in, c_out, 3, stride=stride, padding=1, dtype=dtype, rngs=rngs)
+    self.bn2 = batch_norm(c_out, dtype=dtype, rngs=rngs)
+    self.conv2 = conv2d(c_out, c_out, 3, padding=1, dtype=dtype, rngs=rngs)
+    self.shortcut_conv = (conv2d(c_in, c_out, 1, stride=stride, dtype=dtype, rngs=rngs) if c_in != c_out
+                          else None)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     a = nnx.relu(self.bn1(x, use_running_average=not train))
@@ -38,23 +39,23 @@ class WideResNet(nnx.Module):
   reference average-pools). Dropout is left out: every registered WRN uses ``dropRate=0``.
   """
 
-  def __init__(self, *, depth: int, widen: int, num_classes: int, input_shape, rngs: nnx.Rngs):
+  def __init__(self, *, depth: int, widen: int, num_classes: int, input_shape, dtype=None, rngs: nnx.Rngs):
     if (depth - 4) % 6:
       raise ValueError(f"WRN depth must be 6n+4, got {depth}")
     if len(input_shape) != 3:
       raise ValueError(f"WideResNet expects images [H, W, C], got input_shape={tuple(input_shape)}")
     n = (depth - 4) // 6
     widths = (16, 16 * widen, 32 * widen, 64 * widen)
-    self.stem_conv = conv2d(input_shape[-1], widths[0], 3, padding=1, rngs=rngs)
+    self.stem_conv = conv2d(input_shape[-1], widths[0], 3, padding=1, dtype=dtype, rngs=rngs)
     stages, c_in = [], widths[0]
     for stage_stride, c_out in zip((1, 2, 2), widths[1:]):
       blocks = []
       for i in range(n):
-        blocks.append(WideBlock(c_in, c_out, stage_stride if i == 0 else 1, rngs=rngs))
+        blocks.append(WideBlock(c_in, c_out, stage_stride if i == 0 else 1, dtype=dtype, rngs=rngs))
         c_in = c_out
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)
-    self.final_bn = batch_norm(c_in, rngs=rngs)
+    self.final_bn = batch_norm(c_in, dtype=dtype, rngs=rngs)
     # Reference init: default PyTorch weight, zero bias.
     self.fc = torch_linear(c_in, num_classes, bias_init=nnx.initializers.zeros, rngs=rngs)
 
