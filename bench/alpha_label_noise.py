@@ -1,0 +1,110 @@
+"""Does TGeo-KD's learned α single out the mislabelled training examples? (the study's ``noise20`` setting)
+
+    python bench/alpha_label_noise.py --workdir runs/study [--setting noise20] [--out FILE.json]
+
+For every finished learned-α run of the setting (``<workdir>/<setting>/<student>/<tgeo*|rw_kd>/seed*``), restores
+the final checkpoint, computes α for every training example with the final student and fusion net (as the run's
+``epoch_report`` does, in chunks of 1,000), and compares the examples whose training label was flipped by
+``data.label_noise`` with the clean ones: mean α of each, and the AUC of α as a detector of a flipped label
+(0.5 = no information; 1 = every flipped example has a larger α than every clean one). The flipped examples are
+known exactly: the same data config with ``label_noise = 0`` gives the clean labels in the same order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tgeo_jax import checkpoint, data, metrics, trainer  # noqa: E402
+
+
+def alpha_over_train(workdir: str):
+  """``(alpha [N], flipped [N] bool, teacher_correct_on_given_label [N] bool)`` from the run's final checkpoint."""
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = ckpt.steps()[-1]
+  config = ml_collections.ConfigDict(ckpt.read_meta(step)["config"])
+  task = data.load(config.data, seed=config.seed)
+  method = trainer.build_method(config, task, data.steps_per_epoch(len(task.train), config.batch_size))
+  state = method.init(jax.random.PRNGKey(config.seed))
+  frozen = state.pop("frozen")
+  _, state, _ = ckpt.restore_latest(state)
+  ckpt.close()
+  state = dict(state, frozen=frozen)
+
+  clean_config = ml_collections.ConfigDict(config.data.to_dict())
+  clean_config.label_noise = 0.0
+  clean_labels = data.load(clean_config, seed=config.seed).train.labels
+
+  @jax.jit
+  def alpha_fn(state, inputs, labels, index):
+    logits = method.predict(state, inputs)
+    teacher_logits = method.teacher_logits(state, inputs)
+    batch = {"inputs": inputs, "labels": labels, "index": index}
+    alpha = method.alpha(state["meta_params"], state, batch, logits, teacher_logits)
+    return alpha, jax.numpy.argmax(teacher_logits, -1) == labels
+
+  source = task.train
+  parts = []
+  for start in range(0, len(source), 1000):
+    idx = np.arange(start, min(start + 1000, len(source)))
+    parts.append(jax.device_get(alpha_fn(state, source.gather(idx), source.labels[idx], idx.astype(np.int32))))
+  alpha, teacher_correct = (np.concatenate(x) for x in zip(*parts))
+  return alpha, source.labels != clean_labels, teacher_correct
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", default="runs/study")
+  parser.add_argument("--setting", default="noise20")
+  parser.add_argument("--out", default="")
+  args = parser.parse_args(argv)
+
+  rows = []
+  for workdir in sorted(glob.glob(os.path.join(args.workdir, args.setting, "*", "*", "seed*"))):
+    name = os.path.relpath(workdir, os.path.join(args.workdir, args.setting))
+    method = name.split(os.sep)[1]
+    if not (method.startswith("tgeo") or method == "rw_kd"):
+      continue
+    if not os.path.exists(os.path.join(workdir, "summary.json")):
+      continue
+    alpha, flipped, teacher_correct = alpha_over_train(workdir)
+    row = dict(run=name, n=int(len(alpha)), flipped=int(flipped.sum()),
+               alpha_flipped=float(alpha[flipped].mean()), alpha_clean=float(alpha[~flipped].mean()),
+               auc_flipped=metrics.roc_auc(flipped.astype(np.int32), alpha),
+               # What the teacher alone tells: its disagreement with the given label as a flipped-label detector.
+               teacher_disagrees_on_flipped=float((~teacher_correct[flipped]).mean()),
+               teacher_disagrees_on_clean=float((~teacher_correct[~flipped]).mean()),
+               alpha_clean_teacher_agrees=float(alpha[~flipped & teacher_correct].mean()),
+               alpha_clean_teacher_disagrees=float(alpha[~flipped & ~teacher_correct].mean()))
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+  groups = {}
+  for r in rows:
+    groups.setdefault(os.path.dirname(r["run"]), []).append(r)
+  summary = []
+  print("\n| run | seeds | mean α, flipped labels | mean α, clean labels | AUC of α for a flipped label |")
+  print("|---|---|---|---|---|")
+  for key, rs in groups.items():
+    mean = {k: statistics.mean(r[k] for r in rs) for k in ("alpha_flipped", "alpha_clean", "auc_flipped")}
+    summary.append(dict(run=key, seeds=len(rs), **mean))
+    print(f"| {key} | {len(rs)} | {mean['alpha_flipped']:.3f} | {mean['alpha_clean']:.3f} | "
+          f"{mean['auc_flipped']:.3f} |")
+  if args.out:
+    from tgeo_jax import report
+    report.write_json(args.out, dict(setting=args.setting, runs=rows, summary=summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
