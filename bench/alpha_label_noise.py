@@ -1,6 +1,7 @@
 """Does TGeo-KD's learned α single out the mislabelled training examples? (the study's ``noise20`` setting)
 
-    python bench/alpha_label_noise.py --workdir runs/study [--setting noise20] [--out FILE.json]
+    python bench/alpha_label_noise.py --workdir runs/study [--setting noise20] [--methods tgeo,rw_kd]
+                                      [--students mlp] [--out FILE.json]
 
 For every finished learned-α run of the setting (``<workdir>/<setting>/<student>/<tgeo*|rw_kd>/seed*``), restores
 the final checkpoint, computes α for every training example with the final student and fusion net (as the run's
@@ -66,14 +67,20 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default="runs/study")
   parser.add_argument("--setting", default="noise20")
+  parser.add_argument("--methods", default="", help="comma-separated run names to analyse (default: every tgeo*, rw_kd)")
+  parser.add_argument("--students", default="", help="comma-separated students (default: all)")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
 
   rows = []
   for workdir in sorted(glob.glob(os.path.join(args.workdir, args.setting, "*", "*", "seed*"))):
     name = os.path.relpath(workdir, os.path.join(args.workdir, args.setting))
-    method = name.split(os.sep)[1]
+    student, method = name.split(os.sep)[:2]
     if not (method.startswith("tgeo") or method == "rw_kd"):
+      continue
+    if args.methods and method not in args.methods.split(","):
+      continue
+    if args.students and student not in args.students.split(","):
       continue
     if not os.path.exists(os.path.join(workdir, "summary.json")):
       continue

@@ -249,6 +249,22 @@ def aggregate(runs: dict[str, list[dict]], reference: str = "kd") -> list[dict]:
   return rows
 
 
+# TGeo-KD against the controls that separate its parts: label-only, fixed α, its own mean α, more data.
+KEY_COMPARISONS = ("ce", "kd", "kd_a0.5", "kd_a1.0", "kd_tgeo_mean_alpha", "kd_trainval", "anl_kd", "rw_kd", "dist")
+
+
+def key_comparisons(runs: dict[str, list[dict]], method: str = "tgeo") -> list[dict]:
+  """Welch's t-test of ``method``'s last-epoch test accuracy against each control's (mean difference, p)."""
+  mine = [r["accuracy"] for r in runs.get(method, []) if "accuracy" in r]
+  out = []
+  for other in KEY_COMPARISONS:
+    theirs = [r["accuracy"] for r in runs.get(other, []) if "accuracy" in r]
+    if mine and theirs:
+      out.append(dict(method=method, against=other, difference=statistics.mean(mine) - statistics.mean(theirs),
+                      p=welch(mine, theirs)))
+  return out
+
+
 def _fmt(v, spec=".4f"):
   return "-" if v is None else format(v, spec)
 
@@ -525,6 +541,7 @@ def main(argv=None) -> int:
     rs = runs[(setting, student)]
     learned = {k: v for k, v in rs.items() if k.startswith("tgeo") or k == "rw_kd"}
     results[f"{setting}/{student}"] = dict(rows=aggregate(rs), runs=rs, alpha=alpha_tables(learned),
+                                           tgeo_vs=key_comparisons(rs),
                                            notes=notes[(setting, student)],
                                            learning_rate=chosen_lr[(setting, student)])
 
@@ -554,6 +571,9 @@ def main(argv=None) -> int:
     print(markdown_table(res["rows"]))
     for name, note in res["notes"].items():
       print(f"- {name}: {note}")
+    if res["tgeo_vs"]:
+      print("\nTGeo-KD minus control (test accuracy, percentage points; Welch p): " + ", ".join(
+          f"{c['against']} {100 * c['difference']:+.2f} (p {_fmt(c['p'], '.3f')})" for c in res["tgeo_vs"]))
     for name, table in res["alpha"].items():
       print(f"\nα by group, {name} ({key}):\n")
       print(alpha_markdown(table))
