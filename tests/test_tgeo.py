@@ -183,3 +183,21 @@ def test_teacher_logits_disk_cache(tiny_teacher, tmp_path):
   _, fresh, _ = build("kd", tiny_teacher)  # no cache: computed, equal to the first run's table
   np.testing.assert_array_equal(np.asarray(fresh["frozen"]["teacher_logits_table"]),
                                 np.asarray(state["frozen"]["teacher_logits_table"]))
+
+
+def test_alpha_analytics_same_with_cached_and_online_teacher(tiny_teacher, tmp_path):
+  """``epoch_report`` reads the teacher's logits from the cached table when there is one; same α by group."""
+  reports = []
+  for mode in ("on", "off"):
+    method, state, batch = build("tgeo", tiny_teacher, **{"teacher.cache_logits": mode, "tgeo.fusion_lr": 1e-2})
+    assert ("teacher_logits_table" in state["frozen"]) == (mode == "on")
+    step = jax.jit(method.train_step, static_argnums=2)
+    for _ in range(3):
+      state, _ = step(state, batch, "meta")
+    os.makedirs(tmp_path / mode)
+    reports.append(method.epoch_report(state, str(tmp_path / mode), 1))
+  cached, online = reports
+  assert cached.keys() == online.keys() and cached["alpha_std"] > 0
+  for key in cached:
+    if cached[key] is not None:
+      np.testing.assert_allclose(cached[key], online[key], rtol=1e-4, atol=1e-6, err_msg=key)

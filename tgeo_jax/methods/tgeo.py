@@ -184,8 +184,10 @@ class MetaReweightKD(base.Method):
     if not hasattr(self, "_alpha_fn"):
       def alpha_fn(state, inputs, labels, index):
         logits = self.predict(state, inputs)
-        teacher_logits = self.teacher_logits(state, inputs)
         batch = {"inputs": inputs, "labels": labels, "index": index}
+        # From the cached table when there is one (the indices are training-split positions): the analytics
+        # then cost no teacher forward.
+        teacher_logits = self.batch_teacher_logits(state, batch)
         alpha = self.alpha(state["meta_params"], state, batch, logits, teacher_logits)
         s, t = jax.nn.softmax(logits), jax.nn.softmax(teacher_logits)
         return alpha, jnp.argmax(teacher_logits, -1) == labels, jnp.sum((t - s) ** 2, -1)
