@@ -34,15 +34,13 @@ def main(paths) -> int:
     results.update(d["results"])
     variants.update(d.get("variants", {}))
   keys = list(results)
-  print("| method | " + " | ".join(f"{k} (n)" for k in keys) + " |")
+  print("| method | " + " | ".join(keys) + " |")
   print("|---|" + "---|" * len(keys))
   for name in ORDER:
     rows = [next((r for r in results[k]["rows"] if r["method"] == name), None) for k in keys]
     if all(r is None for r in rows):
       continue
-    n = {r["n"] for r in rows if r is not None}
-    print(f"| {LABELS.get(name, name)} | " + " | ".join(cell(r) for r in rows) + " |"
-          + ("" if len(n) == 1 else f" n = {sorted(n)}"))
+    print(f"| {LABELS.get(name, name)} | " + " | ".join(cell(r) for r in rows) + " |")
   print("| learning rate (CE, validation) | " + " | ".join(f"{results[k]['learning_rate']:g}" for k in keys) + " |")
   print("| seeds | " + " | ".join(str(max(r["n"] for r in results[k]["rows"])) for k in keys) + " |")
   print()
