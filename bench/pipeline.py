@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +41,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.machine import machine_info  # noqa: E402
 from tgeo_jax import data, models, parallel, trainer  # noqa: E402
 from tgeo_jax.data import augment as augment_lib  # noqa: E402
 from tgeo_jax.default_config import base_config  # noqa: E402
@@ -191,18 +190,8 @@ def profile_loader(task, args, mesh, num=200):
 
 
 def device_info():
-  d = jax.devices()[0]
-  try:
-    affinity = len(os.sched_getaffinity(0))
-  except AttributeError:
-    affinity = None
   import grain
-  import jaxlib
-  return dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), platform=d.platform,
-              device_kind=d.device_kind, device_count=jax.device_count(), jax=jax.__version__,
-              jaxlib=jaxlib.__version__, grain=getattr(grain, "__version__", None), cpu_count=os.cpu_count(),
-              cpu_affinity=affinity, python=platform.python_version(), machine=platform.machine(),
-              loadavg_start=os.getloadavg() if hasattr(os, "getloadavg") else None)
+  return machine_info(grain=getattr(grain, "__version__", None))
 
 
 def main(argv=None):

@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.machine import machine_info  # noqa: E402
 from configs import fashion_mnist  # noqa: E402
 from tgeo_jax import bilevel, data, models, optim  # noqa: E402
 from tgeo_jax.methods import base  # noqa: E402
@@ -350,23 +350,7 @@ def breakdown(methods, states, batches):
 # ----------------------------------------------------------------------------------------------- output
 
 def device_info():
-  d = jax.devices()[0]
-  try:
-    affinity = len(os.sched_getaffinity(0))
-  except AttributeError:
-    affinity = None
-  return dict(platform=d.platform, device_kind=d.device_kind, device_count=jax.device_count(),
-              jax=jax.__version__, jaxlib=getattr(jax.lib, "__version__", None) or _jaxlib_version(),
-              cpu_count=os.cpu_count(), cpu_affinity=affinity, python=platform.python_version(),
-              machine=platform.machine(), processor=platform.processor() or None)
-
-
-def _jaxlib_version():
-  try:
-    import jaxlib
-    return jaxlib.__version__
-  except Exception:  # noqa: BLE001
-    return None
+  return machine_info()
 
 
 def markdown_table(rows):

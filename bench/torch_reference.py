@@ -56,11 +56,9 @@ alike; each round times ``--inner`` consecutive steps of one row. JAX rows: the 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -68,6 +66,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.machine import machine_info  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -601,21 +600,10 @@ def time_model(model: str, args, task, torch_threads):
 # ================================================================================================= output
 
 def device_info(torch_threads):
-  d = jax.devices()[0]
-  try:
-    affinity = len(os.sched_getaffinity(0))
-  except AttributeError:
-    affinity = None
-  import jaxlib
-  return dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), platform=d.platform,
-              device_kind=d.device_kind, device_count=jax.device_count(), jax=jax.__version__,
-              jaxlib=jaxlib.__version__, torch=torch.__version__, torch_threads=torch_threads,
-              torch_interop_threads=torch.get_num_interop_threads(), mkldnn=torch.backends.mkldnn.is_available(),
-              omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
-              xla_flags=os.environ.get("XLA_FLAGS"),
-              cpu_count=os.cpu_count(), cpu_affinity=affinity, python=platform.python_version(),
-              machine=platform.machine(), processor=platform.processor() or None,
-              loadavg_start=os.getloadavg() if hasattr(os, "getloadavg") else None)
+  return machine_info(torch=torch.__version__, torch_threads=torch_threads,
+                      torch_interop_threads=torch.get_num_interop_threads(),
+                      mkldnn=torch.backends.mkldnn.is_available(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                      omp_num_threads=os.environ.get("OMP_NUM_THREADS"), xla_flags=os.environ.get("XLA_FLAGS"))
 
 
 def parse_args(argv=None):
