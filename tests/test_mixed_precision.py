@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist
-from tgeo_jax import bilevel, config_checks, data, methods, models, optim, trainer
-from tgeo_jax import teacher as teacher_lib
+from test_tgeo import build as tgeo_build
+from tgeo_jax import bilevel, config_checks, data, models, trainer
 from tgeo_jax.errors import UserError
 
 BF16 = jnp.bfloat16
@@ -130,32 +130,9 @@ def test_compute_dtype_field():
 
 
 def _build(method_name, teacher_dir, compute_dtype):
-  """``(method, state, batch)`` on the tiny synthetic task, student and teacher ``cnn_tiny``.
-
-  Builds the student as ``trainer.build_method`` does, with ``models.compute_dtype(config)`` (see
-  ``test_trainer_builds_the_student_in_the_compute_dtype`` for the trainer itself); the teacher comes from
-  ``teacher.load_teacher``, which reads the compute dtype from the config.
-  """
-  config = fashion_mnist.get_config(method_name)
-  config.data.name = "synthetic"
-  config.data.train_subset = 0
-  config.model.name = config.teacher.model = "cnn_tiny"
-  config.batch_size = config.val_batch_size = 32
-  config.teacher.checkpoint = teacher_dir
-  config.compute_dtype = compute_dtype
-  config_checks.validate(config)
-  task = data.load(config.data, seed=0)
-  spec = task.spec
-  student = models.create(config.model.name, num_classes=spec.num_classes, input_shape=spec.input_shape,
-                          seed=config.seed, dtype=models.compute_dtype(config), **spec.model_kwargs)
-  steps_per_epoch = len(task.train) // config.batch_size
-  tx = optim.make_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs)
-  method = methods.get_class(config.method)(config, spec, student=models.split(student), tx=tx,
-                                            teacher=teacher_lib.load_teacher(config, spec), task=task)
-  state = method.init(jax.random.PRNGKey(0))
-  batch = data.train_batches(task.train, batch_size=32, seed=0, epoch=0)[0]
-  batch["val"] = data.validation_batches(task.val, batch_size=32, seed=0)[0]
-  return method, state, jax.tree.map(jnp.asarray, batch)
+  """``(method, state, batch)`` on the tiny synthetic task (student and teacher ``cnn_tiny``), built by
+  ``trainer.build_method`` in ``compute_dtype`` (it creates the student and loads the teacher in that dtype)."""
+  return tgeo_build(method_name, teacher_dir, compute_dtype=compute_dtype)
 
 
 def _step(method, state, batch, kind=None):
