@@ -7,7 +7,19 @@ Config files are Python: load only configs you trust, as you would run their cod
 """
 
 import re
+import signal
 import sys
+
+
+def _exit_quietly(signum, frame):
+  """SIGINT/SIGTERM before the trainer installs its own handler (while flags, config and data load): exit with
+  128 + signal and no traceback; there is nothing to save yet."""
+  del frame
+  sys.exit(128 + signum)
+
+
+signal.signal(signal.SIGINT, _exit_quietly)
+signal.signal(signal.SIGTERM, _exit_quietly)
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -43,7 +55,9 @@ def parse_flags(argv):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    print(f"error: unexpected argument {argv[1]!r} (every setting is a flag: --config=FILE:ARG, --workdir=DIR, "
+          "--config.FIELD=VALUE)", file=sys.stderr)
+    sys.exit(2)
   from tgeo_jax import cli
   sys.exit(cli.run(FLAGS.config, FLAGS.workdir))
 

@@ -49,6 +49,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from tgeo_jax import run_identity  # noqa: E402 (after the path set-up; imports no JAX)
+
 # ----------------------------------------------------------------------------------------------- the design
 
 # setting -> data overrides and the training schedule of the students in it.
@@ -164,7 +166,10 @@ class Runner:
     while True:
       done = self.summary(workdir)
       if done is not None and done.get("finished", True):
+        check_same_config(done, config, workdir)
         return done
+      check_same_config(run_identity.read_json_file(os.path.join(workdir, run_identity.IDENTITY_FILE)), config,
+                        workdir)
       if self._claim(workdir):
         break
       if not wait:
@@ -175,13 +180,32 @@ class Runner:
     try:
       summary = trainer.train_and_evaluate(config, workdir)
     except (UserError, trainer.NonFiniteError) as e:
-      summary = {"failed": str(e), "method": config.method, "finished": True, "seed": config.seed}
+      summary = {"failed": str(e), "method": config.method, "finished": True, "seed": config.seed,
+                 "config_fingerprint": run_identity.config_fingerprint(config),
+                 "config": run_identity.config_record(json.loads(config.to_json_best_effort()))}
       _write_json(os.path.join(workdir, "failed.json"), summary)
     finally:
       with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(workdir, ".claim"))
     self.log(f"  -> {_brief(summary)} ({time.time() - start:.0f} s)")
     return summary
+
+
+class StudyMismatch(RuntimeError):
+  """A work directory of the study holds a run of another configuration than the study asks for."""
+
+
+def check_same_config(record: dict | None, config, workdir: str) -> None:
+  """Runs are keyed by their config fingerprint, never by path: a summary, failure record or identity of another
+  configuration (e.g. the study re-run with other --epochs) stops the study naming the differing fields."""
+  if record is None:
+    return
+  if record.get("config_fingerprint") == run_identity.config_fingerprint(config):
+    return
+  current = run_identity.config_record(json.loads(config.to_json_best_effort()))
+  diffs = run_identity.identity_differences({"config": record.get("config", {})}, {"config": current})
+  raise StudyMismatch(f"{workdir}: holds a run of another configuration ({'; '.join(diffs) or 'no fingerprint'}); "
+                      "use another --workdir for this protocol")
 
 
 def _alive(pid: int) -> bool:
@@ -602,4 +626,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except StudyMismatch as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

@@ -47,3 +47,43 @@ def tiny_teacher(tmp_path_factory):
   run_cli(["--config=configs/fashion_mnist.py:teacher", f"--workdir={workdir}", *TINY,
            "--config.model.name=cnn_tiny", "--config.num_epochs=2"])
   return workdir
+
+
+# ------------------------------------------------------------------------------------------ in-process runs
+
+
+def tiny_config(arg="ce", **overrides):
+  """``configs/fashion_mnist.py:ARG`` with the ``TINY`` overrides and ``overrides`` (dotted names) applied."""
+  from configs import fashion_mnist
+  config = fashion_mnist.get_config(arg)
+  for flag in TINY:
+    key, value = flag.removeprefix("--config.").split("=", 1)
+    _set(config, key, {"False": False, "True": True}.get(value, int(value) if value.isdigit() else value))
+  if arg == "teacher":
+    config.model.name = "cnn_tiny"
+  for key, value in overrides.items():
+    _set(config, key, value)
+  return config
+
+
+def _set(config, dotted, value):
+  node = config
+  *parents, leaf = dotted.split(".")
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def run_inprocess(config, workdir, capsys):
+  """``tgeo_jax.cli.run(config, workdir)`` in this process (the CLI minus flag parsing): (exit status, stdout,
+  stderr)."""
+  from tgeo_jax import cli
+  capsys.readouterr()
+  rc = cli.run(config, str(workdir))
+  out, err = capsys.readouterr()
+  return rc, out, err
+
+
+def error_lines(stderr):
+  """The non-warning lines of ``stderr``."""
+  return [line for line in stderr.splitlines() if line.strip() and not line.startswith("warning:")]

@@ -144,7 +144,7 @@ def test_resume_with_another_config_is_refused(tiny_teacher, tmp_path):
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "warn" not in line.lower()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert expected in lines[0] and "nothing was overwritten" in lines[0], lines[0]
+    assert expected in lines[0] and "nothing was read or written" in lines[0], lines[0]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
@@ -153,6 +153,11 @@ def _assert_one_line_error(proc, pattern):
   lines = [line for line in proc.stderr.splitlines() if line.strip() and "warn" not in line.lower()]
   assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
   assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_a_stray_positional_argument_is_one_line(tmp_path):
+  proc = run_cli(["--config=configs/fashion_mnist.py:ce", f"--workdir={tmp_path / 'run'}", "extra"], check=False)
+  _assert_one_line_error(proc, r"unexpected argument 'extra' \(every setting is a flag")
 
 
 def test_csv_with_a_non_numeric_column(tmp_path):

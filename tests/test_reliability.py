@@ -152,6 +152,37 @@ def test_sigterm_and_sigint_save_a_checkpoint(tiny_teacher, straight_kd, tmp_pat
   assert_same_run(straight_kd, workdir)
 
 
+def test_two_processes_on_one_workdir_one_is_refused(tiny_teacher, straight_kd, tmp_path):
+  workdir = str(tmp_path / "shared")
+  args = [*kd_args(tiny_teacher), f"--workdir={workdir}"]
+  procs = [start(args, str(tmp_path / f"log{i}.txt")) for i in range(2)]
+  codes = [p.wait(timeout=300) for p in procs]
+  logs = [open(tmp_path / f"log{i}.txt").read() for i in range(2)]
+  assert sorted(codes) == [0, 2], logs
+  refused = logs[codes.index(2)]
+  errors = [line for line in refused.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "Traceback" not in refused, refused
+  survivor = procs[codes.index(0)].pid
+  assert re.search(rf"error: workdir: .* is in use by pid {survivor} on host ", errors[0]), errors[0]
+  assert_same_run(straight_kd, workdir)  # the survivor's run is exactly a solo run
+  records = report.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["step"] for r in records] == [14, 28]  # each epoch once
+
+
+def test_a_signal_while_loading_exits_quietly(tmp_path):
+  """SIGINT/SIGTERM before the training loop (imports, config, data, teacher): exit 128 + signal at once, no
+  traceback (nothing to save yet)."""
+  for sig, delay in ((signal.SIGINT, 0.5), (signal.SIGTERM, 2.0), (signal.SIGINT, 3.5)):
+    log_path = str(tmp_path / f"log_{int(sig)}_{delay}.txt")
+    proc = start(["--config=configs/fashion_mnist.py:ce", *FREQUENT, f"--workdir={tmp_path / 'run'}"], log_path)
+    time.sleep(delay)
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=120)
+    out = open(log_path).read()
+    assert "Traceback" not in out and "Exception" not in out, out
+    assert rc in (0, 128 + sig), (rc, out)
+
+
 def all_checkpoint_arrays(workdir):
   """Every array of every checkpoint step on disk."""
   import orbax.checkpoint as ocp

@@ -1,5 +1,6 @@
 """TGeo-KD and the re-weighting baselines as methods: the fusion net trains, α semantics, devices, rules."""
 
+import hashlib
 import json
 import os
 
@@ -175,8 +176,11 @@ def test_teacher_logits_disk_cache(tiny_teacher, tmp_path):
   cache = str(tmp_path / "cache")
   method, state, _ = build("kd", tiny_teacher, **{"teacher.logits_cache_dir": cache})
   files = os.listdir(cache)
-  assert len(files) == 1 and files[0].endswith(".npy")
-  np.save(os.path.join(cache, files[0]), np.load(os.path.join(cache, files[0])) + 1.0)  # mark the stored table
+  assert len(files) == 1 and files[0].endswith(".npz")
+  path = os.path.join(cache, files[0])
+  with np.load(path) as f:  # mark the stored table (with a matching checksum: a garbled one is recomputed)
+    marked = np.ascontiguousarray(f["logits"] + 1.0)
+  np.savez(path, logits=marked, sha256=np.frombuffer(hashlib.sha256(marked.tobytes()).digest(), np.uint8))
   _, again, _ = build("tgeo", tiny_teacher, **{"teacher.logits_cache_dir": cache})
   np.testing.assert_allclose(np.asarray(again["frozen"]["teacher_logits_table"]),
                              np.asarray(state["frozen"]["teacher_logits_table"]) + 1.0)

@@ -20,8 +20,12 @@ def run(config, workdir: str) -> int:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except trainer.NonFiniteError as e:
+  except (trainer.NonFiniteError, trainer.RunFault) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 1
+  except OSError as e:  # a disk fault outside the trainer's own guards: one line, never a traceback
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"error: {where}{e.strerror or e}", file=sys.stderr)
     return 1
   if not summary.get("finished", True):
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from tgeo_jax import methods, models
 from tgeo_jax.errors import UserError
 
@@ -52,7 +54,8 @@ def nonnegative_number(config, dotted):
 def validate(config) -> None:
   """Checks the fields every run uses, then the method's own (``Method.validate_config``)."""
   method_cls = methods.get_class(_field(config, "method"))
-  require(config, "seed", is_int, "an integer")
+  require(config, "seed", lambda v: is_int(v) and v >= 0, "an integer >= 0")
+  require(config, "data.split_seed", lambda v: is_int(v) and v >= 0, "an integer >= 0")
   positive_int(config, "num_epochs")
   positive_int(config, "batch_size")
   positive_int(config, "eval_batch_size")
@@ -68,7 +71,8 @@ def validate(config) -> None:
   positive_number(config, "optimizer.learning_rate")
   nonnegative_number(config, "optimizer.weight_decay")
   nonnegative_number(config, "optimizer.clip_norm")
-  nonnegative_number(config, "optimizer.warmup_epochs")
+  require(config, "optimizer.warmup_epochs", lambda v: is_number(v) and 0 <= v <= config.num_epochs,
+          f"a number in [0, num_epochs={config.num_epochs}]")
   require(config, "optimizer.momentum", lambda v: is_number(v) and 0 <= v < 1, "a momentum in [0, 1)")
   positive_int(config, "log.every_steps")
   require(config, "checkpoint.every_steps", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = epoch ends)")
@@ -77,5 +81,20 @@ def validate(config) -> None:
     require(config, "nonfinite", lambda v: v in NONFINITE_MODES, "'stop' or 'skip'")
   if "kd" in config:
     positive_number(config, "kd.temperature")
+  if _field(config, "data.name") == "synthetic":
+    require(config, "data.synthetic.num_classes", lambda v: is_int(v) and v >= 2, "an integer >= 2")
+    positive_int(config, "data.synthetic.num_train")
+    positive_int(config, "data.synthetic.num_test")
+  if _field(config, "log.tensorboard"):
+    try:
+      import tensorboardX  # noqa: F401
+    except ImportError:
+      raise UserError("log.tensorboard: True needs tensorboardX: pip install 'tgeo_jax[tensorboard]' (or set "
+                      "log.tensorboard=False)") from None
+  cache_dir = config.teacher.get("logits_cache_dir", "")
+  if cache_dir and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+    raise UserError(f"teacher.logits_cache_dir: {cache_dir!r} is a file, expected a directory")
+  if "verify_provenance" in config.teacher:
+    require(config, "teacher.verify_provenance", lambda v: isinstance(v, bool), "True or False")
   models.compute_dtype(config)  # 'float32' (also when absent) | 'bfloat16'; anything else is a UserError
   method_cls.validate_config(config)

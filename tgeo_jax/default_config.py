@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   # When set, the cached training-part table is also stored in this directory (keyed by a hash of the teacher's
   # variables and the training inputs) and reused by later runs with the same teacher and training part.
   c.teacher.logits_cache_dir = ""
+  # Refuse a teacher trained on another dataset, or on examples of this run's validation or test part (its run's
+  # recorded data identity and training membership). False: accept it with a warning line.
+  c.teacher.verify_provenance = True
 
   c.ce = ml_collections.ConfigDict(dict(label_smoothing=0.0))
   c.kd = ml_collections.ConfigDict(dict(temperature=4.0, w_ce=0.1, w_kd=0.9))

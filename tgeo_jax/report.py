@@ -21,14 +21,16 @@ class MetricWriter:
   """Appends evaluation records to ``workdir/metrics.jsonl`` (and TensorBoard when asked).
 
   On resume from step ``s``, records of steps after ``s`` (written before a crash that lost their checkpoint) are
-  dropped, so the file always describes exactly the run that continues.
+  dropped, and so is a last line torn by a kill during its write (with a warning), so the file always describes
+  exactly the run that continues. ``records``: the records kept.
   """
 
   def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard: bool = False):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.records: list[dict] = []
     if resume_step is not None and os.path.exists(self.path):
-      kept = [line for line in read_jsonl(self.path) if line.get("step", 0) <= resume_step]
-      _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+      self.records = [r for r in read_jsonl(self.path, torn_tail="drop") if r.get("step", 0) <= resume_step]
+      _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
     elif resume_step is None and os.path.exists(self.path):
       os.remove(self.path)
     self.tb = None
@@ -43,6 +45,7 @@ class MetricWriter:
     record = {k: _jsonable(v) for k, v in record.items()}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    self.records.append(record)
     if self.tb is not None:
       for k, v in record.items():
         if isinstance(v, (int, float)) and k != "step":
@@ -54,9 +57,27 @@ class MetricWriter:
       self.tb.close()
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str, *, torn_tail: str = "error") -> list[dict]:
+  """The JSON objects of a JSON-lines file. ``torn_tail='drop'``: a last line that a kill cut short (no final
+  newline, not JSON) is dropped with a warning on stderr; any other bad line is a ``UserError`` naming it."""
+  from tgeo_jax.errors import UserError
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    text = f.read()
+  lines = text.split("\n")
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      if torn_tail == "drop" and number == len(lines) and not text.endswith("\n"):
+        import sys
+        print(f"warning: {path}: dropped a last line cut short by an interrupted write ({len(line)} bytes)",
+              file=sys.stderr, flush=True)
+        continue
+      raise UserError(f"{path}: line {number} is not a JSON record; move the file away to continue") from None
+  return records
 
 
 def read_json(path: str) -> dict:

@@ -1,12 +1,52 @@
-"""Loading a frozen teacher from the work directory of the run that trained it."""
+"""Loading a frozen teacher from the work directory of the run that trained it, with its identity."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import os
+from typing import Any
 
-from tgeo_jax import checkpoint, models
+from tgeo_jax import checkpoint, models, run_identity
 from tgeo_jax.errors import UserError
-from tgeo_jax.methods.base import Teacher
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A frozen teacher: static graphdef plus its variables (which travel in ``state['frozen']['teacher']``).
+
+  ``identity`` (None for a teacher built in code): ``{"field", "model", "path", "variables_sha256",
+  "run_fingerprint", "data", "run_dir"}`` -- what a run's fingerprint records of it (``field``, ``model``,
+  ``variables_sha256``) and what its provenance check reads (``data``: the teacher run's data identity).
+  """
+
+  name: str
+  graphdef: Any
+  variables: dict  # {"params": ..., "rest": ...}
+  identity: dict | None = dataclasses.field(default=None, compare=False)
+
+
+# Lists that ``collect_loaded`` hands out: every teacher loaded while one is open is appended to it.
+_collectors: list[list] = []
+
+
+@contextlib.contextmanager
+def collect_loaded():
+  """Yields a list that receives every ``Teacher`` loaded from a checkpoint inside the block (the trainer uses it
+  to fingerprint and provenance-check every teacher a method loads: ATSC's extra teachers, TriKD's anchor)."""
+  loaded: list = []
+  _collectors.append(loaded)
+  try:
+    yield loaded
+  finally:
+    _collectors.remove(loaded)
+
+
+def variables_digest(variables) -> str:
+  """sha256 over the sha256 of every array of ``variables`` (in tree order, with paths, shapes and dtypes)."""
+  records = checkpoint.array_records(variables)
+  return hashlib.sha256(repr(sorted(records.items())).encode()).hexdigest()
 
 
 def checkpoint_dir(path: str) -> str:
@@ -61,7 +101,15 @@ def load_teacher_from(model_name: str, path: str, spec, *, field: str, model_fie
   if not meta.get("finished", False):
     raise UserError(f"{field}: the run in {path!r} has not finished (step {meta.get('step')} of "
                     f"{meta.get('total_steps')}); finish it first by running its command again")
-  return Teacher(model_name, fn.graphdef, variables)
+  saved_identity = meta.get("identity") or {}
+  identity = {"field": field, "model": model_name, "path": os.path.abspath(path),
+              "variables_sha256": variables_digest(variables),
+              "run_fingerprint": saved_identity.get("fingerprint"), "data": saved_identity.get("data"),
+              "run_dir": run_identity.run_dir_of(ckpt_dir)}
+  teacher = Teacher(model_name, fn.graphdef, variables, identity)
+  for loaded in _collectors:
+    loaded.append(teacher)
+  return teacher
 
 
 def _latest_meta(ckpt_dir: str, field: str) -> dict:
@@ -73,6 +121,123 @@ def _latest_meta(ckpt_dir: str, field: str) -> dict:
     steps = ckpt.steps()
     if not steps:
       raise UserError(f"{field}: {ckpt_dir!r} holds no checkpoint")
-    return ckpt.read_meta(steps[-1])
+    try:
+      return ckpt.read_meta(steps[-1])
+    except checkpoint.CorruptCheckpointError as e:
+      raise UserError(f"{field}: {e}") from None
   finally:
     ckpt.close()
+
+
+# --------------------------------------------------------------------------------------- teacher-logit cache
+
+
+class LogitCache:
+  """A frozen teacher's training-part logit table on disk, verified on every read.
+
+  ``DIR/teacher_logits_<key>.npz`` holds ``logits [N, K]`` and ``sha256`` (of the logits' bytes), written to a
+  temporary file and renamed, so a reader sees a whole file or none. A table that cannot be read, has another
+  shape or does not match its checksum is moved aside (``.corrupt``) with one warning line and recomputed; a
+  failed write (full disk, read-only directory) warns and the run goes on with the computed table; temporaries of
+  writers that died (``.<host>.<pid>.tmp.npz`` whose pid is gone) are removed.
+  """
+
+  def __init__(self, directory: str, *, key):
+    import numpy as np
+    digest = hashlib.sha256()
+    for leaf in _leaves(key):
+      leaf = np.ascontiguousarray(np.asarray(leaf))
+      digest.update(f"{leaf.dtype}{leaf.shape}".encode())
+      digest.update(leaf.tobytes())
+    self.directory = directory
+    self.path = os.path.join(directory, f"teacher_logits_{digest.hexdigest()[:32]}.npz")
+
+  def get_or_compute(self, compute, *, shape):
+    import jax
+    table = self._read(shape)
+    if table is not None:
+      return table
+    table = compute()
+    if jax.process_index() == 0:
+      self._write(table)
+    return table
+
+  def _read(self, shape):
+    import numpy as np
+    if not os.path.exists(self.path):
+      return None
+    try:
+      with np.load(self.path) as f:
+        table, saved = np.asarray(f["logits"]), bytes(np.asarray(f["sha256"], np.uint8))
+      if tuple(table.shape) != tuple(shape):
+        problem = f"shape {tuple(table.shape)}, expected {tuple(shape)}"
+      elif hashlib.sha256(np.ascontiguousarray(table).tobytes()).digest() != saved:
+        problem = "its checksum does not match"
+      else:
+        return table
+    except Exception as e:  # noqa: BLE001 - any unreadable file (truncated zip, garbage) is "bad"
+      problem = f"unreadable ({type(e).__name__})"
+    moved = self.path + ".corrupt"
+    try:
+      os.replace(self.path, moved)
+      kept = f"moved to {moved}"
+    except OSError as e:
+      kept = f"could not move it aside ({e.strerror})"
+    _warn(f"teacher.logits_cache_dir: {self.path} is bad ({problem}); {kept}; recomputing the table")
+    return None
+
+  def _write(self, table) -> None:
+    import socket
+
+    import numpy as np
+    host = socket.gethostname()
+    tmp = f"{self.path}.{host}.{os.getpid()}.tmp.npz"
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      self._remove_stale_temporaries(host)
+      table = np.ascontiguousarray(table)
+      checksum = np.frombuffer(hashlib.sha256(table.tobytes()).digest(), np.uint8)
+      with open(tmp, "wb") as f:
+        np.savez(f, logits=table, sha256=checksum)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.path)  # atomic: a concurrent reader sees the whole table or none
+    except OSError as e:
+      _warn(f"teacher.logits_cache_dir: could not store the teacher-logit table in {self.directory} "
+            f"({e.strerror or e}); continuing without caching it")
+      try:
+        if os.path.exists(tmp):
+          os.remove(tmp)
+      except OSError:
+        pass
+
+  def _remove_stale_temporaries(self, host: str) -> None:
+    prefix = f"{os.path.basename(self.path)}.{host}."
+    for name in os.listdir(self.directory):
+      if name.startswith(prefix) and name.endswith(".tmp.npz"):
+        pid = name[len(prefix):-len(".tmp.npz")]
+        if pid.isdigit() and not _alive(int(pid)):
+          try:
+            os.remove(os.path.join(self.directory, name))
+          except OSError:
+            pass
+
+
+def _leaves(tree):
+  import jax
+  return jax.tree.leaves(tree)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _warn(message: str) -> None:
+  import sys
+  print(f"warning: {message}", file=sys.stderr, flush=True)

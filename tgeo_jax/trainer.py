@@ -13,6 +13,7 @@ run naming that step and quantity; ``'skip'`` keeps the previous state for such 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -25,25 +26,16 @@ import numpy as np
 import tqdm
 
 from tgeo_jax import checkpoint as checkpoint_lib
-from tgeo_jax import config_checks, data, losses, methods, models, optim, parallel, report
+from tgeo_jax import config_checks, data, losses, methods, models, optim, parallel, report, run_identity
 from tgeo_jax import teacher as teacher_lib
 from tgeo_jax.errors import UserError
-
-# Fields that must agree between a work directory's checkpoint and the config resuming it.
-RESUME_FIELDS = ("method", "model.name", "data.name", "teacher.model", "batch_size", "seed")
-
 
 class NonFiniteError(RuntimeError):
   """A loss, gradient or state became NaN/Inf; the run stops before checkpointing it."""
 
 
-def _get(config_dict: dict, dotted: str):
-  node = config_dict
-  for part in dotted.split("."):
-    if not isinstance(node, dict) or part not in node:
-      return None
-    node = node[part]
-  return node
+class RunFault(RuntimeError):
+  """A runtime fault outside the user's input (a full or failing disk): one line, exit status 1."""
 
 
 def build_method(config, task: data.TaskData, steps_per_epoch: int):
@@ -106,6 +98,8 @@ def evaluate(eval_step, state, source, *, batch_size: int, mesh, teacher_logits=
 
   ``teacher_logits(i, inputs)`` (a ``FixedTeacherLogits``), when given, supplies batch ``i``'s teacher logits.
   """
+  # A batch larger than the part would only pad it: clamp to the part's size rounded up to the device count.
+  batch_size = min(batch_size, -(-len(source) // mesh.size) * mesh.size)
   totals, per_example = None, []
   for i, batch in enumerate(data.eval_batches(source, batch_size=batch_size, process_index=jax.process_index(),
                                               process_count=jax.process_count())):
@@ -175,18 +169,40 @@ def _log(msg: str) -> None:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains ``config.method`` in ``workdir`` (resuming when it holds a checkpoint); returns the summary.
 
-  SIGTERM/SIGINT: before the training loop starts, the process exits at once (nothing to save); inside it, the
-  current step finishes, a checkpoint is saved and the process exits with status 128 + signal; after it, the run
-  finishes normally.
+  The work directory belongs to one configuration (``run_identity``: a resume with any other fingerprinted field,
+  teacher or data is refused before anything is read or written) and to one process at a time (an OS-released
+  lock). SIGTERM/SIGINT: before the training loop starts, the process exits at once (nothing to save); inside it,
+  the current step finishes, a checkpoint is saved and the process exits with status 128 + signal; after it, the
+  run finishes normally.
   """
-  with _StopRequest() as stop:
-    return _train_and_evaluate(config, workdir, stop)
+  config_checks.validate(config)
+  run_identity.prepare_workdir(workdir)
+  with run_identity.WorkdirLock(workdir).acquire(process_index=jax.process_index(),
+                                                 process_count=jax.process_count()):
+    with _StopRequest() as stop:
+      return _train_and_evaluate(config, workdir, stop)
+
+
+def _checkpoint_steps_on_disk(ckpt_dir: str) -> list[int]:
+  """Finished checkpoint steps, listed without opening orbax (which would create or clean the directory)."""
+  try:
+    return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  except (FileNotFoundError, NotADirectoryError):
+    return []
 
 
 def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
   start_time = time.time()
-  config_checks.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  config_dict = json.loads(config.to_json_best_effort())
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  has_checkpoints = bool(_checkpoint_steps_on_disk(ckpt_dir))
+  saved_identity = (run_identity.read_json_file(os.path.join(workdir, run_identity.IDENTITY_FILE))
+                    if has_checkpoints else None)
+  if saved_identity is not None:  # the config part first: a changed field stops before any data is loaded
+    diffs = run_identity.identity_differences({"config": saved_identity.get("config", {})},
+                                              {"config": run_identity.config_record(config_dict)})
+    if diffs:
+      raise run_identity.resume_error(workdir, diffs)
   mesh = parallel.make_mesh()
   parallel.check_batch_size("batch_size", config.batch_size, mesh)
   parallel.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
@@ -196,23 +212,45 @@ def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
   if steps_per_epoch == 0:
     raise UserError(f"batch_size: {config.batch_size} exceeds the {len(task.train)} training examples")
   total_steps = steps_per_epoch * config.num_epochs
-  method = build_method(config, task, steps_per_epoch)
+  with teacher_lib.collect_loaded() as teachers:
+    method = build_method(config, task, steps_per_epoch)
+  for t in teachers:
+    run_identity.check_teacher_provenance(t, task, verify=bool(config.teacher.get("verify_provenance", True)))
+  identity = run_identity.make_identity(
+      config_dict, task.identity,
+      [{k: t.identity[k] for k in ("field", "model", "path", "variables_sha256", "run_fingerprint")}
+       for t in teachers])
+  if saved_identity is not None:
+    diffs = run_identity.identity_differences(saved_identity, identity)
+    if diffs:
+      raise run_identity.resume_error(workdir, diffs)
   if method.uses_validation_batch:
     parallel.check_batch_size("val_batch_size", config.val_batch_size, mesh)
+    if config.val_batch_size > len(task.val):
+      raise UserError(f"val_batch_size: {config.val_batch_size} exceeds the {len(task.val)} held-out validation "
+                      "examples (raise data.val_fraction or lower val_batch_size)")
 
   state = parallel.replicate(method.init(jax.random.PRNGKey(config.seed)), mesh)
   frozen = state.pop("frozen")
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
-                                     cleanup_tmp=True)
-  config_dict = json.loads(config.to_json_best_effort())
-  meta = {"epoch": 0, "best_accuracy": 0.0, "seconds": 0.0, "skipped_steps": 0}
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, max_to_keep=config.checkpoint.max_to_keep, cleanup_tmp=True)
+  try:
+    return _run(config, workdir, stop, start_time=start_time, config_dict=config_dict, identity=identity,
+                mesh=mesh, task=task, method=method, state=state, frozen=frozen, ckpt=ckpt,
+                steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  finally:
+    ckpt.close()
 
+
+def _run(config, workdir, stop, *, start_time, config_dict, identity, mesh, task, method, state, frozen, ckpt,
+         steps_per_epoch, total_steps) -> dict:
+  meta = {"epoch": 0, "best_accuracy": 0.0, "seconds": 0.0, "skipped_steps": 0}
   existing = ckpt.steps()
   if existing:
     # The newest good checkpoint (a corrupt one is moved aside with a one-line warning); a checkpoint of another
     # configuration stops the run before anything is read or moved.
     restored = ckpt.restore_latest(
-        state, check_meta=lambda saved: _check_resume_compatible(saved, config_dict, task.num_classes, workdir))
+        state, check_meta=lambda saved: _check_resume_compatible(saved, config_dict, identity, task.num_classes,
+                                                                 workdir))
     if restored is None:
       raise UserError(f"workdir: no readable checkpoint among steps {existing} in {workdir!r}")
     step0, state, meta = restored
@@ -224,8 +262,13 @@ def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
     _log(f"Training {config.method} ({config.model.name}) in {workdir}: {config.num_epochs} epochs x "
          f"{steps_per_epoch} steps, {len(task.train)} train / {len(task.val)} val / {len(task.test)} test "
          f"examples, {jax.device_count()} device(s).")
+  if jax.process_index() == 0 and (not existing or not os.path.exists(os.path.join(workdir,
+                                                                                   run_identity.IDENTITY_FILE))):
+    _write_or_fail(lambda: run_identity.write_run_files(workdir, config_dict, identity, task.membership), workdir)
 
   writer = report.MetricWriter(workdir, resume_step=step0 if existing else None, tensorboard=config.log.tensorboard)
+  best_accuracy = max([meta.get("best_accuracy", 0.0)] + [r["accuracy"] for r in writer.records
+                                                          if isinstance(r.get("accuracy"), float)])
   nonfinite = config.get("nonfinite", "stop")
   guarded_step, quantity_names = make_guarded_step(method, skip_nonfinite=nonfinite == "skip")
   train_step = jax.jit(guarded_step, donate_argnums=(0,), static_argnums=(3,))
@@ -238,6 +281,14 @@ def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
                                         process_index=jax.process_index(), process_count=jax.process_count())
                 if method.uses_validation_batch else None)
   last_saved = step0 if existing else None
+  # Training metrics summed since the last log point; checkpointed (host floats, exact for float32) so that the
+  # train_* values logged after a resume are those of an uninterrupted run.
+  train_log = meta.get("train_log") or {}
+  running = ({k: jnp.asarray(np.asarray(v, dtype)) for k, (v, dtype) in train_log["running"].items()}
+             if train_log.get("running") else None)
+  num_running = train_log.get("num_running", 0)
+  skipped_at_log = train_log.get("skipped_at_log", meta["skipped_steps"])
+  last_train = train_log.get("last_train", {})
 
   def check_health(host_health, step):
     """Stops the run (stop mode) if any step so far was non-finite; returns the skipped-step count."""
@@ -250,21 +301,53 @@ def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
     skipped = check_health(jax.device_get(health), step)  # never checkpoint a non-finite state
     if step == last_saved:  # e.g. a signal right after an every_steps save
       return
+    host_running = jax.device_get(running) if running is not None else None
+    log_state = {"running": ({k: [float(v), str(np.asarray(v).dtype)] for k, v in host_running.items()}
+                             if host_running is not None else None),
+                 "num_running": num_running, "skipped_at_log": skipped_at_log, "last_train": last_train}
     host_meta = dict(meta, epoch=epoch, step=step, total_steps=total_steps, finished=finished,
-                     method=config.method, num_classes=task.num_classes, config=config_dict,
-                     skipped_steps=skipped, seconds=meta["seconds"] + time.time() - start_time)
-    ckpt.save(step, state, host_meta)
+                     method=config.method, num_classes=task.num_classes, config=config_dict, identity=identity,
+                     best_accuracy=best_accuracy, skipped_steps=skipped, train_log=log_state,
+                     seconds=meta["seconds"] + time.time() - start_time)
+    try:
+      ckpt.save(step, state, host_meta)
+    except Exception as e:  # noqa: BLE001 - a full or failing disk: the previous checkpoints are intact
+      raise RunFault(f"checkpoint: saving step {step} in {ckpt.directory} failed ({_reason(e)}); the previous "
+                     "checkpoints are intact: free space and run the same command to resume") from None
     last_saved = step
+
+  def evaluate_epoch(step, epoch):
+    """The epoch-end evaluation record (after that epoch's checkpoint is saved: an evaluation that fails never
+    costs the epoch's training)."""
+    nonlocal best_accuracy
+    host_health = jax.device_get(health)
+    skipped = check_health(host_health, step)
+    results = evaluate(eval_step, state, task.test, batch_size=config.eval_batch_size, mesh=mesh,
+                       teacher_logits=fixed_teacher)
+    best_accuracy = max(best_accuracy, results["accuracy"])
+    if jax.process_index() == 0:
+      results.update(method.epoch_report(dict(state, frozen=frozen), workdir, epoch))
+    record = dict(step=step, epoch=epoch, **results, **last_train, skipped_steps=skipped,
+                  seconds=meta["seconds"] + time.time() - start_time)
+    if jax.process_index() == 0:
+      _write_or_fail(lambda: writer.write(record), workdir)
+    _log(f"epoch {epoch}/{config.num_epochs} step {step}: test accuracy {results['accuracy']:.4f} "
+         f"loss {results['loss']:.4f}" + (f" (teacher {results['teacher_accuracy']:.4f}, agreement "
+                                         f"{results['agreement']:.4f})" if "teacher_accuracy" in results else "")
+         + (f"; {skipped} non-finite step(s) skipped so far (first: "
+            f"{_nonfinite_what(host_health, quantity_names)})" if skipped else ""))
 
   def stop_for_signal(signum, step):
     _log(f"Received signal {signum}: saved a checkpoint at step {step}; run the same command to resume.")
     writer.close()
-    ckpt.close()
     sys.exit(128 + signum)
 
+  if existing and step0 > 0 and step0 % steps_per_epoch == 0 and not any(
+      r.get("step") == step0 for r in writer.records):
+    # Killed after the epoch-end checkpoint, before its evaluation was recorded: evaluate it now.
+    evaluate_epoch(step0, step0 // steps_per_epoch)
+
   step = step0
-  skipped_at_log = meta["skipped_steps"]
-  last_train = {}
   stop.deferred = True  # from here on a signal means: finish the step, save, exit
   while step < total_steps:
     epoch, offset = divmod(step, steps_per_epoch)
@@ -273,7 +356,6 @@ def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
                                  process_count=jax.process_count())[offset:]
     bar = tqdm.tqdm(total=steps_per_epoch, initial=offset, desc=f"epoch {epoch + 1}/{config.num_epochs}",
                     disable=not config.log.progress or jax.process_index() != 0, leave=False, dynamic_ncols=True)
-    running, num_running = None, 0
     for batch in batches.to_iter_dataset():
       if val_stream is not None:
         batch["val"] = val_stream[step]
@@ -308,34 +390,18 @@ def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
         _log(f"Stopping after {config.steps_per_run} steps (steps_per_run) at step {step} of {total_steps}; "
              "run the same command to continue.")
         writer.close()
-        ckpt.close()
         return {"method": config.method, "finished": False, "num_steps": step}
     bar.close()
     epoch += 1
-    host_health = jax.device_get(health)
-    skipped = check_health(host_health, step)  # before evaluating or saving
-    results = evaluate(eval_step, state, task.test, batch_size=config.eval_batch_size, mesh=mesh,
-                       teacher_logits=fixed_teacher)
-    meta["best_accuracy"] = max(meta["best_accuracy"], results["accuracy"])
-    if jax.process_index() == 0:
-      results.update(method.epoch_report(dict(state, frozen=frozen), workdir, epoch))
-    record = dict(step=step, epoch=epoch, **results, **last_train, skipped_steps=skipped,
-                  seconds=meta["seconds"] + time.time() - start_time)
-    if jax.process_index() == 0:
-      writer.write(record)
-    _log(f"epoch {epoch}/{config.num_epochs} step {step}: test accuracy {results['accuracy']:.4f} "
-         f"loss {results['loss']:.4f}" + (f" (teacher {results['teacher_accuracy']:.4f}, agreement "
-                                         f"{results['agreement']:.4f})" if "teacher_accuracy" in results else "")
-         + (f"; {skipped} non-finite step(s) skipped so far (first: "
-            f"{_nonfinite_what(host_health, quantity_names)})" if skipped else ""))
+    check_health(jax.device_get(health), step)  # before saving or evaluating
     save(step, epoch, health, finished=step >= total_steps)
+    evaluate_epoch(step, epoch)
     if stop.signum is not None and step < total_steps:
       stop_for_signal(stop.signum, step)
     if config.steps_per_run and step - step0 >= config.steps_per_run and step < total_steps:
       _log(f"Stopping after {step - step0} steps (steps_per_run) at step {step} of {total_steps}; "
            "run the same command to continue.")
       writer.close()
-      ckpt.close()
       return {"method": config.method, "finished": False, "num_steps": step}
 
   if step0 >= total_steps:
@@ -350,7 +416,7 @@ def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
       "method": config.method,
       "model": config.model.name,
       "accuracy": final["accuracy"],
-      "best_accuracy": max(meta["best_accuracy"], final["accuracy"]),
+      "best_accuracy": max(best_accuracy, final["accuracy"]),
       "loss": final["loss"],
       "num_steps": step,
       "num_epochs": config.num_epochs,
@@ -366,11 +432,34 @@ def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
   for key in ("accuracy", "loss", "auc"):
     if key in val:
       summary[f"val_{key}"] = val[key]
+  # What identifies the run, so that tables group runs by fingerprint, never by path.
+  summary.update(
+      dataset=task.name, fingerprint=identity["fingerprint"], config_fingerprint=identity["config_fingerprint"],
+      group_fingerprint=identity["group_fingerprint"], config=identity["config"],
+      data={k: identity["data"][k] for k in ("name", "digest", "sizes")},
+      teachers=[{k: t[k] for k in ("field", "model", "variables_sha256")} for t in identity["teachers"]])
   if jax.process_index() == 0:
-    report.write_json(os.path.join(workdir, "summary.json"), summary)
+    _write_or_fail(lambda: report.write_json(os.path.join(workdir, "summary.json"), summary), workdir)
   writer.close()
-  ckpt.close()
   return summary
+
+
+def _reason(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  if "No space left" in text or getattr(e, "errno", None) == errno.ENOSPC:
+    return "no space left on device"
+  if isinstance(e, OSError) and e.strerror:
+    return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+  return f"{type(e).__name__}: {text[:160]}"
+
+
+def _write_or_fail(write, workdir: str) -> None:
+  """Runs ``write`` (a file in the work directory); an OS error is a one-line ``RunFault``."""
+  try:
+    write()
+  except OSError as e:
+    raise RunFault(f"workdir: writing in {workdir!r} failed ({_reason(e)}); the checkpoints are intact: fix it and "
+                   "run the same command to resume") from None
 
 
 def _split_frozen(out):
@@ -467,12 +556,15 @@ def _nonfinite_message(host_health, names, step, last_saved) -> str:
           "set optimizer.clip_norm > 0, or set nonfinite='skip' to skip such steps")
 
 
-def _check_resume_compatible(saved_meta: dict, current: dict, num_classes: int, workdir: str) -> None:
-  saved = saved_meta.get("config", {})
-  diffs = [f"{k}: {_get(saved, k)!r} -> {_get(current, k)!r}" for k in RESUME_FIELDS
-           if _get(saved, k) != _get(current, k)]
+def _check_resume_compatible(saved_meta: dict, current: dict, identity: dict, num_classes: int,
+                             workdir: str) -> None:
+  """The checkpoint's identity record (or, for a checkpoint written before identity records, its config) must
+  equal this run's; otherwise a ``UserError`` naming every differing field."""
+  saved_identity = saved_meta.get("identity")
+  if saved_identity is None:
+    saved_identity = {"config": run_identity.config_record(saved_meta.get("config", {}))}
+  diffs = run_identity.identity_differences(saved_identity, identity)
   if saved_meta.get("num_classes", num_classes) != num_classes:
     diffs.append(f"num_classes: {saved_meta['num_classes']} -> {num_classes}")
   if diffs:
-    raise UserError(f"workdir: {workdir!r} holds checkpoints of a different run ({'; '.join(diffs)}); "
-                    "use another --workdir (nothing was overwritten)")
+    raise run_identity.resume_error(workdir, diffs)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 from typing import Any
 
 import grain
 import numpy as np
 
 from tgeo_jax.data import augment as augment_lib
+from tgeo_jax import run_identity
 from tgeo_jax.data import sources
 from tgeo_jax.errors import UserError
 
@@ -41,6 +43,12 @@ class TaskData:
   outlier_mask: np.ndarray | None = None
   # Extra constructor arguments the task imposes on every model (e.g. vocabulary sizes).
   model_kwargs: dict = dataclasses.field(default_factory=dict)
+  # Which examples of the dataset each part holds: {"train"|"val"|"test": sorted unique int64 example ids} (ids
+  # name raw examples of the dataset, see ``RawTask``; the outlier probe's generated examples have none).
+  membership: dict = dataclasses.field(default_factory=dict)
+  # The dataset's identity: {"name", "digest" (of its raw content), "sizes", "membership" (sha256 per part)};
+  # part of a run's fingerprint and of a teacher's provenance.
+  identity: dict = dataclasses.field(default_factory=dict)
 
   @property
   def spec(self) -> "TaskSpec":
@@ -83,6 +91,13 @@ class RawTask:
   ``finalize(train, val, test) -> (train, val, test)`` runs after the split: preprocessing fitted on the student's
   training part only (MinMax scalers, vocabularies, oversampling) goes there, so validation and test never leak
   into it. ``model_kwargs`` reach ``models.create`` (e.g. Wide&Deep's vocabulary sizes).
+
+  Identity (for run fingerprints and teacher provenance): ``train_ids`` / ``test_ids`` ``[N] int64`` name each
+  example of ``train`` / ``test`` among the dataset's raw examples (default: its position in the train split, and
+  ``TEST_ID_OFFSET +`` its position in the test split; a loader that carves its test split out of one file passes
+  the file's row numbers, so that a teacher split with other fields is compared by row). ``digest`` identifies the
+  raw content (default: sha256 of the in-memory arrays); ``describe(id)`` names an example for error messages
+  (e.g. ``file.csv line 17``).
   """
 
   train: Any
@@ -91,6 +106,17 @@ class RawTask:
   input_shape: Any
   finalize: Any = None
   model_kwargs: dict = dataclasses.field(default_factory=dict)
+  train_ids: np.ndarray | None = None
+  test_ids: np.ndarray | None = None
+  digest: str | None = None
+  describe: Any = None
+  # Set by a ``finalize`` that resamples the training part (oversampling): row r of the finalized training part is
+  # row ``train_rows[r]`` of the part it received.
+  train_rows: np.ndarray | None = None
+
+
+# Default ids of the test split's examples: after every train-split id of any dataset we read.
+TEST_ID_OFFSET = 1 << 40
 
 
 def _fashion_mnist(data_config) -> RawTask:
@@ -142,8 +168,14 @@ def load(data_config, *, seed: int) -> TaskData:
                       f"[{src.labels.min()}, {src.labels.max()}]")
   # The split depends on data.split_seed only (not the run seed), so every method and seed sees the same
   # validation examples.
+  train_ids = (np.arange(len(full_train), dtype=np.int64) if raw.train_ids is None
+               else np.asarray(raw.train_ids, np.int64))
+  test_ids = (TEST_ID_OFFSET + np.arange(len(test), dtype=np.int64) if raw.test_ids is None
+              else np.asarray(raw.test_ids, np.int64))
+  digest = raw.digest or content_digest(full_train, test)
   kept, held = stratified_split(full_train.labels, data_config.val_fraction, data_config.split_seed)
   train, val = sources.subset(full_train, kept), sources.subset(full_train, held)
+  ids = {"train": train_ids[kept], "val": train_ids[held], "test": test_ids}
   if data_config.train_subset:
     if data_config.train_subset > len(train):
       raise UserError(f"data.train_subset: {data_config.train_subset} exceeds the {len(train)} training examples")
@@ -151,6 +183,7 @@ def load(data_config, *, seed: int) -> TaskData:
     if keep_fraction < 1.0:
       _, chosen = stratified_split(train.labels, keep_fraction, data_config.split_seed + 1)
       train = sources.subset(train, chosen)
+      ids["train"] = ids["train"][chosen]
   val_subset = data_config.get("val_subset", 0)
   if val_subset:
     if val_subset > len(val):
@@ -158,17 +191,69 @@ def load(data_config, *, seed: int) -> TaskData:
     if val_subset < len(val):
       _, chosen = stratified_split(val.labels, val_subset / len(val), data_config.split_seed + 2)
       val = sources.subset(val, chosen)
+      ids["val"] = ids["val"][chosen]
   if data_config.get("label_noise", 0.0):
     train = with_label_noise(train, data_config.label_noise, num_classes, seed=data_config.split_seed)
   if raw.finalize is not None:
     train, val, test = raw.finalize(train, val, test)
+  train_row_ids = ids["train"] if raw.train_rows is None else ids["train"][raw.train_rows]
+  for part_name, part, part_ids in (("training", train, train_row_ids), ("validation", val, ids["val"]),
+                                    ("test", test, ids["test"])):
+    check_finite(part, part_name, part_ids, raw.describe)
   if data_config.get("train_with_val", False):
     train = sources.concatenate(train, val)
+    ids["train"] = np.concatenate([ids["train"], ids["val"]])
   outlier_mask = None
   if data_config.outliers:
     train, outlier_mask = inject_outliers(train, data_config.outliers, num_classes, seed=data_config.split_seed)
+  membership = {k: np.unique(v) for k, v in ids.items()}
+  identity = {
+      "name": name,
+      "digest": digest,
+      "sizes": {"train": len(train), "val": len(val), "test": len(test)},
+      "membership": {k: run_identity.ids_digest(v) for k, v in membership.items()},
+  }
   return TaskData(name, train, val, test, num_classes, input_shape, augment_lib.get(data_config.augment),
-                  outlier_mask, dict(raw.model_kwargs))
+                  outlier_mask, dict(raw.model_kwargs), membership, identity)
+
+
+def content_digest(*parts) -> str:
+  """sha256 of the raw splits' labels and, for in-memory sources, their inputs (a TFDS source: labels and sizes
+  only; its loader may pass a better ``RawTask.digest``)."""
+  digest = hashlib.sha256()
+  for part in parts:
+    digest.update(f"{len(part)}:".encode())
+    leaves = [np.asarray(part.labels)]
+    inputs = getattr(part, "inputs", None)
+    if inputs is not None:
+      leaves += [inputs[k] for k in sorted(inputs)] if isinstance(inputs, dict) else [inputs]
+    for leaf in leaves:
+      leaf = np.ascontiguousarray(leaf)
+      digest.update(f"{leaf.dtype}{leaf.shape}".encode())
+      digest.update(leaf.tobytes() if leaf.dtype != object else repr(leaf.tolist()).encode())
+  return digest.hexdigest()
+
+
+def check_finite(source, part_name: str, ids: np.ndarray, describe=None) -> None:
+  """Refuses non-finite model inputs (raw, or produced by preprocessing such as MinMax scaling of a column whose
+  range overflows) in an in-memory part, naming the example and the column."""
+  inputs = getattr(source, "inputs", None)
+  if inputs is None:
+    return
+  for key, leaf in (sorted(inputs.items()) if isinstance(inputs, dict) else [(None, inputs)]):
+    leaf = np.asarray(leaf)
+    if not np.issubdtype(leaf.dtype, np.floating):
+      continue
+    finite = np.isfinite(leaf)
+    if finite.all():
+      continue
+    row = int(np.flatnonzero(~finite.reshape(len(leaf), -1).all(axis=1))[0])
+    column = int(np.flatnonzero(~finite.reshape(len(leaf), -1)[row])[0])
+    where = describe(int(ids[row])) if describe is not None and row < len(ids) else f"example {row}"
+    field = f"{key!r} " if key is not None else ""
+    raise UserError(f"data: {where}, {field}column {column + 1}: the {part_name} input is "
+                    f"{leaf.reshape(len(leaf), -1)[row, column]} after preprocessing (expected a finite number; "
+                    "a column whose range overflows cannot be MinMax-scaled)")
 
 
 def symmetric_label_noise(labels: np.ndarray, fraction: float, num_classes: int, *, seed: int) -> np.ndarray:

@@ -144,12 +144,16 @@ def read_idx(path: str) -> np.ndarray:
   return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _find(directory: str, name: str) -> str:
-  for candidate in (name, name + ".gz"):
-    path = os.path.join(directory, candidate)
-    if os.path.exists(path):
-      return path
-  raise UserError(_MISSING_FMNIST.format(dir=directory, file=name))
+def _read_idx_file(directory: str, name: str) -> tuple[np.ndarray, str]:
+  """``name`` or ``name.gz`` in ``directory``, read; when both exist they must hold the same array (a stale
+  uncompressed copy beside a newer .gz is refused rather than silently preferred)."""
+  found = [os.path.join(directory, c) for c in (name, name + ".gz") if os.path.exists(os.path.join(directory, c))]
+  if not found:
+    raise UserError(_MISSING_FMNIST.format(dir=directory, file=name))
+  arrays = [read_idx(path) for path in found]
+  if len(arrays) == 2 and (arrays[0].shape != arrays[1].shape or not np.array_equal(arrays[0], arrays[1])):
+    raise UserError(f"{found[0]}: differs from {found[1]} beside it (a stale copy?); remove the one that is wrong")
+  return arrays[0], found[0]
 
 
 def normalize_fashion_mnist(images_uint8: np.ndarray) -> np.ndarray:
@@ -164,8 +168,8 @@ def fashion_mnist(directory: str = FASHION_MNIST_DIR) -> dict[str, ArraySource]:
     raise UserError(_MISSING_FMNIST.format(dir=directory, file=FASHION_MNIST_FILES["train"][0]))
   splits = {}
   for split, (image_file, label_file) in FASHION_MNIST_FILES.items():
-    images = read_idx(_find(directory, image_file))
-    labels = read_idx(_find(directory, label_file))
+    images, _ = _read_idx_file(directory, image_file)
+    labels, _ = _read_idx_file(directory, label_file)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
       raise UserError(f"{image_file}: expected images of shape [N, 28, 28], got {images.shape}")
     if labels.ndim != 1 or len(labels) != len(images):

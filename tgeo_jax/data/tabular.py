@@ -94,10 +94,12 @@ def _minmax(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def minmax_scale(x: np.ndarray, lo: np.ndarray, span: np.ndarray, *, clip: bool = False) -> np.ndarray:
   """``(x - lo) / span`` as float32 (NaN stays NaN); ``clip`` bounds it to [0, 1]."""
-  out = (np.asarray(x, np.float64) - lo) / span
+  with np.errstate(over="ignore", invalid="ignore"):  # an overflowing column: data.load refuses it by name
+    out = (np.asarray(x, np.float64) - lo) / span
   if clip:
     out = np.clip(out, 0.0, 1.0)
-  return out.astype(np.float32)
+  with np.errstate(over="ignore"):
+    return out.astype(np.float32)
 
 
 def random_oversample(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -113,19 +115,20 @@ def random_oversample(labels: np.ndarray, seed: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- attack CSV
 
 
-def read_numeric_csv(path: str, *, header: str = "auto",
-                     num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+def read_numeric_csv(path: str, *, header: str = "auto", num_classes: int | None = None,
+                     with_lines: bool = False) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
   """Reads a comma-separated file of numeric columns whose last column is the integer label (in
   ``[0, num_classes)`` when given).
 
   ``header``: ``'auto'`` (the first row is a header when any of its cells is not a number), ``'yes'`` or ``'no'``.
-  Blank lines are skipped. Returns ``features [N, F] float64``, ``labels [N] int64`` and the column names (None
-  without a header). Raises ``UserError`` naming the file, the line and the column of the first bad cell.
+  Blank lines are skipped; a UTF-8 byte-order mark is not part of the first cell. Returns ``features [N, F]
+  float64``, ``labels [N] int64`` and the column names (None without a header), and with ``with_lines`` the file
+  line of each row. Raises ``UserError`` naming the file, the line and the column of the first bad cell.
   """
   if header not in ("auto", "yes", "no"):
     raise UserError(f"data.header: expected 'auto', 'yes' or 'no', got {header!r}")
   try:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
       rows, lines = [], []
       reader = csv.reader(f)
       for row in reader:
@@ -174,6 +177,8 @@ def read_numeric_csv(path: str, *, header: str = "auto",
       i = bad[0]
       raise UserError(f"{path}: line {lines[i]}, {column_name(width - 1)} (the label): {rows[i][-1]!r} is outside "
                       f"[0, {num_classes}) (data.num_classes={num_classes})")
+  if with_lines:
+    return features, raw_labels.astype(np.int64), names, np.asarray(lines)
   return features, raw_labels.astype(np.int64), names
 
 
@@ -185,30 +190,60 @@ def attack(data_config) -> data_lib.RawTask:
   if not (isinstance(num_classes, int) and num_classes >= 2):
     raise UserError(f"data.num_classes: expected an integer >= 2, got {num_classes!r}")
   path = _path(data_config, "file")
-  features, labels, _ = read_numeric_csv(path, header=data_config.header, num_classes=num_classes)
+  features, labels, _, lines = read_numeric_csv(path, header=data_config.header, num_classes=num_classes,
+                                                with_lines=True)
+  files = [path]
   if data_config.test_file:
     test_path = _path(data_config, "test_file")
-    test_features, test_labels, _ = read_numeric_csv(test_path, header=data_config.header, num_classes=num_classes)
+    test_features, test_labels, _, test_lines = read_numeric_csv(test_path, header=data_config.header,
+                                                                 num_classes=num_classes, with_lines=True)
     if test_features.shape[1] != features.shape[1]:
       raise UserError(f"{test_path}: {test_features.shape[1]} feature columns, but {path} has "
                       f"{features.shape[1]}")
+    files.append(test_path)
     train = sources.ArraySource(features, labels)
     test = sources.ArraySource(test_features, test_labels)
+    # Example ids: row r of data.file is r, row r of data.test_file is TEST_ID_OFFSET + r.
+    train_ids = np.arange(len(labels))
+    test_ids = data_lib.TEST_ID_OFFSET + np.arange(len(test_labels))
   else:
     train_idx, test_idx = _split_off_test(data_config, labels, path)
     train = sources.ArraySource(features[train_idx], labels[train_idx])
     test = sources.ArraySource(features[test_idx], labels[test_idx])
+    # Row numbers of the file: a teacher split with other data.* fields is compared row by row.
+    train_ids, test_ids = train_idx, test_idx
+    test_lines = None
   clip, oversample, seed = bool(data_config.clip_scaled), bool(data_config.oversample), data_config.split_seed
+
+  def describe(example_id: int) -> str:
+    if example_id >= data_lib.TEST_ID_OFFSET and test_lines is not None:
+      return f"{files[1]} line {test_lines[example_id - data_lib.TEST_ID_OFFSET]}"
+    return f"{path} line {lines[example_id]}"
 
   def finalize(train, val, test):
     lo, span = _minmax(train.inputs)
     scaled = [sources.ArraySource(minmax_scale(s.inputs, lo, span, clip=clip), s.labels) for s in (train, val, test)]
     train, val, test = scaled
     if oversample:
-      train = train.subset(random_oversample(train.labels, seed + _OVERSAMPLE_SEED_OFFSET))
+      raw.train_rows = random_oversample(train.labels, seed + _OVERSAMPLE_SEED_OFFSET)
+      train = train.subset(raw.train_rows)
     return train, val, test
 
-  return data_lib.RawTask(train, test, num_classes, (features.shape[1],), finalize)
+  raw = data_lib.RawTask(train, test, num_classes, (features.shape[1],), finalize, train_ids=train_ids,
+                         test_ids=test_ids, digest=file_digest(files), describe=describe)
+  return raw
+
+
+def file_digest(paths) -> str:
+  """sha256 over the bytes of ``paths`` (the dataset identity of a file-backed task)."""
+  import hashlib
+  digest = hashlib.sha256()
+  for path in paths:
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    digest.update(b"\0")
+  return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- Criteo
@@ -304,8 +339,10 @@ def criteo(data_config) -> data_lib.RawTask:
     raise UserError(f"data.min_count: expected an integer >= 1, got {min_count!r}")
   path = _path(data_config, "file")
   labels, dense, sparse = read_criteo(path)
+  files = [path]
   if data_config.test_file:
-    test_labels, test_dense, test_sparse = read_criteo(_path(data_config, "test_file"))
+    files.append(_path(data_config, "test_file"))
+    test_labels, test_dense, test_sparse = read_criteo(files[1])
     n = len(labels)
     labels, dense = np.concatenate([labels, test_labels]), np.concatenate([dense, test_dense])
     codes = _intern(np.concatenate([sparse, test_sparse]))
@@ -318,7 +355,9 @@ def criteo(data_config) -> data_lib.RawTask:
     return sources.ArraySource({"dense": dense[idx], "sparse": codes[idx]}, labels[idx])
 
   clip = bool(data_config.clip_scaled)
-  raw = data_lib.RawTask(source(train_idx), source(test_idx), 2, (CRITEO_NUM_DENSE + CRITEO_NUM_SPARSE,))
+  # Example ids: row numbers in data.file followed by data.test_file (blank lines not counted).
+  raw = data_lib.RawTask(source(train_idx), source(test_idx), 2, (CRITEO_NUM_DENSE + CRITEO_NUM_SPARSE,),
+                         train_ids=train_idx, test_ids=test_idx, digest=file_digest(files))
 
   def finalize(train, val, test):
     lo, span = _minmax(train.inputs["dense"])

@@ -16,8 +16,7 @@ State layout conventions (the trainer relies on the first two only):
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +24,8 @@ import optax
 
 from tgeo_jax import losses, models
 from tgeo_jax.errors import UserError
-
-
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-  """A frozen teacher: static graphdef plus its variables (which travel in ``state['frozen']['teacher']``)."""
-
-  name: str
-  graphdef: Any
-  variables: dict  # {"params": ..., "rest": ...}
+from tgeo_jax import teacher as teacher_lib
+from tgeo_jax.teacher import Teacher  # noqa: F401 (re-exported: methods and benches build teachers)
 
 
 class Method:
@@ -93,34 +85,22 @@ class Method:
     """``[len(train), K]`` frozen-teacher logits of every training example (one jitted pass, in chunks).
 
     With ``teacher.logits_cache_dir`` set, the table is stored there under a hash of the teacher's variables and
-    the training inputs, so runs that share a teacher and a training part (other methods, seeds, label noise)
-    read it instead of recomputing it.
+    the training inputs, with a checksum verified on every read (``teacher_lib.LogitCache``), so runs that share
+    a teacher and a training part (other methods, seeds, label noise) read it instead of recomputing it.
     """
-    import hashlib
-    import os
-
     import numpy as np
     source = self.task.train
     inputs = [source.gather(np.arange(s, min(s + chunk, len(source)))) for s in range(0, len(source), chunk)]
-    cache_dir = self.config.teacher.get("logits_cache_dir", "")
-    path = None
-    if cache_dir:
-      digest = hashlib.sha256()
-      for leaf in jax.tree.leaves((state["frozen"]["teacher"], inputs)):
-        leaf = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{leaf.dtype}{leaf.shape}".encode())
-        digest.update(leaf.tobytes())
-      path = os.path.join(cache_dir, f"teacher_logits_{digest.hexdigest()[:32]}.npy")
-      if os.path.exists(path):
-        return jnp.asarray(np.load(path))
     fn = jax.jit(self.teacher_logits)
-    table = np.concatenate([np.asarray(fn(state, x)) for x in inputs])
-    if path is not None and jax.process_index() == 0:
-      os.makedirs(cache_dir, exist_ok=True)
-      tmp = f"{path}.{os.getpid()}.tmp.npy"
-      np.save(tmp, table)
-      os.replace(tmp, path)  # atomic: a concurrent reader sees the whole table or none
-    return jnp.asarray(table)
+
+    def compute():
+      return np.concatenate([np.asarray(fn(state, x)) for x in inputs])
+
+    cache_dir = self.config.teacher.get("logits_cache_dir", "")
+    if not cache_dir:
+      return jnp.asarray(compute())
+    cache = teacher_lib.LogitCache(cache_dir, key=(state["frozen"]["teacher"], inputs))
+    return jnp.asarray(cache.get_or_compute(compute, shape=(len(source), self.spec.num_classes)))
 
   def batch_teacher_logits(self, state: dict, batch: dict) -> jax.Array:
     """The teacher's logits for a training batch ``[B, K]``: looked up by example index when cached

@@ -219,6 +219,10 @@ class TGeoKD(MetaReweightKD):
   def validate_config(cls, config):
     super().validate_config(config)
     require(config, "tgeo.layout", lambda v: v in geometry.LAYOUTS, f"one of {list(geometry.LAYOUTS)}")
+    require(config, "tgeo.fusion_hidden",
+            lambda v: isinstance(v, (tuple, list)) and all(isinstance(w, int) and not isinstance(w, bool) and w > 0
+                                                           for w in v),
+            "a tuple of positive layer widths, e.g. (32, 16)")
     if "alpha_normalization" in config.tgeo:  # configs written before these options keep the old behaviour
       require(config, "tgeo.alpha_init", lambda v: 0 < v < 1, "a number in (0, 1)")
       require(config, "tgeo.alpha_normalization", lambda v: v in ("none", "center"), "'none' or 'center'")

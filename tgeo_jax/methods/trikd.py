@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tgeo_jax import config_checks, losses, models, report
+from tgeo_jax import config_checks, losses, models, report, run_identity
 from tgeo_jax import teacher as teacher_lib
 from tgeo_jax.errors import UserError
 from tgeo_jax.methods import base
@@ -186,14 +186,17 @@ def run_generations(config, workdir: str) -> dict:
   history, seconds = [], 0.0
   for g in range(1, num_generations + 1):
     gen_dir = os.path.join(workdir, f"gen_{g}")
+    gen_config = config.copy_and_resolve_references()
+    gen_config.trikd.generations = 1
+    gen_config.trikd.anchor_checkpoint = anchor
     summary = _finished_summary(gen_dir)
+    if summary is not None and summary.get("config_fingerprint") != run_identity.config_fingerprint(gen_config):
+      # A finished generation of another configuration is never reused (the trainer refuses to resume one).
+      summary = None
     if summary is not None:
       if jax.process_index() == 0:
         print(f"TriKD generation {g}/{num_generations} already finished in {gen_dir}; skipping.", flush=True)
     else:
-      gen_config = config.copy_and_resolve_references()
-      gen_config.trikd.generations = 1
-      gen_config.trikd.anchor_checkpoint = anchor
       summary = trainer.train_and_evaluate(gen_config, gen_dir)
       if not summary.get("finished", True):
         return summary

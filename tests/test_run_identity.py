@@ -1,0 +1,310 @@
+"""A work directory belongs to one configuration: fingerprints, resume refusals, the work-directory lock, teacher
+provenance and the records tables read. Runs go through ``tgeo_jax.cli.run`` in this process (the CLI minus flag
+parsing) on the tiny synthetic task."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, error_lines, run_inprocess, tiny_config
+from tgeo_jax import data, report, run_identity
+from tgeo_jax.data import sources
+from tgeo_jax.errors import UserError
+
+
+def listing(workdir):
+  """Every file under ``workdir`` with its size and mtime (to show that a refused run wrote nothing; the lock
+  file, which names the process that last held it, aside)."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for f in files:
+      if f == run_identity.LOCK_FILE:
+        continue
+      path = os.path.join(root, f)
+      st = os.stat(path)
+      out[os.path.relpath(path, workdir)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+def test_config_record_leaves_out_exactly_the_allow_list():
+  config = tiny_config("kd")
+  record = run_identity.config_record(json.loads(config.to_json_best_effort()))
+  assert "optimizer.learning_rate" in record and "data.label_noise" in record and "num_epochs" in record
+  assert not set(record) & set(run_identity.RESUMABLE_FIELDS)
+  flat = run_identity.flatten(json.loads(config.to_json_best_effort()))
+  assert set(flat) - set(record) == set(run_identity.RESUMABLE_FIELDS) & set(flat)
+
+
+def test_identity_differences_name_every_field_old_to_new():
+  base = {"config": {"a": 1, "b.c": "x", "log.every_steps": 5},
+          "data": {"name": "synthetic", "digest": "d" * 64, "sizes": {"train": 10}},
+          "teachers": [{"field": "teacher.checkpoint", "model": "cnn", "variables_sha256": "1" * 64, "path": "/t"}]}
+  other = json.loads(json.dumps(base))
+  other["config"].update({"a": 2, "log.every_steps": 50, "new": True})
+  other["data"]["sizes"]["train"] = 9
+  other["teachers"][0].update(variables_sha256="2" * 64, path="/u")
+  diffs = run_identity.identity_differences(base, other)
+  assert "a: 1 -> 2" in diffs and "new: '<absent>' -> True" in diffs and "data sizes.train: 10 -> 9" in diffs
+  assert not any("every_steps" in d for d in diffs)  # allow-listed
+  assert any(d.startswith("teacher.checkpoint (teacher identity): 'cnn' variables 111111111111 ('/t') -> "
+                          "'cnn' variables 222222222222 ('/u')") for d in diffs)
+  moved = json.loads(json.dumps(base))
+  moved["teachers"][0]["path"] = "/moved"  # the same teacher elsewhere is the same run
+  assert run_identity.identity_differences(base, moved) == []
+  a = run_identity.make_identity({"seed": 0, "x": 1}, base["data"], base["teachers"])
+  b = run_identity.make_identity({"seed": 1, "x": 1}, base["data"], base["teachers"])
+  assert a["fingerprint"] != b["fingerprint"] and a["group_fingerprint"] == b["group_fingerprint"]
+
+
+# ------------------------------------------------------------------------------------------------ locking
+
+
+def test_lock_refuses_a_second_holder_and_the_os_releases_it_on_kill(tmp_path):
+  workdir = str(tmp_path)
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from tgeo_jax import run_identity; "
+       "run_identity.WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)", workdir],
+      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(UserError, match=rf"workdir: .* is in use by pid {holder.pid} on host .*, running since"):
+      run_identity.WorkdirLock(workdir).acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    run_identity.WorkdirLock(workdir).acquire().release()  # no stale lock after kill -9
+  finally:
+    holder.kill()
+  with run_identity.WorkdirLock(workdir).acquire():
+    with pytest.raises(UserError, match="is in use by pid"):  # also within one process (flock per open file)
+      run_identity.WorkdirLock(workdir).acquire()
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+@pytest.fixture(scope="module")
+def finished_ce(tmp_path_factory):
+  """A finished 2-epoch CE run (work directory) and its config."""
+  workdir = str(tmp_path_factory.mktemp("ce"))
+  config = tiny_config("ce", num_epochs=2)
+  from tgeo_jax import trainer
+  trainer.train_and_evaluate(config, workdir)
+  return workdir, config
+
+
+CHANGES = [  # (override, the text the refusal names)
+    ({"optimizer.learning_rate": 0.2}, "optimizer.learning_rate: 0.1 -> 0.2"),
+    ({"optimizer.schedule": "constant"}, "optimizer.schedule: 'cosine' -> 'constant'"),
+    ({"kd.temperature": 2.0}, "kd.temperature: 4.0 -> 2.0"),
+    ({"kd.w_ce": 0.5, "kd.w_kd": 0.5}, "kd.w_ce: 0.1 -> 0.5; kd.w_kd: 0.9 -> 0.5"),
+    ({"data.label_noise": 0.2}, "data.label_noise: 0.0 -> 0.2"),
+    ({"data.augment": "flip"}, "data.augment: 'none' -> 'flip'"),
+    ({"tgeo.fusion_lr": 0.01}, "tgeo.fusion_lr: 0.001 -> 0.01"),
+    ({"tgeo.ordering": "lookahead"}, "tgeo.ordering: 'reuse' -> 'lookahead'"),
+    ({"tgeo.alpha_normalization": "center"}, "tgeo.alpha_normalization: 'none' -> 'center'"),
+    ({"tgeo.layout": "edges"}, "tgeo.layout: 'reference' -> 'edges'"),
+    ({"data.train_subset": 300}, "data.train_subset: 0 -> 300"),
+    ({"data.val_fraction": 0.2}, "data.val_fraction: 0.1 -> 0.2"),
+    ({"num_epochs": 4}, "num_epochs: 2 -> 4"),
+]
+
+
+def test_resume_with_any_changed_field_is_refused_naming_it(finished_ce, capsys):
+  workdir, _ = finished_ce
+  before = listing(workdir)
+  for overrides, expected in CHANGES:
+    rc, _, err = run_inprocess(tiny_config("ce", **{"num_epochs": 2, **overrides}), workdir, capsys)
+    lines = error_lines(err)
+    assert rc == 2 and len(lines) == 1, (overrides, err)
+    assert expected in lines[0] and "nothing was read or written" in lines[0], lines[0]
+    if "num_epochs" in overrides:
+      assert "the learning-rate schedule spans num_epochs" in lines[0]
+    assert listing(workdir) == before, overrides
+
+
+def test_allow_listed_fields_may_change_on_resume(finished_ce, capsys):
+  workdir, _ = finished_ce
+  summary = report.read_json(os.path.join(workdir, "summary.json"))
+  rc, out, err = run_inprocess(tiny_config("ce", num_epochs=2, **{
+      "log.every_steps": 3, "checkpoint.every_steps": 4, "checkpoint.max_to_keep": 3, "eval_batch_size": 32,
+      "steps_per_run": 5, "teacher.checkpoint": "/elsewhere", "data.dir": "/not/read/by/synthetic"}), workdir, capsys)
+  assert rc == 0 and "already finished" in out, err
+  again = report.read_json(os.path.join(workdir, "summary.json"))
+  assert again["accuracy"] == summary["accuracy"] and again["fingerprint"] == summary["fingerprint"]
+
+
+def test_run_files_and_summary_identify_the_run(finished_ce, tmp_path):
+  workdir, config = finished_ce
+  saved_config = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved_config == json.loads(config.to_json_best_effort())  # the full resolved config
+  identity = json.load(open(os.path.join(workdir, "identity.json")))
+  summary = report.read_json(os.path.join(workdir, "summary.json"))
+  assert summary["fingerprint"] == identity["fingerprint"] and summary["dataset"] == "synthetic"
+  assert summary["config"]["optimizer.learning_rate"] == 0.1 and summary["data"]["sizes"]["train"] == 462
+  assert summary["config_fingerprint"] == run_identity.config_fingerprint(config)
+  with np.load(os.path.join(workdir, "membership.npz")) as f:
+    assert len(f["train"]) == 462 and len(f["val"]) == 50 and len(f["test"]) == 256
+    assert not np.intersect1d(f["train"], f["val"]).size and not np.intersect1d(f["train"], f["test"]).size
+    assert run_identity.ids_digest(f["train"]) == identity["data"]["membership"]["train"]
+  # The study reads finished runs back by config fingerprint, never by path alone.
+  sys.path.insert(0, os.path.join(ROOT, "bench"))
+  import study
+  study.check_same_config(summary, config, workdir)
+  with pytest.raises(study.StudyMismatch, match=r"num_epochs: 2 -> 10"):
+    study.check_same_config(summary, tiny_config("ce", num_epochs=10), workdir)
+
+
+def test_a_run_that_differs_only_by_seed_shares_the_group_fingerprint(finished_ce, tmp_path):
+  from tgeo_jax import trainer
+  workdir, _ = finished_ce
+  other = trainer.train_and_evaluate(tiny_config("ce", num_epochs=2, seed=1), str(tmp_path / "seed1"))
+  summary = report.read_json(os.path.join(workdir, "summary.json"))
+  assert other["group_fingerprint"] == summary["group_fingerprint"]
+  assert other["fingerprint"] != summary["fingerprint"]
+
+
+def fake_fashion_mnist(directory, *, n_train=120, n_test=40, seed=0):
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  for split, n in (("train", n_train), ("t10k", n_test)):
+    sources.write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte.gz"), rng.integers(0, 256, (n, 28, 28)))
+    sources.write_idx(os.path.join(directory, f"{split}-labels-idx1-ubyte.gz"), np.arange(n) % 10)
+  return directory
+
+
+def test_changed_data_content_is_refused(tmp_path, capsys):
+  data_dir = fake_fashion_mnist(str(tmp_path / "fmnist"))
+  config = tiny_config("ce", **{"data.name": "fashion_mnist", "data.dir": data_dir, "batch_size": 16})
+  workdir = str(tmp_path / "run")
+  rc, _, err = run_inprocess(config, workdir, capsys)
+  assert rc == 0, err
+  fake_fashion_mnist(data_dir, seed=1)  # other pixels, same sizes and fields
+  rc, _, err = run_inprocess(config, workdir, capsys)
+  lines = error_lines(err)
+  assert rc == 2 and len(lines) == 1 and "data digest: " in lines[0], err
+
+
+def test_another_teacher_is_refused_and_a_moved_one_accepted(tiny_teacher, tmp_path, capsys):
+  from tgeo_jax import trainer
+  other_teacher = str(tmp_path / "teacher2")
+  trainer.train_and_evaluate(tiny_config("teacher", seed=1), other_teacher)
+  workdir = str(tmp_path / "kd")
+  rc, _, err = run_inprocess(tiny_config("kd", **{"teacher.checkpoint": tiny_teacher}), workdir, capsys)
+  assert rc == 0, err
+  rc, _, err = run_inprocess(tiny_config("kd", **{"teacher.checkpoint": other_teacher}), workdir, capsys)
+  lines = error_lines(err)
+  assert rc == 2 and len(lines) == 1, err
+  assert "teacher.checkpoint (teacher identity): 'cnn_tiny' variables" in lines[0] and other_teacher in lines[0]
+  moved = str(tmp_path / "moved_teacher")
+  shutil.copytree(tiny_teacher, moved)
+  rc, out, err = run_inprocess(tiny_config("kd", **{"teacher.checkpoint": moved}), workdir, capsys)
+  assert rc == 0 and "already finished" in out, err
+
+
+def test_a_config_change_before_the_first_checkpoint_starts_afresh(tmp_path, capsys):
+  """Nothing of a run exists before its first checkpoint: another config may take the directory over."""
+  workdir = str(tmp_path / "run")
+  rc, _, err = run_inprocess(tiny_config("ce", **{"optimizer.learning_rate": 1e10, "optimizer.clip_norm": 0.0}),
+                             workdir, capsys)
+  assert rc == 1, err  # diverged before any checkpoint
+  rc, _, err = run_inprocess(tiny_config("ce"), workdir, capsys)
+  assert rc == 0, err
+  assert json.load(open(os.path.join(workdir, "config.json")))["optimizer"]["learning_rate"] == 0.1
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+
+
+def teacher_like(data_identity, run_dir):
+  return types.SimpleNamespace(identity={"field": "teacher.checkpoint", "path": run_dir, "data": data_identity,
+                                         "run_dir": run_dir})
+
+
+def test_provenance_check_unit(tmp_path, capsys):
+  task = data.load(tiny_config("ce").data, seed=0)
+  run_dir = str(tmp_path)
+  np.savez(os.path.join(run_dir, "membership.npz"), train=task.membership["train"])
+  run_identity.check_teacher_provenance(teacher_like(task.identity, run_dir), task, verify=True)  # same split: ok
+  with pytest.raises(UserError, match="records no data provenance.*teacher.verify_provenance=False"):
+    run_identity.check_teacher_provenance(teacher_like(None, run_dir), task, verify=True)
+  other = dict(task.identity, name="fashion_mnist", digest="f" * 64)
+  with pytest.raises(UserError, match=r"trained on dataset 'fashion_mnist' \(content ffffffffffff\), this run reads "
+                                      r"'synthetic'"):
+    run_identity.check_teacher_provenance(teacher_like(other, run_dir), task, verify=True)
+  leaky_train = np.union1d(task.membership["train"], task.membership["test"][:7])
+  np.savez(os.path.join(run_dir, "membership.npz"), train=leaky_train)
+  leaky = dict(task.identity, membership=dict(task.identity["membership"], train=run_identity.ids_digest(leaky_train)))
+  with pytest.raises(UserError, match=r"trained on 0 of this run's 50 validation and 7 of its 256 test examples"):
+    run_identity.check_teacher_provenance(teacher_like(leaky, run_dir), task, verify=True)
+  capsys.readouterr()
+  run_identity.check_teacher_provenance(teacher_like(leaky, run_dir), task, verify=False)
+  assert "warning: teacher.checkpoint: " in capsys.readouterr().err
+  with pytest.raises(UserError, match="does not match the training membership its checkpoint recorded"):
+    run_identity.check_teacher_provenance(teacher_like(task.identity, run_dir), task, verify=True)
+
+
+def test_teacher_with_overlapping_or_foreign_data_is_refused(tiny_teacher, tmp_path, capsys):
+  from tgeo_jax import trainer
+  leaky_teacher = str(tmp_path / "leaky_teacher")  # another validation split: it trained on the student's
+  trainer.train_and_evaluate(tiny_config("teacher", **{"data.split_seed": 3, "num_epochs": 1}), leaky_teacher)
+  rc, _, err = run_inprocess(tiny_config("kd", **{"teacher.checkpoint": leaky_teacher}), str(tmp_path / "a"), capsys)
+  lines = error_lines(err)
+  assert rc == 2 and len(lines) == 1, err
+  assert "teacher.checkpoint: the teacher in" in lines[0] and "of this run's 50 validation" in lines[0]
+  assert "teacher.verify_provenance=False" in lines[0]
+  rc, _, err = run_inprocess(tiny_config("kd", **{"teacher.checkpoint": leaky_teacher,
+                                                  "teacher.verify_provenance": False}), str(tmp_path / "b"), capsys)
+  assert rc == 0 and "warning: teacher.checkpoint: the teacher in" in err, err
+  # A synthetic teacher for a Fashion-MNIST student (same shapes and classes: only provenance tells them apart).
+  data_dir = fake_fashion_mnist(str(tmp_path / "fmnist"))
+  rc, _, err = run_inprocess(tiny_config("kd", **{"teacher.checkpoint": tiny_teacher, "data.name": "fashion_mnist",
+                                                  "data.dir": data_dir, "batch_size": 16}), str(tmp_path / "c"), capsys)
+  lines = error_lines(err)
+  assert rc == 2 and len(lines) == 1 and "was trained on dataset 'synthetic'" in lines[0], err
+
+
+def attack_config(csv_dir, **overrides):
+  from configs import attack
+  config = attack.get_config("ce")
+  config.data.dir, config.data.file = csv_dir, "attack.csv"
+  config.data.num_classes = 3
+  config.num_epochs, config.batch_size, config.val_batch_size, config.eval_batch_size = 1, 16, 16, 64
+  config.log.progress = False
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def test_attack_teacher_split_with_other_fields_is_refused(tmp_path, capsys):
+  """The case that leaked: an attack-detection teacher trained with another data.test_fraction holds the student's
+  test rows in its training part; examples are compared by file row."""
+  rng = np.random.default_rng(0)
+  rows = ["f1,f2,f3,label"] + [f"{a:.4f},{b:.4f},{c:.4f},{i % 3}" for i, (a, b, c) in
+                               enumerate(rng.normal(size=(240, 3)))]
+  (tmp_path / "attack.csv").write_text("\n".join(rows) + "\n")
+  teacher_dir = str(tmp_path / "teacher")
+  rc, _, err = run_inprocess(attack_config(str(tmp_path), **{"data.test_fraction": 0.1}), teacher_dir, capsys)
+  assert rc == 0, err
+  student = attack_config(str(tmp_path), method="kd", **{"teacher.checkpoint": teacher_dir,
+                                                          "teacher.model": attack_config(str(tmp_path)).model.name})
+  rc, _, err = run_inprocess(student, str(tmp_path / "student"), capsys)
+  lines = error_lines(err)
+  assert rc == 2 and len(lines) == 1 and "test examples (leakage" in lines[0], err
+  same = attack_config(str(tmp_path), method="kd", **{"data.test_fraction": 0.1, "teacher.checkpoint": teacher_dir,
+                                                       "teacher.model": attack_config(str(tmp_path)).model.name})
+  rc, _, err = run_inprocess(same, str(tmp_path / "student_same_split"), capsys)
+  assert rc == 0, err
