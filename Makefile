@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 WORKDIR ?= workdirs/demo
 
-.PHONY: demo test bench install fashion-mnist clean
+.PHONY: demo test lint bench install fashion-mnist clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,12 @@ fashion-mnist:
 demo: $(STAMP) fashion-mnist
 	$(PY) -m tgeo_jax.demo --workdir=$(WORKDIR)
 
-test: $(STAMP)
+# The linter first (seconds), then the suite.
+test: lint
 	$(PY) -m pytest -n 2 tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/step_cost.py

@@ -10,6 +10,14 @@ import re
 import signal
 import sys
 
+from absl import app, flags
+from ml_collections import config_flags
+
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and summary.json.")
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fashion_mnist.py:kd.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
 
 def _exit_quietly(signum, frame):
   """SIGINT/SIGTERM before the trainer installs its own handler (while flags, config and data load): exit with
@@ -20,14 +28,6 @@ def _exit_quietly(signum, frame):
 
 signal.signal(signal.SIGINT, _exit_quietly)
 signal.signal(signal.SIGTERM, _exit_quietly)
-
-from absl import app, flags
-from ml_collections import config_flags
-
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and summary.json.")
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fashion_mnist.py:kd.", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
-FLAGS = flags.FLAGS
 
 
 def parse_flags(argv):

@@ -22,11 +22,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import ml_collections
+import numpy as np
 
-from tgeo_jax import checkpoint, data, metrics, trainer  # noqa: E402
+from tgeo_jax import checkpoint, data, metrics, trainer
 
 
 def alpha_over_train(workdir: str):

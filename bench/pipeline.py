@@ -250,7 +250,7 @@ def main(argv=None):
           read_options=grain.ReadOptions(num_threads=n, prefetch_buffer_size=args.loop_prefetch))
   rates = {k: [] for k in rows}
   num_batches = args.loader_batches or steps_per_epoch
-  for name, r in rows.items():  # warm-up of every row (grain threads, first device_puts)
+  for _name, r in rows.items():  # warm-up of every row (grain threads, first device_puts)
     if r["kind"] == "loader":
       loader_pass(task, args, mesh, epoch=99, num_batches=8, with_val=r["with_val"],
                   augment=augment_lib.get(r["augment"]))

@@ -40,16 +40,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from bench.machine import machine_info  # noqa: E402
-from configs import fashion_mnist  # noqa: E402
-from tgeo_jax import bilevel, data, models, optim  # noqa: E402
-from tgeo_jax.methods import base  # noqa: E402
-from tgeo_jax.methods.kd import KD  # noqa: E402
-from tgeo_jax.methods.tgeo import TGeoKD  # noqa: E402
+from bench.machine import machine_info
+from configs import fashion_mnist
+from tgeo_jax import bilevel, data, models, optim
+from tgeo_jax.methods import base
+from tgeo_jax.methods.kd import KD
+from tgeo_jax.methods.tgeo import TGeoKD
 
 # Targets from the issue (cached teacher logits).
 TARGET_FLOPS_RATIO = 2.3

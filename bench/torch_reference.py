@@ -6,7 +6,7 @@
 
 Needs PyTorch (``pip install torch==2.13.0``, the CPU wheel; the ``bench`` extra), which the package never imports.
 
-**The step** (METHODS.md §2, tgeo_jax's default ``reuse`` ordering): one meta step of TGeo-KD is
+**The step** (docs/methods.md §2, tgeo_jax's default ``reuse`` ordering): one meta step of TGeo-KD is
 
 1. the lookahead θ′ = U(∇θ L_train(θ; φ)) with ``L_train = mean_i [α_i τ² KL_τ(t_i‖s_i) + (1 − α_i) CE(s_i, y_i)]``,
    α_i = f_φ(Δ_i) (fusion net on the 'reference' relation features of S, T, G and the class-mean teacher T̄, τ = 4),

@@ -1,4 +1,4 @@
-"""Attack detection (the TGeo-KD paper's "HIL" task, METHODS.md §6): MLP teacher and student on a numeric CSV.
+"""Attack detection (the TGeo-KD paper's "HIL" task, docs/methods.md §6): MLP teacher and student on a numeric CSV.
 
   python train.py --config=configs/attack.py:teacher --workdir=runs/attack/teacher \
       --config.data.dir=DATA --config.data.file=FILE.csv
@@ -22,7 +22,7 @@ import ml_collections
 
 from tgeo_jax.default_config import base_config, set_temperature
 
-TEMPERATURE = 1.5  # METHODS.md §6
+TEMPERATURE = 1.5  # docs/methods.md §6
 
 
 def get_config(arg: str = "kd") -> ml_collections.ConfigDict:

@@ -1,4 +1,4 @@
-"""CIFAR-100 (RepDistiller / mdistiller / DIST protocol, METHODS.md §6) from a prepared TFDS dataset.
+"""CIFAR-100 (RepDistiller / mdistiller / DIST protocol, docs/methods.md §6) from a prepared TFDS dataset.
 
 Prepare the data once (array_record, so it can be read at random without TensorFlow at training time):
 
@@ -18,7 +18,7 @@ ShuffleNet students), x0.1 at epochs 150/180/210, weight decay 5e-4, no warm-up,
 (RepDistiller trains on all 50k: set data.val_fraction small for a closer match; methods that learn on the held-out
 split, e.g. TGeo-KD, need it). The teacher's logits are recomputed per augmented batch (teacher.cache_logits='off').
 
-Published numbers (test accuracy %, METHODS.md §6 and §3; teacher -> student, CE student, KD, DIST):
+Published numbers (test accuracy %, docs/methods.md §6 and §3; teacher -> student, CE student, KD, DIST):
   resnet32x4 (79.42) -> resnet8x4  (72.50): KD 73.33, DIST 76.31 +- 0.19
   wrn_40_2   (75.61) -> wrn_40_1   (71.98): KD 73.54, DIST 74.43
   resnet56   (72.34) -> resnet20   (69.06): KD 70.66, DIST 71.75
@@ -29,7 +29,7 @@ Published numbers (test accuracy %, METHODS.md §6 and §3; teacher -> student, 
 The ResNet-50 pair is RepDistiller's CIFAR ResNet-50 (models/resnetv2.py: 3x3 stem, no max-pool, 23.71M
 parameters; train it with teacher:resnet50_cifar, not resnet50, torchvision's ImageNet network) and its
 MobileNetV2 ('mobile_half', width 0.5, 0.81M); its teacher, student and KD numbers are from RepDistiller's README
-(the CRD paper's Table 2), DIST's from METHODS.md §3.
+(the CRD paper's Table 2), DIST's from docs/methods.md §3.
 """
 
 import ml_collections

@@ -1,4 +1,4 @@
-"""CTR prediction on Criteo Display Advertising data (METHODS.md §6): Wide&Deep teacher and student.
+"""CTR prediction on Criteo Display Advertising data (docs/methods.md §6): Wide&Deep teacher and student.
 
   python train.py --config=configs/criteo.py:teacher --workdir=runs/criteo/teacher --config.data.dir=DATA
   python train.py --config=configs/criteo.py:kd --workdir=runs/criteo/kd --config.data.dir=DATA \
@@ -21,7 +21,7 @@ import ml_collections
 
 from tgeo_jax.default_config import base_config, set_temperature
 
-TEMPERATURE = 2.0  # METHODS.md §6
+TEMPERATURE = 2.0  # docs/methods.md §6
 
 
 def get_config(arg: str = "kd") -> ml_collections.ConfigDict:

@@ -1,4 +1,4 @@
-"""ImageNet (ILSVRC-2012) ResNet-34 -> ResNet-18 from a prepared TFDS dataset (METHODS.md §6).
+"""ImageNet (ILSVRC-2012) ResNet-34 -> ResNet-18 from a prepared TFDS dataset (docs/methods.md §6).
 
   tfds build imagenet2012 --data_dir=DIR --file_format=array_record   # needs the manual ILSVRC-2012 download
   python train.py --config=configs/imagenet.py:teacher --workdir=runs/in/resnet34 --config.data.dir=DIR

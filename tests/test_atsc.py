@@ -1,4 +1,4 @@
-"""ATSC (METHODS.md §4): Omega, gradient routing (into the adapting teacher, never into its pretrained copy; no
+"""ATSC (docs/methods.md §4): Omega, gradient routing (into the adapting teacher, never into its pretrained copy; no
 label ever reaches the student), the classifier step, predictions through projector + adapted head, multiple
 teachers, bad input, and one multi-teacher run through the CLI."""
 

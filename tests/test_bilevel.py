@@ -1,5 +1,5 @@
 """Tests for tgeo_jax.bilevel: the fast lookahead hypergradient against its definition, finite differences and
-METHODS.md's JVP identity, on tiny models (an MLP, and a CNN with train-mode BatchNorm).
+the JVP identity of docs/methods.md §2, on tiny models (an MLP, and a CNN with train-mode BatchNorm).
 
 Exactness checks run in float64 inside ``jax.enable_x64(True)``, scoped to each test so other tests keep the
 default float32. Compilation dominates these tests on CPU, so each check compiles one program (setup included)
@@ -144,7 +144,7 @@ def float64_results(model: str, optimizer: str):
     fast, ref = bilevel.lookahead_hypergrad(*args), bilevel.lookahead_hypergrad_autodiff(*args)
     if grad_scale is None:
       return fast, ref, None
-    # METHODS.md identity: dL/dalpha from one JVP, then chained through weight_fn's VJP.
+    # docs/methods.md §2 identity: dL/dalpha from one JVP, then chained through weight_fn's VJP.
     val_grad = jax.grad(problem.val_loss_fn)(fast.params, fast.rest)
     dalpha = bilevel.alpha_hypergrad_jvp_oracle(ps, val_grad, params, rest, LR, BATCH, grad_scale=grad_scale)
     _, alpha_vjp = jax.vjp(lambda m: weight_fn(m, fast.student_logits), meta)

@@ -1,4 +1,4 @@
-"""DIST (METHODS.md §3): the loss against an independent numpy reference and hand values, its invariances and
+"""DIST (docs/methods.md §3): the loss against an independent numpy reference and hand values, its invariances and
 gradients, the global-batch ``intra`` under 4 devices, and one run through the CLI."""
 
 import json
@@ -74,7 +74,7 @@ class DistLossTest(chex.TestCase, parameterized.TestCase):
                                 tuple(np.float32(x) for x in (want, ce, inter, intra)), rtol=1e-5, atol=1e-6)
 
   def test_defaults_are_the_papers(self):
-    # METHODS.md: L = CE + 2 tau^2 (inter + intra).
+    # docs/methods.md: L = CE + 2 tau^2 (inter + intra).
     loss, m = dist.dist_loss(self.s, self.t, self.y, temperature=4.0)
     chex.assert_trees_all_close(loss, m["ce"] + 2 * 16 * (m["inter"] + m["intra"]), rtol=1e-6)
     c = fashion_mnist.base_config().dist

@@ -1,4 +1,4 @@
-"""SimKD (METHODS.md §4): pooling, projector, loss and shapes; gradients reach student and projector but never the
+"""SimKD (docs/methods.md §4): pooling, projector, loss and shapes; gradients reach student and projector but never the
 frozen teacher; predictions go through projector + teacher head; one run through the CLI."""
 
 import json

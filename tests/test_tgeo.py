@@ -160,7 +160,7 @@ def test_alpha_init_and_batch_centring(tiny_teacher):
   method, state, batch = build("tgeo", tiny_teacher, **{"tgeo.alpha_init": 0.8, "tgeo.fusion_lr": 1e-2,
                                                         "tgeo.alpha_normalization": "center"})
   step = jax.jit(method.train_step, static_argnums=2)
-  for i in range(3):
+  for _ in range(3):
     state, metrics = step(state, batch, "meta")
     assert float(metrics["meta_grad_norm"]) > 0
   logits = method.predict(state, batch["inputs"])

@@ -1,4 +1,4 @@
-"""TriKD (METHODS.md §5): both losses against numpy, stop-gradient routing, one joint step of teacher and student
+"""TriKD (docs/methods.md §5): both losses against numpy, stop-gradient routing, one joint step of teacher and student
 with a frozen anchor, the teacher's initialisation, bad input, one CLI run and a resumable two-generation run."""
 
 import json

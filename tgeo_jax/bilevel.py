@@ -1,4 +1,4 @@
-"""One-step lookahead hypergradient of a per-sample fusion ratio (METHODS.md §2, "Bilevel optimisation").
+"""One-step lookahead hypergradient of a per-sample fusion ratio (docs/methods.md §2, "Bilevel optimisation").
 
 The student's training loss mixes a soft (teacher) and a hard (label) per-sample loss with a ratio
 ``alpha_i in (0, 1)`` produced by meta-parameters ``phi`` (TGeo-KD's fusion net on geometry features, or
@@ -161,7 +161,7 @@ def lookahead_hypergrad_autodiff(weight_fn: WeightFn, meta_params, per_sample_fn
 
 def alpha_hypergrad_jvp_oracle(per_sample_fn: PerSampleFn, val_grad_at_lookahead, params, rest, lr,
                                num_samples: int, grad_scale=1.0) -> jax.Array:
-  """``dL_val(theta')/dalpha`` ``[N]`` from METHODS.md's identity, for SGD-type lookaheads.
+  """``dL_val(theta')/dalpha`` ``[N]`` from the identity of docs/methods.md §2, for SGD-type lookaheads.
 
   When the step is affine in the gradient with ``dtheta'/dg = -lr * grad_scale * I``::
 

@@ -8,7 +8,7 @@ import ml_collections
 
 
 def meta_config() -> ml_collections.ConfigDict:
-  """Bilevel settings shared by TGeo-KD and RW-KD (METHODS.md §2)."""
+  """Bilevel settings shared by TGeo-KD and RW-KD (docs/methods.md §2)."""
   m = ml_collections.ConfigDict()
   m.temperature = 4.0
   m.fusion_lr = 1e-3  # the meta-parameters' own Adam(W)
@@ -107,18 +107,18 @@ def base_config() -> ml_collections.ConfigDict:
   # RW-KD: a free per-sample alpha learned with the same lookahead (fusion_* fields apply to the alpha table).
   c.rwkd = meta_config()
 
-  # DIST (METHODS.md §3): L = w_ce CE + tau^2 (w_inter inter + w_intra intra); the paper's CIFAR-100 setting.
+  # DIST (docs/methods.md §3): L = w_ce CE + tau^2 (w_inter inter + w_intra intra); the paper's CIFAR-100 setting.
   c.dist = ml_collections.ConfigDict()
   c.dist.temperature = 4.0  # tau of both softmaxes (4 on CIFAR-100, 1 on ImageNet)
   c.dist.w_ce = 1.0  # weight of the label cross-entropy
   c.dist.w_inter = 2.0  # weight of tau^2 * inter-class relation loss (per sample, across classes)
   c.dist.w_intra = 2.0  # weight of tau^2 * intra-class relation loss (per class, across the global batch)
 
-  # SimKD (METHODS.md §4): projector + MSE to the frozen teacher's last feature map; predicts through its head.
+  # SimKD (docs/methods.md §4): projector + MSE to the frozen teacher's last feature map; predicts through its head.
   c.simkd = ml_collections.ConfigDict()
   c.simkd.factor = 2  # projector bottleneck r: C_s -> C_t / r -> C_t / r -> C_t
 
-  # ATSC (METHODS.md §4): SimKD whose teacher adapts (MSE + w * Omega), its classifier then takes a CE step.
+  # ATSC (docs/methods.md §4): SimKD whose teacher adapts (MSE + w * Omega), its classifier then takes a CE step.
   c.atsc = ml_collections.ConfigDict()
   c.atsc.factor = 2  # projector bottleneck r, as simkd.factor
   # Weight of Omega = sum ||theta_T - theta_T0||^2 over the teacher's conv kernels and classifier matrix
@@ -132,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Each gets its own projector and Omega; the prediction is the mean of the teachers' classifier logits.
   c.atsc.extra_teachers = ()
 
-  # TriKD (METHODS.md §5, a reconstruction: the paper's weights are not public). The online teacher is
+  # TriKD (docs/methods.md §5, a reconstruction: the paper's weights are not public). The online teacher is
   # teacher.model, initialised from teacher.checkpoint when given, else from scratch.
   c.trikd = ml_collections.ConfigDict()
   c.trikd.temperature = 4.0  # tau of every KL term

@@ -1,4 +1,4 @@
-"""TGeo-KD's trilateral relation features (METHODS.md §2): the vertices S, T, G, T̄ and what is built from them.
+"""TGeo-KD's trilateral relation features (docs/methods.md §2): the vertices S, T, G, T̄ and what is built from them.
 
 For sample i with student logits z_s, teacher logits z_t and label y (K classes), the vertices are probability
 vectors at temperature 1, all stop-gradient (the fusion ratio is a function of where the student stands, not a

@@ -1,4 +1,4 @@
-"""Pure distillation losses (METHODS.md §1, §3).
+"""Pure distillation losses (docs/methods.md §1, §3).
 
 Per-sample functions return ``[N]``; batch reductions are the callers' (``jnp.mean``) so that re-weighting
 methods can weight samples. All reductions happen in float32 whatever the logits' dtype.

@@ -1,4 +1,4 @@
-"""Binary-classification metrics on host arrays (numpy only): ROC AUC and log-loss (CTR protocol, METHODS.md §6)."""
+"""Binary-classification metrics on host arrays (numpy only): ROC AUC and log-loss (CTR protocol, docs/methods.md §6)."""
 
 from __future__ import annotations
 

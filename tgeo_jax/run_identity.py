@@ -126,10 +126,14 @@ def identity_differences(saved: dict, current: dict) -> list[str]:
     for field in sorted(set(old_t) | set(new_t), key=str):
       a, b = old_t.get(field), new_t.get(field)
       if a is None or b is None or _teacher_key(a) != _teacher_key(b):
-        describe = (lambda t: "none" if t is None else
-                    f"{t.get('model')!r} variables {str(t.get('variables_sha256'))[:12]} ({t.get('path')!r})")
-        diffs.append(f"{field} (teacher identity): {describe(a)} -> {describe(b)}")
+        diffs.append(f"{field} (teacher identity): {_describe_teacher(a)} -> {_describe_teacher(b)}")
   return diffs
+
+
+def _describe_teacher(t: dict | None) -> str:
+  if t is None:
+    return "none"
+  return f"{t.get('model')!r} variables {str(t.get('variables_sha256'))[:12]} ({t.get('path')!r})"
 
 
 def resume_error(workdir: str, diffs: list[str]) -> UserError:

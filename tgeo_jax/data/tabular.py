@@ -3,7 +3,7 @@
 Both loaders return a ``RawTask`` whose ``finalize(train, val, test)`` runs after the stratified validation
 hold-out (``data.load``), so everything fitted on data is fitted on the student's training part only:
 
-* attack (``data.name='attack'``, METHODS.md §6): MinMax scaling fitted on the training part and applied to
+* attack (``data.name='attack'``, docs/methods.md §6): MinMax scaling fitted on the training part and applied to
   validation and test (not clipped unless ``data.clip_scaled``: values outside the training range stay outside
   [0, 1], as with scikit-learn's ``MinMaxScaler``), then random oversampling of the training part only.
 * criteo (``data.name='criteo'``): dense features MinMax-scaled on the training part with missing values -> 0,
@@ -183,7 +183,7 @@ def read_numeric_csv(path: str, *, header: str = "auto", num_classes: int | None
 
 
 def attack(data_config) -> data_lib.RawTask:
-  """Attack detection: numeric features, the last CSV column the integer class (METHODS.md §6)."""
+  """Attack detection: numeric features, the last CSV column the integer class (docs/methods.md §6)."""
   for name in ("num_classes", "file", "test_file", "test_fraction", "header", "oversample", "clip_scaled"):
     _field(data_config, name, "configs/attack.py")
   num_classes = data_config.num_classes

@@ -1,4 +1,4 @@
-"""ATSC — adaptive teaching with a shared classifier (Jang et al., arXiv 2406.08528; METHODS.md §4).
+"""ATSC — adaptive teaching with a shared classifier (Jang et al., arXiv 2406.08528; docs/methods.md §4).
 
 SimKD whose pretrained teacher adapts to the student. Each step has two updates:
 

@@ -25,7 +25,7 @@ import optax
 from tgeo_jax import losses, models
 from tgeo_jax.errors import UserError
 from tgeo_jax import teacher as teacher_lib
-from tgeo_jax.teacher import Teacher  # noqa: F401 (re-exported: methods and benches build teachers)
+from tgeo_jax.teacher import Teacher
 
 
 class Method:

@@ -1,4 +1,4 @@
-"""CE: the student trained on labels only (METHODS.md §1); also how teachers are trained."""
+"""CE: the student trained on labels only (docs/methods.md §1); also how teachers are trained."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DIST — "Knowledge Distillation from A Stronger Teacher" (Huang et al., NeurIPS 2022; METHODS.md §3).
+"""DIST — "Knowledge Distillation from A Stronger Teacher" (Huang et al., NeurIPS 2022; docs/methods.md §3).
 
 The student matches the teacher's *relations* instead of its probabilities: with ``Y = softmax(Z / tau)``,
 

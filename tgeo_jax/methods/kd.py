@@ -1,4 +1,4 @@
-"""Vanilla KD (Hinton et al. 2015; METHODS.md §1): ``w_ce CE + w_kd tau^2 KL_tau(t || s)``."""
+"""Vanilla KD (Hinton et al. 2015; docs/methods.md §1): ``w_ce CE + w_kd tau^2 KL_tau(t || s)``."""
 
 from __future__ import annotations
 

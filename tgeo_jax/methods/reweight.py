@@ -1,4 +1,4 @@
-"""The re-weighting baselines of the TGeo-KD paper (METHODS.md §2): each is a rule for the per-sample α in
+"""The re-weighting baselines of the TGeo-KD paper (docs/methods.md §2): each is a rule for the per-sample α in
 
     L = mean_i [α_i τ² KL_τ(t_i‖s_i) + (1 − α_i) CE(s_i, y_i)]
 

@@ -1,4 +1,4 @@
-"""SimKD — "Knowledge Distillation with the Reused Teacher Classifier" (Chen et al., CVPR 2022; METHODS.md §4).
+"""SimKD — "Knowledge Distillation with the Reused Teacher Classifier" (Chen et al., CVPR 2022; docs/methods.md §4).
 
 The student's last-stage feature map ``F_s [B, H_s, W_s, C_s]`` goes through a projector ``P`` (1x1 conv
 ``C_s -> C_t / r``, BN, ReLU; 3x3 conv, BN, ReLU; 1x1 conv ``-> C_t``, BN, ReLU) and is regressed onto the frozen

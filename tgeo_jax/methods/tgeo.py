@@ -1,4 +1,4 @@
-"""TGeo-KD (ICLR 2024; METHODS.md §2): a per-sample fusion ratio learned by a bilevel hypergradient.
+"""TGeo-KD (ICLR 2024; docs/methods.md §2): a per-sample fusion ratio learned by a bilevel hypergradient.
 
     L_train(θ; φ) = mean_i [α_i τ² KL_τ(t_i‖s_i) + (1 − α_i) CE(s_i, y_i)],   α_i = f_φ(Δ_i)
 

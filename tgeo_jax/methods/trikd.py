@@ -1,7 +1,7 @@
-"""TriKD — "Triplet Knowledge Distillation" (Wang et al., arXiv 2305.15975; METHODS.md §5). A reconstruction.
+"""TriKD — "Triplet Knowledge Distillation" (Wang et al., arXiv 2305.15975; docs/methods.md §5). A reconstruction.
 
-No public code exists and the paper's exact loss weights are not public: this module implements METHODS.md's
-reading of the method, with every weight a config field (``config.trikd``). Three roles:
+No public code exists and the paper's exact loss weights are not public: this module implements the reading
+written down in docs/methods.md §5, with every weight a config field (``config.trikd``). Three roles:
 
 * **Anchor** A: frozen (BatchNorm in inference mode), the *student's* architecture, trained by CE first
   (``trikd.anchor_checkpoint``: the work directory of a finished run of ``model.name``). It delimits the subspace

@@ -1,4 +1,4 @@
-"""Tabular models: Wide&Deep for CTR prediction (Criteo) and the attack-detection MLPs (METHODS.md §6).
+"""Tabular models: Wide&Deep for CTR prediction (Criteo) and the attack-detection MLPs (docs/methods.md §6).
 
 Wide&Deep (Cheng et al. 2016, in DeepCTR's ``WDL`` form) on ``{"dense": [B, 13] float32, "sparse": [B, F] int32}``
 with per-field vocabularies (index 0 = missing/unknown, see ``data/tabular.py``):
