@@ -10,24 +10,32 @@ import re
 import signal
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from tgeo_jax import signals
+
+
+def _exit_quietly(signum, frame):
+  """SIGINT/SIGTERM before the trainer installs its own handler (while flags, config and data load): exit with
+  128 + signal and no traceback; there is nothing to save yet. Recorded too: should the exit be swallowed (a
+  signal inside a gc callback), the trainer stops on the record before training."""
+  del frame
+  signals.record(signum)
+  sys.exit(128 + signum)
+
+
+signal.signal(signal.SIGINT, _exit_quietly)
+signal.signal(signal.SIGTERM, _exit_quietly)
+signals.quiet_swallowed_exits()
+
+
+# After the handlers: a signal during these imports exits quietly too.
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and summary.json.")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fashion_mnist.py:kd.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
-
-def _exit_quietly(signum, frame):
-  """SIGINT/SIGTERM before the trainer installs its own handler (while flags, config and data load): exit with
-  128 + signal and no traceback; there is nothing to save yet."""
-  del frame
-  sys.exit(128 + signum)
-
-
-signal.signal(signal.SIGINT, _exit_quietly)
-signal.signal(signal.SIGTERM, _exit_quietly)
 
 
 def parse_flags(argv):

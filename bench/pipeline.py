@@ -28,7 +28,6 @@ Ratio = loader batches/s over step steps/s (target >= 5: the loader never starve
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -61,17 +60,6 @@ def make_config(method: str, args):
   return c
 
 
-@contextlib.contextmanager
-def random_teacher(teacher):
-  """``trainer.build_method`` with ``teacher_lib.load_teacher`` returning ``teacher`` (no checkpoint needed)."""
-  old = trainer.teacher_lib.load_teacher
-  trainer.teacher_lib.load_teacher = lambda config, spec: teacher
-  try:
-    yield
-  finally:
-    trainer.teacher_lib.load_teacher = old
-
-
 def build_steps(args, task, mesh):
   """``{name: (jitted guarded step, state, frozen, kind_fn, uses_val)}`` for KD and TGeo-KD, as the trainer has them."""
   spec = task.spec
@@ -83,8 +71,7 @@ def build_steps(args, task, mesh):
   out, table = {}, None
   for name in ("kd", "tgeo"):
     config = make_config(name, args)
-    with random_teacher(teacher):
-      method = trainer.build_method(config, task, steps_per_epoch)
+    method = trainer.build_method(config, task, steps_per_epoch, teacher=teacher)
     if table is not None:  # the same frozen teacher: compute its logit table over the training part once
       method.teacher_logits_over_train = lambda state, table=table: table
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ process: no checkpoint, no dataset files; the synthetic data source). Rows:
 * ``tgeo plain (alpha fixed)``: TGeo-KD's non-meta step (``train_step(..., "plain")``);
 * ``tgeo reuse, meta_interval 5``: amortised, ``(1 meta + 4 plain) / 5`` of the two rows above (memory: max);
 * ``tgeo reuse (meta), autodiff ref``: the reuse meta step with ``bilevel.lookahead_hypergrad_autodiff`` (nested
-  ``jax.grad``) patched in for ``bilevel.lookahead_hypergrad`` while the step is traced.
+  ``jax.grad``) as the method's ``hypergrad`` while the step is traced.
 
 Two teacher settings: ``cached`` (the teacher's logits are precomputed and travel in ``batch["teacher_logits"]``;
 the benchmark overrides ``method.teacher_logits`` while tracing, library code is unchanged) and ``online`` (the
@@ -162,7 +162,7 @@ def make_step(method, kind, *, cached: bool, autodiff: bool):
 
         stack.enter_context(_patched(method, "teacher_logits", teacher_logits))
       if autodiff:
-        stack.enter_context(_patched(bilevel, "lookahead_hypergrad", bilevel.lookahead_hypergrad_autodiff))
+        stack.enter_context(_patched(method, "hypergrad", bilevel.lookahead_hypergrad_autodiff))
       return method.train_step(state, batch, kind)
 
   return step

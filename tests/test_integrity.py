@@ -279,3 +279,23 @@ def test_tensorboard_without_tensorboardx_is_one_line(tmp_path, capsys):
   lines = error_lines(err)
   assert rc == 2 and len(lines) == 1 and "log.tensorboard: True needs tensorboardX" in lines[0], err
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_a_signal_swallowed_during_setup_still_stops_before_training(tmp_path, capsys, monkeypatch):
+  """A handler's exception raised inside a gc callback is swallowed and the process goes on; the recorded signal
+  stops the run when the loop would start (nothing trained, nothing saved), as ``Interrupted`` to the caller."""
+  from tgeo_jax import signals
+  monkeypatch.setattr(signals, "received", [])
+  real_load = data.load
+
+  def load_then_signal(*args, **kwargs):
+    task = real_load(*args, **kwargs)
+    signals.record(15)  # what the handler does before raising (the raise itself was swallowed)
+    return task
+
+  monkeypatch.setattr(data, "load", load_then_signal)
+  rc, _, err = run_inprocess(tiny_config("ce"), tmp_path / "run", capsys)
+  assert rc == 128 + 15 and "Traceback" not in err, err
+  assert not os.path.exists(tmp_path / "run" / "checkpoints") or not os.listdir(tmp_path / "run" / "checkpoints")
+  with pytest.raises(trainer.Interrupted):  # library callers (TriKD generations, the study) see it too
+    trainer.train_and_evaluate(tiny_config("ce"), str(tmp_path / "run2"))

@@ -17,6 +17,8 @@ def run(config, workdir: str) -> int:
     parallel.initialize_distributed(bool(config.get("distributed", False)))
     method_cls = methods.get_class(config.method)
     summary = (method_cls.run or trainer.train_and_evaluate)(config, workdir)
+  except trainer.Interrupted as e:  # SIGTERM/SIGINT: a checkpoint was saved if the loop had started
+    return 128 + e.signum
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,24 +1,29 @@
-"""The generic training loop: init, step, evaluate, log, checkpoint, resume. It knows no method.
+"""The generic training loop: setup, the loop, evaluation and the summary apart. It knows no method.
 
-Everything method-specific happens behind ``method.init / train_step / predict / teacher_logits``. The loop:
-one jitted ``train_step`` over a replicated state and a ``('data',)``-sharded batch; evaluation each epoch over
-every test example; a checkpoint at each epoch end (and every ``checkpoint.every_steps``) and on SIGTERM/SIGINT;
-automatic, exact resume from the newest good checkpoint in ``workdir``.
+``train_and_evaluate(config, workdir)`` is three steps:
 
-Non-finite values: the jitted step also checks its metrics (loss, gradient norm, ...) and the new state for
-NaN/Inf and keeps an on-device record of the first bad step, read on the host only where the loop syncs anyway
-(log points) and before every checkpoint save, so a non-finite state is never saved. ``nonfinite='stop'`` ends the
-run naming that step and quantity; ``'skip'`` keeps the previous state for such a step and counts it.
+* ``setup`` builds one ``Run``: the mesh, the task, the method and its state, the checkpointer (restoring the
+  newest good checkpoint of this run's identity: see ``run_identity``), the metric writer and the jitted step;
+* ``train`` runs the loop: one jitted, guarded ``train_step`` per batch; ``itstime`` decides every cadence (log,
+  save); an epoch end saves, then evaluates; a signal or the ``steps_per_run`` budget raises ``StopTraining``,
+  handled in one place (save, then return or raise ``Interrupted`` to the caller);
+* ``finish`` evaluates the final state on the test and validation parts and writes ``summary.json``.
+
+Everything method-specific happens behind ``method.init / train_step / predict / teacher_logits``. Nothing here
+exits the process: a signal reaches the caller as ``Interrupted`` (``cli.py`` turns it into exit status 128 +
+signal), so callers that run several trainings in one process (TriKD generations, ``bench/study.py``) can stop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
 import signal
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,19 +31,50 @@ import numpy as np
 import tqdm
 
 from tgeo_jax import checkpoint as checkpoint_lib
-from tgeo_jax import config_checks, data, losses, methods, models, optim, parallel, report, run_identity
+from tgeo_jax import config_checks, data, evaluation, methods, models, optim, parallel, report, run_identity
+from tgeo_jax import signals
 from tgeo_jax import teacher as teacher_lib
 from tgeo_jax.errors import UserError
+from tgeo_jax.health import NonFiniteError, initial_health, make_guarded_step, nonfinite_message, nonfinite_what
 
-class NonFiniteError(RuntimeError):
-  """A loss, gradient or state became NaN/Inf; the run stops before checkpointing it."""
+__all__ = ["Interrupted", "NonFiniteError", "RunFault", "build_method", "evaluate", "initial_health",
+           "itstime", "make_guarded_step", "train_and_evaluate"]
+
+evaluate = evaluation.evaluate  # the loop calls it through this module (tests substitute a failing one)
 
 
 class RunFault(RuntimeError):
   """A runtime fault outside the user's input (a full or failing disk): one line, exit status 1."""
 
 
-def build_method(config, task: data.TaskData, steps_per_epoch: int):
+class Interrupted(BaseException):
+  """SIGTERM/SIGINT ended the run (after a checkpoint when inside the loop). A ``BaseException``, like
+  ``KeyboardInterrupt``, so that no ``except Exception`` of a caller swallows it."""
+
+  def __init__(self, signum: int):
+    super().__init__(f"signal {signum}")
+    self.signum = signum
+
+
+class StopTraining(Exception):
+  """Ends the training loop early, inside ``train``: a signal (``signum``) or the ``steps_per_run`` budget."""
+
+  def __init__(self, signum: int | None = None):
+    super().__init__("signal" if signum else "steps_per_run")
+    self.signum = signum
+
+
+def itstime(step: int, every: int, *, last: int | None = None) -> bool:
+  """True every ``every`` steps (``every`` <= 0: never) and at ``last`` (big_vision's cadence helper)."""
+  return (every > 0 and step % every == 0) or (last is not None and step == last)
+
+
+# ------------------------------------------------------------------------------------------------ the method
+
+
+def build_method(config, task: data.TaskData, steps_per_epoch: int, *, teacher: teacher_lib.Teacher | None = None):
+  """The method of ``config`` for ``task``: the student, the optimizer, and the teacher of ``teacher.checkpoint``
+  (or ``teacher``, given in code: benchmarks and tests need no checkpoint then)."""
   method_cls = methods.get_class(config.method)
   spec = task.spec
   try:
@@ -47,114 +83,51 @@ def build_method(config, task: data.TaskData, steps_per_epoch: int):
   except KeyError as e:
     raise UserError(f"model.name: {e.args[0]}") from None
   tx = optim.make_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs)
-  teacher = teacher_lib.load_teacher(config, spec) if method_cls.uses_teacher else None
+  if teacher is None and method_cls.uses_teacher:
+    teacher = teacher_lib.load_teacher(config, spec)
   return method_cls(config, spec, student=models.split(student_model), tx=tx, teacher=teacher, task=task)
 
 
-def make_eval_step(method):
-  """``eval_step(state, batch) -> sums`` over a masked batch: loss, correct, count (+ teacher metrics)."""
-
-  def eval_step(state, batch):
-    mask = batch["mask"]
-    logits = method.predict(state, batch["inputs"])
-    sums = {
-        "loss": jnp.sum(losses.cross_entropy(logits, batch["labels"]) * mask),
-        "correct": jnp.sum(losses.accuracy(logits, batch["labels"]) * mask),
-        "count": jnp.sum(mask),
-    }
-    teacher_logits = batch.get("teacher_logits")  # precomputed by FixedTeacherLogits for a frozen teacher
-    if teacher_logits is None:
-      teacher_logits = method.teacher_logits(state, batch["inputs"])
-    if teacher_logits is not None:
-      sums["teacher_correct"] = jnp.sum(losses.accuracy(teacher_logits, batch["labels"]) * mask)
-      sums["agreement"] = jnp.sum((jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)) * mask)
-      sums["teacher_kl"] = jnp.sum(losses.kl_divergence(logits, teacher_logits, temperature=1.0) * mask)
-    if logits.shape[-1] == 2:
-      # Binary tasks (CTR): per-example positive-class probabilities; evaluate() turns them into AUC / log-loss.
-      sums["per_example"] = {"positive_prob": jax.nn.softmax(logits.astype(jnp.float32), -1)[:, 1],
-                             "labels": batch["labels"], "mask": mask}
-    return sums
-
-  return eval_step
-
-
-class FixedTeacherLogits:
-  """A frozen teacher's logits on the evaluation batches, computed at the first evaluation and reused after:
-  they cannot change, and recomputing them cost a teacher forward over the whole test set every epoch."""
-
-  def __init__(self, method, frozen):
-    self._fn = jax.jit(lambda f, x: method.teacher_logits({"frozen": f}, x))
-    self._frozen = frozen
-    self._cache = []
-
-  def __call__(self, index: int, inputs):
-    if index == len(self._cache):
-      self._cache.append(self._fn(self._frozen, inputs))
-    return self._cache[index]
-
-
-def evaluate(eval_step, state, source, *, batch_size: int, mesh, teacher_logits=None) -> dict:
-  """Test metrics over every example of ``source``; ``eval_step(state, batch) -> sums``.
-
-  ``teacher_logits(i, inputs)`` (a ``FixedTeacherLogits``), when given, supplies batch ``i``'s teacher logits.
-  """
-  # A batch larger than the part would only pad it: clamp to the part's size rounded up to the device count.
-  batch_size = min(batch_size, -(-len(source) // mesh.size) * mesh.size)
-  totals, per_example = None, []
-  for i, batch in enumerate(data.eval_batches(source, batch_size=batch_size, process_index=jax.process_index(),
-                                              process_count=jax.process_count())):
-    batch = parallel.shard_batch(batch, mesh)
-    if teacher_logits is not None:
-      batch["teacher_logits"] = teacher_logits(i, batch["inputs"])
-    sums = dict(eval_step(state, batch))
-    if "per_example" in sums:  # concatenated, not summed
-      per_example.append(sums.pop("per_example"))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = float(totals.pop("count"))
-  out = {"accuracy": float(totals.pop("correct")) / count, "loss": float(totals.pop("loss")) / count}
-  if "teacher_correct" in totals:
-    out["teacher_accuracy"] = float(totals["teacher_correct"]) / count
-    out["agreement"] = float(totals["agreement"]) / count
-    out["teacher_kl"] = float(totals["teacher_kl"]) / count
-  if per_example:
-    from jax.experimental import multihost_utils
-    from tgeo_jax import metrics as binary_metrics
-    fetch = (jax.device_get if jax.process_count() == 1
-             else lambda x: multihost_utils.process_allgather(x, tiled=True))
-    cols = {k: np.concatenate([np.asarray(fetch(b[k])) for b in per_example]) for k in per_example[0]}
-    keep = cols["mask"] > 0
-    out["auc"] = binary_metrics.roc_auc(cols["labels"][keep], cols["positive_prob"][keep])
-    out["log_loss"] = binary_metrics.log_loss(cols["labels"][keep], cols["positive_prob"][keep])
-  return out
+# ------------------------------------------------------------------------------------------------ signals
 
 
 class _StopRequest:
-  """SIGTERM/SIGINT: finish the current step, save a checkpoint, exit (see ``train_and_evaluate``)."""
+  """SIGTERM/SIGINT: before the loop, ``Interrupted`` at once (nothing to save); inside it, the current step
+  finishes, then ``StopTraining``; a second signal exits without a checkpoint (the last one stays intact)."""
 
   def __init__(self):
     self.signum = None
-    # False until the training loop starts: a signal then exits at once (there is nothing new to save).
-    self.deferred = False
+    self.deferred = False  # set when the training loop starts
     self._old = {}
 
   def __enter__(self):
+    if signals.pending() is not None:  # received before this handler existed (its exit may have been swallowed)
+      raise Interrupted(signals.pending())
+    signals.quiet_swallowed_exits()
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread (e.g. called from a notebook worker): no handler
+      except ValueError:  # not the main thread (e.g. a notebook worker): no handler
         pass
     return self
 
   def _handle(self, signum, frame):
     del frame
+    signals.record(signum)
     if not self.deferred:
-      _log(f"Received signal {signum} before training started: exiting (nothing to save).")
-      raise SystemExit(128 + signum)
-    if self.signum is not None:  # a second signal: the user insists; the last checkpoint stays intact
+      # Raised wherever setup is; should a gc callback swallow it, ``start_loop`` stops on the record.
+      _log(f"Received signal {signum} before training started: stopping (nothing to save).")
+      raise Interrupted(signum)
+    if self.signum is not None:  # a second signal: the user insists
       print(f"Received signal {signum} again: exiting without a checkpoint.", file=sys.stderr, flush=True)
       os._exit(128 + signum)
     self.signum = signum
+
+  def start_loop(self) -> None:
+    """From here on a signal means: finish the step, save, stop. One received during setup stops now."""
+    if signals.pending() is not None:
+      raise Interrupted(signals.pending())
+    self.deferred = True
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
@@ -166,21 +139,117 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+# ------------------------------------------------------------------------------------------------ the run
+
+
+class TrainLog:
+  """Training metrics summed since the last log point, and the last logged averages.
+
+  Part of every checkpoint (host floats: exact for float32), so the ``train_*`` values recorded after a resume are
+  those of an uninterrupted run.
+  """
+
+  def __init__(self, saved: dict | None, skipped: int):
+    saved = saved or {}
+    self.running = ({k: jnp.asarray(np.asarray(v, dtype)) for k, (v, dtype) in saved["running"].items()}
+                    if saved.get("running") else None)
+    self.count = saved.get("num_running", 0)
+    self.skipped_at_log = saved.get("skipped_at_log", skipped)
+    self.last = saved.get("last_train", {})
+
+  def add(self, metrics) -> None:
+    self.running = metrics if self.running is None else jax.tree.map(jnp.add, self.running, metrics)
+    self.count += 1
+
+  def flush(self, host_running, skipped: int) -> dict:
+    """The averages since the last log point (skipped steps, zeroed, not counted); resets the sums."""
+    applied = self.count - (skipped - self.skipped_at_log)
+    self.skipped_at_log = skipped
+    host = {k: float(v) / applied for k, v in host_running.items()} if applied else {}
+    self.last = {f"train_{k}": v for k, v in host.items()}
+    self.running, self.count = None, 0
+    return host
+
+  def to_meta(self) -> dict:
+    host = jax.device_get(self.running) if self.running is not None else None
+    return {"running": ({k: [float(v), str(np.asarray(v).dtype)] for k, v in host.items()}
+                        if host is not None else None),
+            "num_running": self.count, "skipped_at_log": self.skipped_at_log, "last_train": self.last}
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the loop needs, built by ``setup``."""
+
+  config: Any
+  workdir: str
+  mesh: Any
+  task: data.TaskData
+  method: Any
+  state: dict
+  frozen: dict
+  ckpt: checkpoint_lib.Checkpointer
+  writer: report.MetricWriter
+  identity: dict
+  config_dict: dict
+  steps_per_epoch: int
+  total_steps: int
+  step: int  # steps taken so far
+  resumed: bool
+  meta: dict
+  start_time: float
+  train_step: Any
+  quantity_names: list
+  eval_step: Any
+  fixed_teacher: Any
+  val_stream: Any
+  health: dict
+  log: TrainLog
+  best_accuracy: float
+  last_saved: int | None
+
+  @property
+  def epoch(self) -> int:
+    return self.step // self.steps_per_epoch
+
+  def at_epoch_end(self) -> bool:
+    return self.step > 0 and self.step % self.steps_per_epoch == 0
+
+  def close(self) -> None:
+    self.writer.close()
+    self.ckpt.close()
+
+
+def train_and_evaluate(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -> dict:
   """Trains ``config.method`` in ``workdir`` (resuming when it holds a checkpoint); returns the summary.
 
   The work directory belongs to one configuration (``run_identity``: a resume with any other fingerprinted field,
   teacher or data is refused before anything is read or written) and to one process at a time (an OS-released
-  lock). SIGTERM/SIGINT: before the training loop starts, the process exits at once (nothing to save); inside it,
-  the current step finishes, a checkpoint is saved and the process exits with status 128 + signal; after it, the
-  run finishes normally.
+  lock). SIGTERM/SIGINT: before the loop, ``Interrupted`` at once (nothing to save); inside it, the current step
+  finishes, a checkpoint is saved and ``Interrupted`` is raised; after it, the run finishes normally.
+  ``steps_per_run`` returns an unfinished summary (``finished: False``) after a checkpoint. ``teacher``: a teacher
+  given in code instead of ``teacher.checkpoint``.
   """
   config_checks.validate(config)
   run_identity.prepare_workdir(workdir)
   with run_identity.WorkdirLock(workdir).acquire(process_index=jax.process_index(),
-                                                 process_count=jax.process_count()):
-    with _StopRequest() as stop:
-      return _train_and_evaluate(config, workdir, stop)
+                                                 process_count=jax.process_count()), _StopRequest() as stop:
+    run = setup(config, workdir, teacher=teacher)
+    try:
+      try:
+        stop.start_loop()
+        train(run, stop)
+      except StopTraining as e:
+        save(run)
+        if e.signum is not None:
+          _log(f"Received signal {e.signum}: saved a checkpoint at step {run.step}; run the same command to resume.")
+          raise Interrupted(e.signum) from None
+        _log(f"Stopping after {run.step - run.meta['step0']} steps (steps_per_run) at step {run.step} of "
+             f"{run.total_steps}; run the same command to continue.")
+        return {"method": config.method, "finished": False, "num_steps": run.step}
+      return finish(run)
+    finally:
+      run.close()
 
 
 def _checkpoint_steps_on_disk(ckpt_dir: str) -> list[int]:
@@ -191,18 +260,16 @@ def _checkpoint_steps_on_disk(ckpt_dir: str) -> list[int]:
     return []
 
 
-def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
+def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -> Run:
+  """Builds the run; restores the newest good checkpoint of this run's identity, refusing any other."""
   start_time = time.time()
   config_dict = json.loads(config.to_json_best_effort())
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  has_checkpoints = bool(_checkpoint_steps_on_disk(ckpt_dir))
   saved_identity = (run_identity.read_json_file(os.path.join(workdir, run_identity.IDENTITY_FILE))
-                    if has_checkpoints else None)
+                    if _checkpoint_steps_on_disk(ckpt_dir) else None)
   if saved_identity is not None:  # the config part first: a changed field stops before any data is loaded
-    diffs = run_identity.identity_differences({"config": saved_identity.get("config", {})},
-                                              {"config": run_identity.config_record(config_dict)})
-    if diffs:
-      raise run_identity.resume_error(workdir, diffs)
+    _refuse_differences(workdir, {"config": saved_identity.get("config", {})},
+                        {"config": run_identity.config_record(config_dict)})
   mesh = parallel.make_mesh()
   parallel.check_batch_size("batch_size", config.batch_size, mesh)
   parallel.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
@@ -211,19 +278,16 @@ def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
   steps_per_epoch = data.steps_per_epoch(len(task.train), config.batch_size)
   if steps_per_epoch == 0:
     raise UserError(f"batch_size: {config.batch_size} exceeds the {len(task.train)} training examples")
-  total_steps = steps_per_epoch * config.num_epochs
   with teacher_lib.collect_loaded() as teachers:
-    method = build_method(config, task, steps_per_epoch)
+    method = build_method(config, task, steps_per_epoch, teacher=teacher)
   for t in teachers:
-    run_identity.check_teacher_provenance(t, task, verify=bool(config.teacher.get("verify_provenance", True)))
+    run_identity.check_teacher_provenance(t, task, verify=bool(config.teacher.verify_provenance))
   identity = run_identity.make_identity(
       config_dict, task.identity,
       [{k: t.identity[k] for k in ("field", "model", "path", "variables_sha256", "run_fingerprint")}
        for t in teachers])
   if saved_identity is not None:
-    diffs = run_identity.identity_differences(saved_identity, identity)
-    if diffs:
-      raise run_identity.resume_error(workdir, diffs)
+    _refuse_differences(workdir, saved_identity, identity)
   if method.uses_validation_batch:
     parallel.check_batch_size("val_batch_size", config.val_batch_size, mesh)
     if config.val_batch_size > len(task.val):
@@ -234,23 +298,24 @@ def _train_and_evaluate(config, workdir: str, stop: "_StopRequest") -> dict:
   frozen = state.pop("frozen")
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, max_to_keep=config.checkpoint.max_to_keep, cleanup_tmp=True)
   try:
-    return _run(config, workdir, stop, start_time=start_time, config_dict=config_dict, identity=identity,
-                mesh=mesh, task=task, method=method, state=state, frozen=frozen, ckpt=ckpt,
-                steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  finally:
+    return _restore_or_start(config, workdir, start_time=start_time, config_dict=config_dict, identity=identity,
+                             mesh=mesh, task=task, method=method, state=state, frozen=frozen, ckpt=ckpt,
+                             steps_per_epoch=steps_per_epoch)
+  except BaseException:
     ckpt.close()
+    raise
 
 
-def _run(config, workdir, stop, *, start_time, config_dict, identity, mesh, task, method, state, frozen, ckpt,
-         steps_per_epoch, total_steps) -> dict:
+def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mesh, task, method, state, frozen,
+                      ckpt, steps_per_epoch) -> Run:
+  total_steps = steps_per_epoch * config.num_epochs
   meta = {"epoch": 0, "best_accuracy": 0.0, "seconds": 0.0, "skipped_steps": 0}
   existing = ckpt.steps()
   if existing:
     # The newest good checkpoint (a corrupt one is moved aside with a one-line warning); a checkpoint of another
     # configuration stops the run before anything is read or moved.
     restored = ckpt.restore_latest(
-        state, check_meta=lambda saved: _check_resume_compatible(saved, config_dict, identity, task.num_classes,
-                                                                 workdir))
+        state, check_meta=lambda saved: _check_resume_compatible(saved, identity, task.num_classes, workdir))
     if restored is None:
       raise UserError(f"workdir: no readable checkpoint among steps {existing} in {workdir!r}")
     step0, state, meta = restored
@@ -265,183 +330,194 @@ def _run(config, workdir, stop, *, start_time, config_dict, identity, mesh, task
   if jax.process_index() == 0 and (not existing or not os.path.exists(os.path.join(workdir,
                                                                                    run_identity.IDENTITY_FILE))):
     _write_or_fail(lambda: run_identity.write_run_files(workdir, config_dict, identity, task.membership), workdir)
+  meta["step0"] = step0
 
   writer = report.MetricWriter(workdir, resume_step=step0 if existing else None, tensorboard=config.log.tensorboard)
   best_accuracy = max([meta.get("best_accuracy", 0.0)] + [r["accuracy"] for r in writer.records
                                                           if isinstance(r.get("accuracy"), float)])
-  nonfinite = config.get("nonfinite", "stop")
-  guarded_step, quantity_names = make_guarded_step(method, skip_nonfinite=nonfinite == "skip")
-  train_step = jax.jit(guarded_step, donate_argnums=(0,), static_argnums=(3,))
-  health = parallel.replicate(initial_health(step0, meta["skipped_steps"]), mesh)
-  eval_fn = jax.jit(lambda s, f, b: make_eval_step(method)(dict(s, frozen=f), b))
-  eval_step = lambda s, b: eval_fn(s, frozen, b)  # noqa: E731
-  fixed_teacher = (FixedTeacherLogits(method, frozen)
+  guarded_step, quantity_names = make_guarded_step(method, skip_nonfinite=config.nonfinite == "skip")
+  eval_fn = jax.jit(lambda s, f, b: evaluation.make_eval_step(method, task.metrics)(dict(s, frozen=f), b))
+  fixed_teacher = (evaluation.FixedTeacherLogits(method, frozen)
                    if method.teacher is not None and method.teacher_is_frozen else None)
   val_stream = (data.validation_batches(task.val, batch_size=config.val_batch_size, seed=config.seed,
                                         process_index=jax.process_index(), process_count=jax.process_count())
                 if method.uses_validation_batch else None)
-  last_saved = step0 if existing else None
-  # Training metrics summed since the last log point; checkpointed (host floats, exact for float32) so that the
-  # train_* values logged after a resume are those of an uninterrupted run.
-  train_log = meta.get("train_log") or {}
-  running = ({k: jnp.asarray(np.asarray(v, dtype)) for k, (v, dtype) in train_log["running"].items()}
-             if train_log.get("running") else None)
-  num_running = train_log.get("num_running", 0)
-  skipped_at_log = train_log.get("skipped_at_log", meta["skipped_steps"])
-  last_train = train_log.get("last_train", {})
+  return Run(
+      config=config, workdir=workdir, mesh=mesh, task=task, method=method, state=state, frozen=frozen, ckpt=ckpt,
+      writer=writer, identity=identity, config_dict=config_dict, steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps, step=step0, resumed=bool(existing), meta=meta, start_time=start_time,
+      train_step=jax.jit(guarded_step, donate_argnums=(0,), static_argnums=(3,)), quantity_names=quantity_names,
+      eval_step=lambda s, b: eval_fn(s, frozen, b), fixed_teacher=fixed_teacher, val_stream=val_stream,
+      health=parallel.replicate(initial_health(step0, meta["skipped_steps"]), mesh),
+      log=TrainLog(meta.get("train_log"), meta["skipped_steps"]), best_accuracy=best_accuracy,
+      last_saved=step0 if existing else None)
 
-  def check_health(host_health, step):
-    """Stops the run (stop mode) if any step so far was non-finite; returns the skipped-step count."""
-    if nonfinite == "stop" and int(host_health["first_bad_step"]) >= 0:
-      raise NonFiniteError(_nonfinite_message(host_health, quantity_names, step, last_saved))
-    return int(host_health["skipped"])
 
-  def save(step, epoch, health, finished=False):
-    nonlocal last_saved
-    skipped = check_health(jax.device_get(health), step)  # never checkpoint a non-finite state
-    if step == last_saved:  # e.g. a signal right after an every_steps save
-      return
-    host_running = jax.device_get(running) if running is not None else None
-    log_state = {"running": ({k: [float(v), str(np.asarray(v).dtype)] for k, v in host_running.items()}
-                             if host_running is not None else None),
-                 "num_running": num_running, "skipped_at_log": skipped_at_log, "last_train": last_train}
-    host_meta = dict(meta, epoch=epoch, step=step, total_steps=total_steps, finished=finished,
-                     method=config.method, num_classes=task.num_classes, config=config_dict, identity=identity,
-                     best_accuracy=best_accuracy, skipped_steps=skipped, train_log=log_state,
-                     seconds=meta["seconds"] + time.time() - start_time)
-    try:
-      ckpt.save(step, state, host_meta)
-    except Exception as e:  # noqa: BLE001 - a full or failing disk: the previous checkpoints are intact
-      raise RunFault(f"checkpoint: saving step {step} in {ckpt.directory} failed ({_reason(e)}); the previous "
-                     "checkpoints are intact: free space and run the same command to resume") from None
-    last_saved = step
+# ------------------------------------------------------------------------------------------------ the loop
 
-  def evaluate_epoch(step, epoch):
-    """The epoch-end evaluation record (after that epoch's checkpoint is saved: an evaluation that fails never
-    costs the epoch's training)."""
-    nonlocal best_accuracy
-    host_health = jax.device_get(health)
-    skipped = check_health(host_health, step)
-    results = evaluate(eval_step, state, task.test, batch_size=config.eval_batch_size, mesh=mesh,
-                       teacher_logits=fixed_teacher)
-    best_accuracy = max(best_accuracy, results["accuracy"])
-    if jax.process_index() == 0:
-      results.update(method.epoch_report(dict(state, frozen=frozen), workdir, epoch))
-    record = dict(step=step, epoch=epoch, **results, **last_train, skipped_steps=skipped,
-                  seconds=meta["seconds"] + time.time() - start_time)
-    if jax.process_index() == 0:
-      _write_or_fail(lambda: writer.write(record), workdir)
-    _log(f"epoch {epoch}/{config.num_epochs} step {step}: test accuracy {results['accuracy']:.4f} "
-         f"loss {results['loss']:.4f}" + (f" (teacher {results['teacher_accuracy']:.4f}, agreement "
-                                         f"{results['agreement']:.4f})" if "teacher_accuracy" in results else "")
-         + (f"; {skipped} non-finite step(s) skipped so far (first: "
-            f"{_nonfinite_what(host_health, quantity_names)})" if skipped else ""))
 
-  def stop_for_signal(signum, step):
-    _log(f"Received signal {signum}: saved a checkpoint at step {step}; run the same command to resume.")
-    writer.close()
-    sys.exit(128 + signum)
-
-  if existing and step0 > 0 and step0 % steps_per_epoch == 0 and not any(
-      r.get("step") == step0 for r in writer.records):
-    # Killed after the epoch-end checkpoint, before its evaluation was recorded: evaluate it now.
-    evaluate_epoch(step0, step0 // steps_per_epoch)
-
-  step = step0
-  stop.deferred = True  # from here on a signal means: finish the step, save, exit
-  while step < total_steps:
-    epoch, offset = divmod(step, steps_per_epoch)
-    batches = data.train_batches(task.train, batch_size=config.batch_size, seed=config.seed, epoch=epoch,
-                                 augment=task.augment, process_index=jax.process_index(),
+def train(run: Run, stop: _StopRequest) -> None:
+  """Steps until ``run.total_steps``; raises ``StopTraining`` for a signal or the ``steps_per_run`` budget."""
+  config = run.config
+  if run.resumed and run.at_epoch_end() and not any(r.get("step") == run.step for r in run.writer.records):
+    evaluate_epoch(run)  # killed after the epoch-end checkpoint, before its evaluation was recorded
+  budget_end = run.step + config.steps_per_run if config.steps_per_run else None
+  while run.step < run.total_steps:
+    offset = run.step % run.steps_per_epoch
+    batches = data.train_batches(run.task.train, batch_size=config.batch_size, seed=config.seed, epoch=run.epoch,
+                                 augment=run.task.augment, process_index=jax.process_index(),
                                  process_count=jax.process_count())[offset:]
-    bar = tqdm.tqdm(total=steps_per_epoch, initial=offset, desc=f"epoch {epoch + 1}/{config.num_epochs}",
+    bar = tqdm.tqdm(total=run.steps_per_epoch, initial=offset, desc=f"epoch {run.epoch + 1}/{config.num_epochs}",
                     disable=not config.log.progress or jax.process_index() != 0, leave=False, dynamic_ncols=True)
-    for batch in batches.to_iter_dataset():
-      if val_stream is not None:
-        batch["val"] = val_stream[step]
-      state, metrics, health = train_step(state, frozen, parallel.shard_batch(batch, mesh),
-                                          method.step_kind(step), health)
-      running = metrics if running is None else jax.tree.map(jnp.add, running, metrics)
-      num_running += 1
-      step += 1
-      bar.update(1)
-      if step % config.log.every_steps == 0 or step % steps_per_epoch == 0:
-        # The only host sync in the loop: averaged training metrics and the non-finite record, every
-        # log.every_steps steps.
-        host_running, host_health = jax.device_get((running, health))
-        skipped = check_health(host_health, step)
-        # Skipped steps contribute zeros to the sums: average over the steps that were applied.
-        applied = num_running - (skipped - skipped_at_log)
-        skipped_at_log = skipped
-        host = {k: float(v) / applied for k, v in host_running.items()} if applied else {}
-        if host:
-          bar.set_postfix(loss=f"{host['loss']:.4f}", acc=f"{host.get('accuracy', float('nan')):.3f}")
-        last_train = {f"train_{k}": v for k, v in host.items()}
-        running, num_running = None, 0
-      if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 and step % steps_per_epoch:
-        save(step, epoch, health)
-      if stop.signum is not None and step % steps_per_epoch:
-        save(step, epoch, health)
-        bar.close()
-        stop_for_signal(stop.signum, step)
-      if config.steps_per_run and step - step0 >= config.steps_per_run and step % steps_per_epoch:
-        save(step, epoch, health)
-        bar.close()
-        _log(f"Stopping after {config.steps_per_run} steps (steps_per_run) at step {step} of {total_steps}; "
-             "run the same command to continue.")
-        writer.close()
-        return {"method": config.method, "finished": False, "num_steps": step}
-    bar.close()
-    epoch += 1
-    check_health(jax.device_get(health), step)  # before saving or evaluating
-    save(step, epoch, health, finished=step >= total_steps)
-    evaluate_epoch(step, epoch)
-    if stop.signum is not None and step < total_steps:
-      stop_for_signal(stop.signum, step)
-    if config.steps_per_run and step - step0 >= config.steps_per_run and step < total_steps:
-      _log(f"Stopping after {step - step0} steps (steps_per_run) at step {step} of {total_steps}; "
-           "run the same command to continue.")
-      writer.close()
-      return {"method": config.method, "finished": False, "num_steps": step}
+    try:
+      for batch in batches.to_iter_dataset():
+        if run.val_stream is not None:
+          batch["val"] = run.val_stream[run.step]
+        run.state, metrics, run.health = run.train_step(
+            run.state, run.frozen, parallel.shard_batch(batch, run.mesh), run.method.step_kind(run.step), run.health)
+        run.log.add(metrics)
+        run.step += 1
+        bar.update(1)
+        epoch_end = run.at_epoch_end()
+        if itstime(run.step, config.log.every_steps) or epoch_end:
+          log_train_metrics(run, bar)
+        if epoch_end:
+          break  # the epoch end saves and evaluates below
+        if itstime(run.step, config.checkpoint.every_steps):
+          save(run)
+        if stop.signum is not None:
+          raise StopTraining(stop.signum)
+        if budget_end is not None and run.step >= budget_end:
+          raise StopTraining()
+    finally:
+      bar.close()
+    save(run)  # before evaluating: an evaluation that fails never costs the epoch's training
+    evaluate_epoch(run)
+    if run.step < run.total_steps:
+      if stop.signum is not None:
+        raise StopTraining(stop.signum)
+      if budget_end is not None and run.step >= budget_end:
+        raise StopTraining()
 
-  if step0 >= total_steps:
-    _log(f"{workdir} already finished ({total_steps} steps); re-evaluating the final checkpoint.")
-  final = evaluate(eval_step, state, task.test, batch_size=config.eval_batch_size, mesh=mesh,
-                   teacher_logits=fixed_teacher)
-  seconds = meta["seconds"] + (time.time() - start_time if step0 < total_steps else 0.0)
+
+def log_train_metrics(run: Run, bar) -> None:
+  """The loop's only host sync: the training-metric averages and the non-finite record."""
+  host_running, host_health = jax.device_get((run.log.running, run.health))
+  host = run.log.flush(host_running, check_health(run, host_health))
+  if host:
+    bar.set_postfix(loss=f"{host['loss']:.4f}", acc=f"{host.get('accuracy', float('nan')):.3f}")
+
+
+def check_health(run: Run, host_health) -> int:
+  """Stops the run (``nonfinite='stop'``) if any step so far was non-finite; returns the skipped-step count."""
+  if run.config.nonfinite == "stop" and int(host_health["first_bad_step"]) >= 0:
+    raise NonFiniteError(nonfinite_message(host_health, run.quantity_names, run.step, run.last_saved))
+  return int(host_health["skipped"])
+
+
+def save(run: Run) -> None:
+  """A checkpoint at ``run.step`` (never of a non-finite state; nothing if that step is saved already)."""
+  skipped = check_health(run, jax.device_get(run.health))
+  if run.step == run.last_saved:
+    return
+  host_meta = dict(run.meta, epoch=run.epoch, step=run.step, total_steps=run.total_steps,
+                   finished=run.step >= run.total_steps, method=run.config.method,
+                   num_classes=run.task.num_classes, config=run.config_dict, identity=run.identity,
+                   best_accuracy=run.best_accuracy, skipped_steps=skipped, train_log=run.log.to_meta(),
+                   seconds=run.meta["seconds"] + time.time() - run.start_time)
+  host_meta.pop("step0", None)
+  try:
+    run.ckpt.save(run.step, run.state, host_meta)
+  except Exception as e:  # noqa: BLE001 - a full or failing disk: the previous checkpoints are intact
+    raise RunFault(f"checkpoint: saving step {run.step} in {run.ckpt.directory} failed ({_reason(e)}); the "
+                   "previous checkpoints are intact: free space and run the same command to resume") from None
+  run.last_saved = run.step
+
+
+def evaluate_epoch(run: Run) -> None:
+  """The epoch-end evaluation record: test metrics, the method's epoch report, the last training averages."""
+  host_health = jax.device_get(run.health)
+  skipped = check_health(run, host_health)
+  results = evaluate(run.eval_step, run.state, run.task.test, batch_size=run.config.eval_batch_size, mesh=run.mesh,
+                     teacher_logits=run.fixed_teacher)
+  run.best_accuracy = max(run.best_accuracy, results["accuracy"])
+  if jax.process_index() == 0:
+    results.update(run.method.epoch_report(dict(run.state, frozen=run.frozen), run.workdir, run.epoch))
+  record = dict(step=run.step, epoch=run.epoch, **results, **run.log.last, skipped_steps=skipped,
+                seconds=run.meta["seconds"] + time.time() - run.start_time)
+  if jax.process_index() == 0:
+    _write_or_fail(lambda: run.writer.write(record), run.workdir)
+  teacher = (f" (teacher {results['teacher_accuracy']:.4f}, agreement {results['agreement']:.4f})"
+             if "teacher_accuracy" in results else "")
+  skipped_note = (f"; {skipped} non-finite step(s) skipped so far (first: "
+                  f"{nonfinite_what(host_health, run.quantity_names)})" if skipped else "")
+  _log(f"epoch {run.epoch}/{run.config.num_epochs} step {run.step}: test accuracy {results['accuracy']:.4f} "
+       f"loss {results['loss']:.4f}{teacher}{skipped_note}")
+
+
+def finish(run: Run) -> dict:
+  """The final evaluation (test and validation parts) and ``summary.json``."""
+  config = run.config
+  if run.meta["step0"] >= run.total_steps:
+    _log(f"{run.workdir} already finished ({run.total_steps} steps); re-evaluating the final checkpoint.")
+  final = evaluate(run.eval_step, run.state, run.task.test, batch_size=config.eval_batch_size, mesh=run.mesh,
+                   teacher_logits=run.fixed_teacher)
+  seconds = run.meta["seconds"] + (time.time() - run.start_time if run.meta["step0"] < run.total_steps else 0.0)
   # The held-out validation part, for model selection (e.g. the learning rate) without looking at the test set.
-  val = (evaluate(eval_step, state, task.val, batch_size=config.eval_batch_size, mesh=mesh)
-         if len(task.val) else {})
+  val = (evaluate(run.eval_step, run.state, run.task.val, batch_size=config.eval_batch_size, mesh=run.mesh)
+         if len(run.task.val) else {})
   summary = {
       "method": config.method,
       "model": config.model.name,
       "accuracy": final["accuracy"],
-      "best_accuracy": max(best_accuracy, final["accuracy"]),
+      "best_accuracy": max(run.best_accuracy, final["accuracy"]),
       "loss": final["loss"],
-      "num_steps": step,
+      "num_steps": run.step,
       "num_epochs": config.num_epochs,
-      "skipped_steps": int(jax.device_get(health)["skipped"]),
+      "skipped_steps": int(jax.device_get(run.health)["skipped"]),
       "seconds": seconds,
       "seed": config.seed,
       "num_devices": jax.device_count(),
       "finished": True,
   }
-  for key in ("teacher_accuracy", "agreement", "teacher_kl", "auc", "log_loss"):
+  for key in ("teacher_accuracy", "agreement", "teacher_kl", *run.task.metrics):
     if key in final:
       summary[key] = final[key]
   for key in ("accuracy", "loss", "auc"):
     if key in val:
       summary[f"val_{key}"] = val[key]
   # What identifies the run, so that tables group runs by fingerprint, never by path.
+  identity = run.identity
   summary.update(
-      dataset=task.name, fingerprint=identity["fingerprint"], config_fingerprint=identity["config_fingerprint"],
+      dataset=run.task.name, fingerprint=identity["fingerprint"], config_fingerprint=identity["config_fingerprint"],
       group_fingerprint=identity["group_fingerprint"], config=identity["config"],
       data={k: identity["data"][k] for k in ("name", "digest", "sizes")},
       teachers=[{k: t[k] for k in ("field", "model", "variables_sha256")} for t in identity["teachers"]])
   if jax.process_index() == 0:
-    _write_or_fail(lambda: report.write_json(os.path.join(workdir, "summary.json"), summary), workdir)
-  writer.close()
+    _write_or_fail(lambda: report.write_json(os.path.join(run.workdir, "summary.json"), summary), run.workdir)
   return summary
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _refuse_differences(workdir: str, saved: dict, current: dict) -> None:
+  diffs = run_identity.identity_differences(saved, current)
+  if diffs:
+    raise run_identity.resume_error(workdir, diffs)
+
+
+def _check_resume_compatible(saved_meta: dict, identity: dict, num_classes: int, workdir: str) -> None:
+  """The checkpoint's identity record (or, for a checkpoint written before identity records, its config) must
+  equal this run's; otherwise a ``UserError`` naming every differing field."""
+  saved_identity = saved_meta.get("identity")
+  if saved_identity is None:
+    saved_identity = {"config": run_identity.config_record(saved_meta.get("config", {}))}
+  diffs = run_identity.identity_differences(saved_identity, identity)
+  if saved_meta.get("num_classes", num_classes) != num_classes:
+    diffs.append(f"num_classes: {saved_meta['num_classes']} -> {num_classes}")
+  if diffs:
+    raise run_identity.resume_error(workdir, diffs)
 
 
 def _reason(e: BaseException) -> str:
@@ -460,111 +536,3 @@ def _write_or_fail(write, workdir: str) -> None:
   except OSError as e:
     raise RunFault(f"workdir: writing in {workdir!r} failed ({_reason(e)}); the checkpoints are intact: fix it and "
                    "run the same command to resume") from None
-
-
-def _split_frozen(out):
-  state, metrics = out
-  state = dict(state)
-  state.pop("frozen")
-  return state, metrics
-
-
-# ------------------------------------------------------------------------------------------ non-finite values
-
-
-def initial_health(step: int, skipped: int = 0) -> dict:
-  """The on-device non-finite record: ``step`` (steps taken), ``first_bad_step`` (-1: none), ``what`` (index into
-  the quantity names), ``value`` (that quantity's value, NaN for state entries), ``skipped`` (steps skipped)."""
-  return {"step": jnp.int32(step), "first_bad_step": jnp.int32(-1), "what": jnp.int32(-1),
-          "value": jnp.float32(0.0), "skipped": jnp.int32(skipped)}
-
-
-def _select(ok, new, old):
-  if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):
-    return jax.random.wrap_key_data(jnp.where(ok, jax.random.key_data(new), jax.random.key_data(old)),
-                                    impl=jax.random.key_impl(new))
-  return jnp.where(ok, new, old)
-
-
-def make_guarded_step(method, *, skip_nonfinite: bool):
-  """``step(state, frozen, batch, kind, health) -> (state, metrics, health)`` around ``method.train_step``.
-
-  Checks every step, on device, that the metrics (loss first, then the gradient norm, then the others) and every
-  floating entry of the new state are finite, and records the first step that is not in ``health`` (the host
-  reads it at log points and before saves: no per-step sync). With ``skip_nonfinite`` such a step's update is
-  dropped (the whole previous state is kept, optimizer counts included, as ``optax.apply_if_finite`` does), its
-  metrics are zeroed and it is counted in ``health['skipped']``. Returns the step and the list of quantity names
-  that ``health['what']`` indexes (filled while tracing).
-  """
-  names: list[str] = []
-
-  def code(name):
-    if name not in names:
-      names.append(name)
-    return names.index(name)
-
-  def step(state, frozen, batch, kind, health):
-    new_state, metrics = _split_frozen(method.train_step(dict(state, frozen=frozen), batch, kind))
-    checks = []  # (name code, all finite, value)
-    for name in sorted(metrics, key=lambda k: (k != "loss", k != "grad_norm", k)):
-      value = jnp.asarray(metrics[name])
-      if jnp.issubdtype(value.dtype, jnp.inexact):
-        checks.append((code(f"training {name}"), jnp.all(jnp.isfinite(value)),
-                       jnp.mean(value).astype(jnp.float32)))
-    for key in sorted(new_state):
-      leaves = [x for x in jax.tree.leaves(new_state[key]) if jnp.issubdtype(x.dtype, jnp.inexact)]
-      if leaves:
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-        checks.append((code(f"new {key}"), finite, jnp.float32(jnp.nan)))
-    if not checks:
-      return new_state, metrics, dict(health, step=health["step"] + 1)
-    each_ok = jnp.stack([c[1] for c in checks])
-    ok = jnp.all(each_ok)
-    first = jnp.argmin(each_ok)  # the first quantity that is not finite
-    number = health["step"] + 1
-    newly_bad = jnp.logical_and(~ok, health["first_bad_step"] < 0)
-    new_health = {
-        "step": number,
-        "first_bad_step": jnp.where(newly_bad, number, health["first_bad_step"]),
-        "what": jnp.where(newly_bad, jnp.asarray([c[0] for c in checks], jnp.int32)[first], health["what"]),
-        "value": jnp.where(newly_bad, jnp.stack([c[2] for c in checks])[first], health["value"]),
-        "skipped": health["skipped"] + ((~ok).astype(jnp.int32) if skip_nonfinite else 0),
-    }
-    if skip_nonfinite:
-      new_state = jax.tree.map(lambda n, o: _select(ok, n, o), new_state, state)
-      metrics = jax.tree.map(lambda m: jnp.where(ok, m, jnp.zeros_like(m)), metrics)
-    return new_state, metrics, new_health
-
-  return step, names
-
-
-def _nonfinite_what(host_health, names) -> str:
-  name = names[int(host_health["what"])]
-  if name.startswith("training "):
-    return f"step {int(host_health['first_bad_step'])}, {name} = {float(host_health['value'])}"
-  return f"step {int(host_health['first_bad_step'])}, {name} has NaN/Inf entries"
-
-
-def _nonfinite_message(host_health, names, step, last_saved) -> str:
-  bad = int(host_health["first_bad_step"])
-  name = names[int(host_health["what"])]
-  what = (f"the {name} is {float(host_health['value'])}" if name.startswith("training ")
-          else f"the {name.removeprefix('new ')} state has NaN/Inf entries")
-  kept = (f"the last checkpoint, step {last_saved}, is intact" if last_saved is not None
-          else "no checkpoint was saved")
-  return (f"step {bad}: {what}; stopped at step {step} before saving it, {kept}. Lower optimizer.learning_rate, "
-          "set optimizer.clip_norm > 0, or set nonfinite='skip' to skip such steps")
-
-
-def _check_resume_compatible(saved_meta: dict, current: dict, identity: dict, num_classes: int,
-                             workdir: str) -> None:
-  """The checkpoint's identity record (or, for a checkpoint written before identity records, its config) must
-  equal this run's; otherwise a ``UserError`` naming every differing field."""
-  saved_identity = saved_meta.get("identity")
-  if saved_identity is None:
-    saved_identity = {"config": run_identity.config_record(saved_meta.get("config", {}))}
-  diffs = run_identity.identity_differences(saved_identity, identity)
-  if saved_meta.get("num_classes", num_classes) != num_classes:
-    diffs.append(f"num_classes: {saved_meta['num_classes']} -> {num_classes}")
-  if diffs:
-    raise run_identity.resume_error(workdir, diffs)

@@ -49,6 +49,8 @@ class TaskData:
   # The dataset's identity: {"name", "digest" (of its raw content), "sizes", "membership" (sha256 per part)};
   # part of a run's fingerprint and of a teacher's provenance.
   identity: dict = dataclasses.field(default_factory=dict)
+  # Evaluation metrics beyond accuracy and loss that this task reports (e.g. ("auc", "log_loss") for CTR).
+  metrics: tuple = ()
 
   @property
   def spec(self) -> "TaskSpec":
@@ -113,6 +115,8 @@ class RawTask:
   # Set by a ``finalize`` that resamples the training part (oversampling): row r of the finalized training part is
   # row ``train_rows[r]`` of the part it received.
   train_rows: np.ndarray | None = None
+  # Extra evaluation metrics (``TaskData.metrics``); None: AUC and log-loss for two-class tasks, else none.
+  metrics: tuple | None = None
 
 
 # Default ids of the test split's examples: after every train-split id of any dataset we read.
@@ -213,8 +217,9 @@ def load(data_config, *, seed: int) -> TaskData:
       "sizes": {"train": len(train), "val": len(val), "test": len(test)},
       "membership": {k: run_identity.ids_digest(v) for k, v in membership.items()},
   }
+  metrics = raw.metrics if raw.metrics is not None else (("auc", "log_loss") if num_classes == 2 else ())
   return TaskData(name, train, val, test, num_classes, input_shape, augment_lib.get(data_config.augment),
-                  outlier_mask, dict(raw.model_kwargs), membership, identity)
+                  outlier_mask, dict(raw.model_kwargs), membership, identity, tuple(metrics))
 
 
 def content_digest(*parts) -> str:

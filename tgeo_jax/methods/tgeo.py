@@ -86,6 +86,9 @@ class MetaReweightKD(base.Method):
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
+    # The one-step hypergradient (an injection point: e.g. bilevel.lookahead_hypergrad_autodiff, the nested
+    # jax.grad reference, in bench/step_cost.py).
+    self.hypergrad = bilevel.lookahead_hypergrad
     self.cfg = self.config[self.config_group]
     self.meta_tx = make_meta_optimizer(self.cfg)
 
@@ -156,8 +159,8 @@ class MetaReweightKD(base.Method):
           state["rest"], state["opt_state"], self.tx)
       result = None
     else:
-      result = bilevel.lookahead_hypergrad(weight_fn, state["meta_params"], per_sample, val_loss_fn,
-                                           state["params"], state["rest"], state["opt_state"], self.tx)
+      result = self.hypergrad(weight_fn, state["meta_params"], per_sample, val_loss_fn,
+                              state["params"], state["rest"], state["opt_state"], self.tx)
       meta_grad, val_loss = result.meta_grad, result.val_loss
     updates, meta_opt_state = self.meta_tx.update(meta_grad, state["meta_opt_state"], state["meta_params"])
     meta_params = optax.apply_updates(state["meta_params"], updates)
