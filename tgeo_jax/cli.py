@@ -14,7 +14,7 @@ def run(config, workdir: str) -> int:
   if logging.get_verbosity() == logging.INFO:
     logging.set_verbosity(logging.WARNING)
   try:
-    parallel.initialize_distributed(bool(config.get("distributed", False)))
+    parallel.initialize_distributed(bool(config.distributed))
     method_cls = methods.get_class(config.method)
     summary = (method_cls.run or trainer.train_and_evaluate)(config, workdir)
   except trainer.Interrupted as e:  # SIGTERM/SIGINT: a checkpoint was saved if the loop had started

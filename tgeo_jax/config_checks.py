@@ -64,10 +64,9 @@ def validate(config) -> None:
   require(config, "data.val_fraction", lambda v: is_number(v) and 0 < v < 1, "a fraction in (0, 1)")
   require(config, "data.train_subset", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = all)")
   require(config, "data.outliers", lambda v: is_int(v) and v >= 0, "an integer >= 0")
-  if "label_noise" in config.data:  # configs written before these options keep the old behaviour
-    require(config, "data.val_subset", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = all)")
-    require(config, "data.label_noise", lambda v: is_number(v) and 0 <= v < 1, "a fraction in [0, 1)")
-    require(config, "data.train_with_val", lambda v: isinstance(v, bool), "True or False")
+  require(config, "data.val_subset", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = all)")
+  require(config, "data.label_noise", lambda v: is_number(v) and 0 <= v < 1, "a fraction in [0, 1)")
+  require(config, "data.train_with_val", lambda v: isinstance(v, bool), "True or False")
   positive_number(config, "optimizer.learning_rate")
   nonnegative_number(config, "optimizer.weight_decay")
   nonnegative_number(config, "optimizer.clip_norm")
@@ -77,10 +76,7 @@ def validate(config) -> None:
   positive_int(config, "log.every_steps")
   require(config, "checkpoint.every_steps", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = epoch ends)")
   positive_int(config, "checkpoint.max_to_keep")
-  if "nonfinite" in config:  # configs written before the option default to 'stop'
-    require(config, "nonfinite", lambda v: v in NONFINITE_MODES, "'stop' or 'skip'")
-  if "kd" in config:
-    positive_number(config, "kd.temperature")
+  require(config, "nonfinite", lambda v: v in NONFINITE_MODES, "'stop' or 'skip'")
   if _field(config, "data.name") == "synthetic":
     require(config, "data.synthetic.num_classes", lambda v: is_int(v) and v >= 2, "an integer >= 2")
     positive_int(config, "data.synthetic.num_train")
@@ -91,10 +87,10 @@ def validate(config) -> None:
     except ImportError:
       raise UserError("log.tensorboard: True needs tensorboardX: pip install 'tgeo_jax[tensorboard]' (or set "
                       "log.tensorboard=False)") from None
-  cache_dir = config.teacher.get("logits_cache_dir", "")
+  cache_dir = _field(config, "teacher.logits_cache_dir")
   if cache_dir and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
     raise UserError(f"teacher.logits_cache_dir: {cache_dir!r} is a file, expected a directory")
-  if "verify_provenance" in config.teacher:
-    require(config, "teacher.verify_provenance", lambda v: isinstance(v, bool), "True or False")
+  require(config, "teacher.verify_provenance", lambda v: isinstance(v, bool), "True or False")
+  require(config, "teacher.cache_logits", lambda v: v in ("auto", "on", "off"), "'auto', 'on' or 'off'")
   models.compute_dtype(config)  # 'float32' (also when absent) | 'bfloat16'; anything else is a UserError
   method_cls.validate_config(config)

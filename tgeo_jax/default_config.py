@@ -1,5 +1,7 @@
 """The defaults every config starts from (``configs/*.py`` override them).
 
+The fields every run has are set here; each method's own group (``kd``, ``tgeo``, ...) comes from the method's
+class (``Method.defaults()``), composed through the method registry, so a method's defaults live beside it.
 Kept in the package so that config files, which are not a package, share one definition:
 ``from tgeo_jax.default_config import base_config``.
 """
@@ -9,17 +11,19 @@ import ml_collections
 
 def meta_config() -> ml_collections.ConfigDict:
   """Bilevel settings shared by TGeo-KD and RW-KD (docs/methods.md §2)."""
-  m = ml_collections.ConfigDict()
-  m.temperature = 4.0
-  m.fusion_lr = 1e-3  # the meta-parameters' own Adam(W)
-  m.fusion_weight_decay = 0.0
-  m.fusion_clip_norm = 0.0
-  m.ordering = "reuse"  # reuse: the lookahead step is the real step | lookahead: Meta-Weight-Net order
-  m.meta_interval = 1  # update the meta-parameters every k student steps
-  m.unroll_steps = 1  # >1: hypergradient through n unrolled steps (research; needs ordering='lookahead')
-  m.val_bn_mode = "train"  # BatchNorm mode of the validation forward at the lookahead parameters
-  m.analysis_examples = 5000  # α-by-group analytics each epoch over this many training examples (0 = off)
-  return m
+  from tgeo_jax.methods.tgeo import meta_defaults
+  return meta_defaults()
+
+
+def method_groups() -> dict:
+  """``{config group: defaults}`` of every registered method that has a group."""
+  from tgeo_jax import methods
+  groups = {}
+  for name in methods.available():
+    cls = methods.get_class(name)
+    if cls.config_group is not None and cls.config_group not in groups:
+      groups[cls.config_group] = cls.defaults()
+  return groups
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -93,56 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
   # recorded data identity and training membership). False: accept it with a warning line.
   c.teacher.verify_provenance = True
 
-  c.ce = ml_collections.ConfigDict(dict(label_smoothing=0.0))
-  c.kd = ml_collections.ConfigDict(dict(temperature=4.0, w_ce=0.1, w_kd=0.9))
-  c.tgeo = meta_config()
-  c.tgeo.layout = "reference"  # relation features: reference (9K) | vertices | edges | intra | no_st | sg_tg | angles | scalar
-  c.tgeo.fusion_hidden = (32, 16)  # fusion MLP 9K -> 32 -> 16 -> 1 (LeakyReLU, sigmoid)
-  c.tgeo.alpha_init = 0.5  # α of every sample before the first meta step (the output layer's bias)
-  # 'none' | 'center': α_i = sigmoid(z_i - mean_batch(z) + logit(alpha_init)); the batch's α level stays near
-  # alpha_init and the meta-gradient can only move weight between samples (cf. Meta-Weight-Net's normalisation).
-  c.tgeo.alpha_normalization = "none"
-  # ANL-KD / ADA-KD / WLS-KD: rule-based alpha in the same convex combination.
-  c.reweight = ml_collections.ConfigDict(dict(temperature=4.0))
-  # RW-KD: a free per-sample alpha learned with the same lookahead (fusion_* fields apply to the alpha table).
-  c.rwkd = meta_config()
-
-  # DIST (docs/methods.md §3): L = w_ce CE + tau^2 (w_inter inter + w_intra intra); the paper's CIFAR-100 setting.
-  c.dist = ml_collections.ConfigDict()
-  c.dist.temperature = 4.0  # tau of both softmaxes (4 on CIFAR-100, 1 on ImageNet)
-  c.dist.w_ce = 1.0  # weight of the label cross-entropy
-  c.dist.w_inter = 2.0  # weight of tau^2 * inter-class relation loss (per sample, across classes)
-  c.dist.w_intra = 2.0  # weight of tau^2 * intra-class relation loss (per class, across the global batch)
-
-  # SimKD (docs/methods.md §4): projector + MSE to the frozen teacher's last feature map; predicts through its head.
-  c.simkd = ml_collections.ConfigDict()
-  c.simkd.factor = 2  # projector bottleneck r: C_s -> C_t / r -> C_t / r -> C_t
-
-  # ATSC (docs/methods.md §4): SimKD whose teacher adapts (MSE + w * Omega), its classifier then takes a CE step.
-  c.atsc = ml_collections.ConfigDict()
-  c.atsc.factor = 2  # projector bottleneck r, as simkd.factor
-  # Weight of Omega = sum ||theta_T - theta_T0||^2 over the teacher's conv kernels and classifier matrix
-  # (1 on CIFAR-100, 10 on ImageNet).
-  c.atsc.w = 1.0
-  c.atsc.classifier_update = "bias"  # CE step on the teacher classifier: 'bias' (public code) or 'all' (+ matrix)
-  # True: the adapting teacher's BatchNorm uses batch statistics and updates its running averages (public code);
-  # False: it keeps the pretrained running statistics (scale/shift still train).
-  c.atsc.teacher_train_mode = True
-  # More teachers besides teacher.model/teacher.checkpoint: ('model', 'workdir') pairs or 'model:workdir' strings.
-  # Each gets its own projector and Omega; the prediction is the mean of the teachers' classifier logits.
-  c.atsc.extra_teachers = ()
-
-  # TriKD (docs/methods.md §5, a reconstruction: the paper's weights are not public). The online teacher is
-  # teacher.model, initialised from teacher.checkpoint when given, else from scratch.
-  c.trikd = ml_collections.ConfigDict()
-  c.trikd.temperature = 4.0  # tau of every KL term
-  c.trikd.lambda_anchor = 1.0  # teacher loss: weight of tau^2 KL(p_anchor || p_teacher)
-  c.trikd.lambda_student_to_teacher = 1.0  # teacher loss: weight of tau^2 KL(p_student || p_teacher)
-  c.trikd.lambda_teacher_to_student = 1.0  # student loss: weight of tau^2 KL(p_teacher || p_student)
-  c.trikd.anchor_checkpoint = ""  # work directory of a finished CE run of model.name (the generation-1 anchor)
-  # Generations G >= 1, run by tgeo_jax.methods.trikd.run_generations in WORKDIR/gen_1..gen_G; each student
-  # becomes the next anchor. One train.py run trains one generation (G = 1).
-  c.trikd.generations = 1
+  for group, defaults in method_groups().items():
+    c[group] = defaults
 
   c.log = ml_collections.ConfigDict(dict(every_steps=50, progress=True, tensorboard=False))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, max_to_keep=2))
@@ -151,5 +107,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 def set_temperature(c: ml_collections.ConfigDict, temperature: float) -> None:
   """Sets the distillation temperature of every method group that has one."""
-  for group in ("kd", "tgeo", "reweight", "rwkd", "dist", "trikd"):
-    c[group].temperature = temperature
+  for group in method_groups():
+    if "temperature" in c[group]:
+      c[group].temperature = temperature

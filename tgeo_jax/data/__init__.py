@@ -188,7 +188,7 @@ def load(data_config, *, seed: int) -> TaskData:
       _, chosen = stratified_split(train.labels, keep_fraction, data_config.split_seed + 1)
       train = sources.subset(train, chosen)
       ids["train"] = ids["train"][chosen]
-  val_subset = data_config.get("val_subset", 0)
+  val_subset = data_config.val_subset
   if val_subset:
     if val_subset > len(val):
       raise UserError(f"data.val_subset: {val_subset} exceeds the {len(val)} validation examples")
@@ -196,7 +196,7 @@ def load(data_config, *, seed: int) -> TaskData:
       _, chosen = stratified_split(val.labels, val_subset / len(val), data_config.split_seed + 2)
       val = sources.subset(val, chosen)
       ids["val"] = ids["val"][chosen]
-  if data_config.get("label_noise", 0.0):
+  if data_config.label_noise:
     train = with_label_noise(train, data_config.label_noise, num_classes, seed=data_config.split_seed)
   if raw.finalize is not None:
     train, val, test = raw.finalize(train, val, test)
@@ -204,7 +204,7 @@ def load(data_config, *, seed: int) -> TaskData:
   for part_name, part, part_ids in (("training", train, train_row_ids), ("validation", val, ids["val"]),
                                     ("test", test, ids["test"])):
     check_finite(part, part_name, part_ids, raw.describe)
-  if data_config.get("train_with_val", False):
+  if data_config.train_with_val:
     train = sources.concatenate(train, val)
     ids["train"] = np.concatenate([ids["train"], ids["val"]])
   outlier_mask = None

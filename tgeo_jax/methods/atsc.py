@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from tgeo_jax import config_checks, losses, models
@@ -131,6 +132,24 @@ class ATSC(base.Method):
   """SimKD with adapting teacher(s) and a CE-trained shared classifier; predicts through the adapted head(s)."""
 
   name = "atsc"
+  config_group = "atsc"
+
+  @classmethod
+  def defaults(cls):
+    # SimKD whose teacher adapts (MSE + w * Omega), its classifier then takes a CE step (docs/methods.md §4).
+    c = ml_collections.ConfigDict()
+    c.factor = 2  # projector bottleneck r, as simkd.factor
+    # Weight of Omega = sum ||theta_T - theta_T0||^2 over the teacher's conv kernels and classifier matrix
+    # (1 on CIFAR-100, 10 on ImageNet).
+    c.w = 1.0
+    c.classifier_update = "bias"  # CE step on the teacher classifier: 'bias' (public code) or 'all' (+ matrix)
+    # True: the adapting teacher's BatchNorm uses batch statistics and updates its running averages (public code);
+    # False: it keeps the pretrained running statistics (scale/shift still train).
+    c.teacher_train_mode = True
+    # More teachers besides teacher.model/teacher.checkpoint: ('model', 'workdir') pairs or 'model:workdir' strings.
+    # Each gets its own projector and Omega; the prediction is the mean of the teachers' classifier logits.
+    c.extra_teachers = ()
+    return c
   teacher_is_frozen = False  # the teacher adapts: its logits change every step
 
   @classmethod

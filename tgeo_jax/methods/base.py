@@ -1,10 +1,14 @@
 """The method interface and the pieces every method shares.
 
-A method is an object built from (config, task spec, teacher) whose three functions are pure and jit-able::
+Two tiers. Most KD methods are a pure loss of (student logits, teacher logits, batch): they subclass
+``LossMethod`` and define ``loss`` -- the student step, the teacher lookup and the accuracy metric are shared.
+Methods that need more (a meta step, a projector, an adapting or online teacher) subclass ``Method`` and define
+``train_step``. Either way a method is built from (config, task spec, teacher) and its functions are pure and
+jit-able::
 
-    init(rng) -> state                             # a dict pytree
-    train_step(state, batch) -> (state, metrics)   # metrics: dict of scalar means over the batch
-    predict(state, inputs) -> logits [B, K]        # the eval head
+    init(rng) -> state                                   # a dict pytree
+    train_step(state, batch, kind) -> (state, metrics)   # metrics: dict of scalar means over the batch
+    predict(state, inputs) -> logits [B, K]              # the eval head
 
 plus ``teacher_logits(state, inputs)`` for distillation methods (evaluation reports the teacher too).
 
@@ -12,6 +16,9 @@ State layout conventions (the trainer relies on the first two only):
   ``state["step"]``: int32 scalar; ``state["frozen"]``: what must never be checkpointed (the frozen teacher,
   quantities derived from it). Everything else is saved and restored.
   Students use ``params`` / ``rest`` (BatchNorm statistics) / ``opt_state``.
+
+Each method class carries its config group's defaults (``config_group``, ``defaults()``); the registry composes
+them into ``tgeo_jax.default_config.base_config()``.
 """
 
 from __future__ import annotations
@@ -29,13 +36,22 @@ from tgeo_jax.teacher import Teacher
 
 
 class Method:
-  """Base class: a student trained with ``tx``; subclasses define the loss."""
+  """Base class: a student trained with ``tx``; subclasses define ``train_step`` (or use ``LossMethod``)."""
 
   name: str = "?"
+  # The config group of this method's own fields (``config.<config_group>``), None when it has none.
+  config_group: str | None = None
+  # Whether the trainer loads ``teacher.checkpoint`` as the frozen teacher (False: CE, and TriKD, which loads
+  # its own anchor and online teacher).
   uses_teacher: bool = True
   uses_validation_batch: bool = False
   # teacher_logits(state, x) depends only on the frozen teacher (evaluation may then compute them once).
   teacher_is_frozen: bool = True
+
+  @classmethod
+  def defaults(cls):
+    """The defaults of ``config.<config_group>`` (an ``ml_collections.ConfigDict``), or None."""
+    return None
 
   def __init__(self, config, spec, *, student: models.Functional, tx: optax.GradientTransformation,
                teacher: Teacher | None, task=None):
@@ -71,7 +87,7 @@ class Method:
   def caches_teacher_logits(self) -> bool:
     """``teacher.cache_logits``: 'auto' caches when training inputs are not augmented (the teacher's outputs
     are then a fixed function of the example), 'on'/'off' force it."""
-    mode = self.config.teacher.get("cache_logits", "off")
+    mode = self.config.teacher.cache_logits
     if mode not in ("auto", "on", "off"):
       raise UserError(f"teacher.cache_logits: expected 'auto', 'on' or 'off', got {mode!r}")
     if mode == "on" and self.task is not None and self.task.augment is not None:
@@ -96,7 +112,7 @@ class Method:
     def compute():
       return np.concatenate([np.asarray(fn(state, x)) for x in inputs])
 
-    cache_dir = self.config.teacher.get("logits_cache_dir", "")
+    cache_dir = self.config.teacher.logits_cache_dir
     if not cache_dir:
       return jnp.asarray(compute())
     cache = teacher_lib.LogitCache(cache_dir, key=(state["frozen"]["teacher"], inputs))
@@ -157,6 +173,30 @@ class Method:
     new_state = dict(state, params=optax.apply_updates(state["params"], updates), rest=new_rest,
                      opt_state=opt_state, step=state["step"] + 1)
     return new_state, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+
+
+class LossMethod(Method):
+  """The loss-only tier: a method that is a pure loss of (student logits, teacher logits, batch).
+
+  Subclasses define ``loss``; one optimizer step of the student on it, the teacher's logits for the batch (the
+  cached table or a forward pass of the frozen teacher; None for a method without a teacher) and the batch
+  accuracy are shared.
+  """
+
+  def loss(self, student_logits, teacher_logits, batch: dict, step) -> tuple[jax.Array, dict]:
+    """``(scalar loss, metrics)`` for ``student_logits [B, K]``, ``teacher_logits [B, K]`` (or None), the batch
+    (``labels [B]``, ``index [B]``, ...) and the int32 step count."""
+    raise NotImplementedError
+
+  def train_step(self, state, batch, kind=None):
+    del kind  # one compiled variant
+    teacher_logits = self.batch_teacher_logits(state, batch) if self.teacher is not None else None
+
+    def loss_from_logits(logits):
+      loss, metrics = self.loss(logits, teacher_logits, batch, state["step"])
+      return loss, dict(metrics, accuracy=batch_accuracy(logits, batch["labels"]))
+
+    return self.gradient_step(state, batch["inputs"], loss_from_logits)
 
 
 def batch_accuracy(logits, labels):

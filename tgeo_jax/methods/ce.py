@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import ml_collections
 
 from tgeo_jax import losses
 from tgeo_jax.methods import base
@@ -13,15 +14,15 @@ def ce_loss(logits, labels, *, label_smoothing: float = 0.0):
   return jnp.mean(losses.cross_entropy(logits, labels, label_smoothing=label_smoothing))
 
 
-class CE(base.Method):
+class CE(base.LossMethod):
   name = "ce"
+  config_group = "ce"
   uses_teacher = False
 
-  def train_step(self, state, batch, kind=None):
-    smoothing = self.config.ce.label_smoothing
+  @classmethod
+  def defaults(cls):
+    return ml_collections.ConfigDict(dict(label_smoothing=0.0))
 
-    def loss_from_logits(logits):
-      return ce_loss(logits, batch["labels"], label_smoothing=smoothing), {
-          "accuracy": base.batch_accuracy(logits, batch["labels"])}
-
-    return self.gradient_step(state, batch["inputs"], loss_from_logits)
+  def loss(self, student_logits, teacher_logits, batch, step):
+    del teacher_logits, step
+    return ce_loss(student_logits, batch["labels"], label_smoothing=self.config.ce.label_smoothing), {}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from tgeo_jax import config_checks, losses
 from tgeo_jax.methods import base
@@ -88,10 +89,21 @@ def dist_loss(student_logits, teacher_logits, labels, *, temperature: float, w_c
   return loss, {"ce": ce, "inter": inter, "intra": intra}
 
 
-class DIST(base.Method):
+class DIST(base.LossMethod):
   """The student trained on ``dist_loss`` against the frozen teacher's logits (``config.dist``)."""
 
   name = "dist"
+  config_group = "dist"
+
+  @classmethod
+  def defaults(cls):
+    # L = w_ce CE + tau^2 (w_inter inter + w_intra intra): the paper's CIFAR-100 setting.
+    c = ml_collections.ConfigDict()
+    c.temperature = 4.0  # tau of both softmaxes (4 on CIFAR-100, 1 on ImageNet)
+    c.w_ce = 1.0  # weight of the label cross-entropy
+    c.w_inter = 2.0  # weight of tau^2 * inter-class relation loss (per sample, across classes)
+    c.w_intra = 2.0  # weight of tau^2 * intra-class relation loss (per class, across the global batch)
+    return c
 
   @classmethod
   def validate_config(cls, config) -> None:
@@ -99,14 +111,8 @@ class DIST(base.Method):
     for field in ("dist.w_ce", "dist.w_inter", "dist.w_intra"):
       config_checks.nonnegative_number(config, field)
 
-  def train_step(self, state, batch, kind=None):
-    del kind  # a single compiled variant
+  def loss(self, student_logits, teacher_logits, batch, step):
+    del step
     cfg = self.config.dist
-    teacher_logits = self.batch_teacher_logits(state, batch)
-
-    def loss_from_logits(logits):
-      loss, metrics = dist_loss(logits, teacher_logits, batch["labels"], temperature=cfg.temperature,
-                                w_ce=cfg.w_ce, w_inter=cfg.w_inter, w_intra=cfg.w_intra)
-      return loss, dict(metrics, accuracy=base.batch_accuracy(logits, batch["labels"]))
-
-    return self.gradient_step(state, batch["inputs"], loss_from_logits)
+    return dist_loss(student_logits, teacher_logits, batch["labels"], temperature=cfg.temperature,
+                     w_ce=cfg.w_ce, w_inter=cfg.w_inter, w_intra=cfg.w_intra)

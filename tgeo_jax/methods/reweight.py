@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from tgeo_jax import losses
 from tgeo_jax.config_checks import positive_number
 from tgeo_jax.methods import base
-from tgeo_jax.methods.tgeo import MetaReweightKD
+from tgeo_jax.methods.tgeo import MetaReweightKD, meta_defaults
 
 # Keeps WLS's ratio finite when the teacher's CE is ~0 (a teacher certain and right): then α -> 1.
 _WLS_EPS = 1e-8
@@ -42,49 +43,49 @@ def wls_alpha(student_logits, teacher_logits, labels):
   return jax.lax.stop_gradient(1.0 - jnp.exp(-ce_s / (ce_t + _WLS_EPS)))
 
 
-class RuleReweightKD(base.Method):
+class RuleReweightKD(base.LossMethod):
   """Fused KD/CE with α from a fixed rule (no learning)."""
+
+  config_group = "reweight"
+
+  @classmethod
+  def defaults(cls):
+    return ml_collections.ConfigDict(dict(temperature=4.0))
 
   @classmethod
   def validate_config(cls, config):
     positive_number(config, "reweight.temperature")
 
-  def rule_alpha(self, state, logits, teacher_logits, labels):
+  def rule_alpha(self, step, logits, teacher_logits, labels):
     raise NotImplementedError
 
-  def train_step(self, state, batch, kind=None):
-    teacher_logits = self.batch_teacher_logits(state, batch)
+  def loss(self, student_logits, teacher_logits, batch, step):
     labels = batch["labels"]
-    tau = self.config.reweight.temperature
-
-    def loss_from_logits(logits):
-      alpha = jax.lax.stop_gradient(self.rule_alpha(state, logits, teacher_logits, labels))
-      per_sample = losses.fused_kd_ce(logits, teacher_logits, labels, alpha, temperature=tau)
-      return jnp.mean(per_sample), {"accuracy": base.batch_accuracy(logits, labels),
-                                    "alpha_mean": jnp.mean(alpha) * jnp.ones(())}
-
-    return self.gradient_step(state, batch["inputs"], loss_from_logits)
+    alpha = jax.lax.stop_gradient(self.rule_alpha(step, student_logits, teacher_logits, labels))
+    per_sample = losses.fused_kd_ce(student_logits, teacher_logits, labels, alpha,
+                                    temperature=self.config.reweight.temperature)
+    return jnp.mean(per_sample), {"alpha_mean": jnp.mean(alpha) * jnp.ones(())}
 
 
 class AnnealedKD(RuleReweightKD):
   name = "anl_kd"
 
-  def rule_alpha(self, state, logits, teacher_logits, labels):
+  def rule_alpha(self, step, logits, teacher_logits, labels):
     total = self.config.num_epochs * (self.spec.train_size // self.config.batch_size)
-    return anl_alpha(state["step"], max(1, total))
+    return anl_alpha(step, max(1, total))
 
 
 class AdaptiveKD(RuleReweightKD):
   name = "ada_kd"
 
-  def rule_alpha(self, state, logits, teacher_logits, labels):
+  def rule_alpha(self, step, logits, teacher_logits, labels):
     return ada_alpha(teacher_logits, labels)
 
 
 class WeightedSoftLabelKD(RuleReweightKD):
   name = "wls_kd"
 
-  def rule_alpha(self, state, logits, teacher_logits, labels):
+  def rule_alpha(self, step, logits, teacher_logits, labels):
     return wls_alpha(logits, teacher_logits, labels)
 
 
@@ -93,6 +94,11 @@ class RandomWeightKD(MetaReweightKD):
 
   name = "rw_kd"
   config_group = "rwkd"
+
+  @classmethod
+  def defaults(cls):
+    # The lookahead's settings; the fusion_* fields apply to the α table.
+    return meta_defaults()
 
   def init_meta(self):
     return {"alpha_logits": jnp.zeros((self.spec.train_size,), jnp.float32)}

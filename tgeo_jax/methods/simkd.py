@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 
@@ -117,6 +118,12 @@ class SimKD(base.Method):
   """Student + projector trained on the feature MSE to a frozen teacher; predicts through the teacher's head."""
 
   name = "simkd"
+  config_group = "simkd"
+
+  @classmethod
+  def defaults(cls):
+    # Projector + MSE to the frozen teacher's last feature map; predicts through its head (docs/methods.md §4).
+    return ml_collections.ConfigDict(dict(factor=2))  # projector bottleneck r: C_s -> C_t / r -> C_t / r -> C_t
 
   @classmethod
   def validate_config(cls, config) -> None:

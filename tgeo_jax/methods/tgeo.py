@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import optax
 from flax import nnx
 
@@ -61,6 +62,21 @@ def make_meta_optimizer(cfg) -> optax.GradientTransformation:
   parts = [optax.clip_by_global_norm(cfg.fusion_clip_norm)] if cfg.fusion_clip_norm else []
   parts.append(optax.adamw(cfg.fusion_lr, weight_decay=cfg.fusion_weight_decay))
   return optax.chain(*parts)
+
+
+def meta_defaults():
+  """Bilevel settings shared by TGeo-KD and RW-KD (docs/methods.md §2)."""
+  m = ml_collections.ConfigDict()
+  m.temperature = 4.0
+  m.fusion_lr = 1e-3  # the meta-parameters' own Adam(W)
+  m.fusion_weight_decay = 0.0
+  m.fusion_clip_norm = 0.0
+  m.ordering = "reuse"  # reuse: the lookahead step is the real step | lookahead: Meta-Weight-Net order
+  m.meta_interval = 1  # update the meta-parameters every k student steps
+  m.unroll_steps = 1  # >1: hypergradient through n unrolled steps (research; needs ordering='lookahead')
+  m.val_bn_mode = "train"  # BatchNorm mode of the validation forward at the lookahead parameters
+  m.analysis_examples = 5000  # α-by-group analytics each epoch over this many training examples (0 = off)
+  return m
 
 
 class MetaReweightKD(base.Method):
@@ -219,6 +235,17 @@ class TGeoKD(MetaReweightKD):
   config_group = "tgeo"
 
   @classmethod
+  def defaults(cls):
+    c = meta_defaults()
+    c.layout = "reference"  # relation features: reference (9K) | vertices | edges | intra | no_st | sg_tg | angles | scalar
+    c.fusion_hidden = (32, 16)  # fusion MLP 9K -> 32 -> 16 -> 1 (LeakyReLU, sigmoid)
+    c.alpha_init = 0.5  # α of every sample before the first meta step (the output layer's bias)
+    # 'none' | 'center': α_i = sigmoid(z_i - mean_batch(z) + logit(alpha_init)); the batch's α level stays near
+    # alpha_init and the meta-gradient can only move weight between samples (cf. Meta-Weight-Net's normalisation).
+    c.alpha_normalization = "none"
+    return c
+
+  @classmethod
   def validate_config(cls, config):
     super().validate_config(config)
     require(config, "tgeo.layout", lambda v: v in geometry.LAYOUTS, f"one of {list(geometry.LAYOUTS)}")
@@ -226,13 +253,12 @@ class TGeoKD(MetaReweightKD):
             lambda v: isinstance(v, (tuple, list)) and all(isinstance(w, int) and not isinstance(w, bool) and w > 0
                                                            for w in v),
             "a tuple of positive layer widths, e.g. (32, 16)")
-    if "alpha_normalization" in config.tgeo:  # configs written before these options keep the old behaviour
-      require(config, "tgeo.alpha_init", lambda v: 0 < v < 1, "a number in (0, 1)")
-      require(config, "tgeo.alpha_normalization", lambda v: v in ("none", "center"), "'none' or 'center'")
+    require(config, "tgeo.alpha_init", lambda v: 0 < v < 1, "a number in (0, 1)")
+    require(config, "tgeo.alpha_normalization", lambda v: v in ("none", "center"), "'none' or 'center'")
 
   def init_meta(self):
     dim = geometry.feature_dim(self.cfg.layout, self.spec.num_classes)
-    net = FusionNet(dim, tuple(self.cfg.fusion_hidden), alpha_init=self.cfg.get("alpha_init", 0.5),
+    net = FusionNet(dim, tuple(self.cfg.fusion_hidden), alpha_init=self.cfg.alpha_init,
                     rngs=nnx.Rngs(self.config.seed + 1))
     self.fusion_graphdef, meta = nnx.split(net, nnx.Param)
     return meta
@@ -259,6 +285,6 @@ class TGeoKD(MetaReweightKD):
     z = nnx.merge(self.fusion_graphdef, meta_params).logits(feats)
     if self.cfg.get("alpha_normalization", "none") == "center":
       # Over the global batch (under data parallelism XLA all-reduces the mean).
-      init = self.cfg.get("alpha_init", 0.5)
+      init = self.cfg.alpha_init
       z = z - jnp.mean(z) + jnp.log(init / (1.0 - init))
     return jax.nn.sigmoid(z)

@@ -29,6 +29,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from tgeo_jax import config_checks, losses, models, report, run_identity
@@ -73,6 +74,22 @@ class TriKD(base.Method):
   """Online teacher and student with a frozen anchor; ``predict`` is the student, ``teacher_logits`` the teacher."""
 
   name = "trikd"
+  config_group = "trikd"
+
+  @classmethod
+  def defaults(cls):
+    # A reconstruction (docs/methods.md §5): the paper's weights are not public. The online teacher is
+    # teacher.model, initialised from teacher.checkpoint when given, else from scratch.
+    c = ml_collections.ConfigDict()
+    c.temperature = 4.0  # tau of every KL term
+    c.lambda_anchor = 1.0  # teacher loss: weight of tau^2 KL(p_anchor || p_teacher)
+    c.lambda_student_to_teacher = 1.0  # teacher loss: weight of tau^2 KL(p_student || p_teacher)
+    c.lambda_teacher_to_student = 1.0  # student loss: weight of tau^2 KL(p_teacher || p_student)
+    c.anchor_checkpoint = ""  # work directory of a finished CE run of model.name (the generation-1 anchor)
+    # Generations G >= 1, run by tgeo_jax.methods.trikd.run_generations in WORKDIR/gen_1..gen_G; each student
+    # becomes the next anchor. One train.py run trains one generation (G = 1).
+    c.generations = 1
+    return c
   # The trainer's frozen-teacher loader is not used: the teacher trains here, and its checkpoint is optional.
   uses_teacher = False
 
