@@ -29,15 +29,37 @@ TINY = [
 ]
 
 
-def run_cli(args, *, env=None, check=True, timeout=300):
-  """Runs ``python train.py ARGS`` in a subprocess; returns the CompletedProcess (text)."""
-  full_env = dict(os.environ)
-  full_env.update(env or {})
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=full_env,
-                        capture_output=True, text=True, timeout=timeout)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-  return proc
+class CliResult:
+  """What a CLI run gave: ``returncode``, ``stdout``, ``stderr`` (as ``subprocess.CompletedProcess`` has them)."""
+
+  def __init__(self, returncode, stdout, stderr):
+    self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_cli(args, *, env=None, check=True, timeout=300, process=False):
+  """Runs the CLI (``train.py ARGS``) and returns its ``CliResult``.
+
+  In this process (``tgeo_jax.cli.main``: the flag parsing and run that ``train.py`` calls; fast, no JAX start-up)
+  unless ``env`` is given or ``process=True``: then ``python train.py ARGS`` in a subprocess (the process
+  contract, or another device count via ``XLA_FLAGS``).
+  """
+  if env is None and not process:
+    import contextlib
+    import io
+    from tgeo_jax import cli
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      rc = cli.main(["train.py", *args])
+    result = CliResult(rc, out.getvalue(), err.getvalue())
+  else:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    result = CliResult(proc.returncode, proc.stdout, proc.stderr)
+  if check and result.returncode != 0:
+    raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+  return result
 
 
 @pytest.fixture(scope="session")

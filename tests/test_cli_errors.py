@@ -1,4 +1,9 @@
-"""Bad input through the real CLI: one line on stderr naming the field or file, exit status 2, no traceback."""
+"""Bad input through the CLI: one line on stderr naming the field or file, exit status 2, no traceback.
+
+Every case runs ``tgeo_jax.cli.main(argv)`` -- the flag parsing and the run that ``train.py`` calls -- in this
+process; a few also run ``python train.py`` in a subprocess (the process contract: exit status, stderr, and the
+cases that need another device count).
+"""
 
 import os
 import re
@@ -8,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, run_cli
+from tgeo_jax import cli
 from tgeo_jax.data import sources
 
 KD = "--config=configs/fashion_mnist.py:kd"
@@ -109,8 +115,20 @@ CASES = [
 ]
 
 
+# Cases that need a process of their own (another device count) or check the process contract end to end.
+SUBPROCESS = {"batch_not_divisible", "unknown_field", "teacher_corrupt"}
+
+
+def run_main(args, capsys):
+  """``cli.main(["train.py", *args])`` in this process: (exit status, stdout, stderr)."""
+  capsys.readouterr()
+  rc = cli.main(["train.py", *args])
+  out, err = capsys.readouterr()
+  return rc, out, err
+
+
 @pytest.mark.parametrize("name,args,pattern", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(name, args, pattern, tiny_teacher, tmp_path):
+def test_bad_input(name, args, pattern, tiny_teacher, tmp_path, capsys):
   args = [a.replace("{teacher}", tiny_teacher) for a in args]
   if any("{corrupt_teacher}" in a for a in args):
     corrupt = corrupt_copy(tiny_teacher, str(tmp_path / "corrupt_teacher"))
@@ -119,31 +137,37 @@ def test_bad_input(name, args, pattern, tiny_teacher, tmp_path):
           for a in args]
   config = [a for a in args if a.startswith("--config=")] or [KD]
   rest = [a for a in args if not a.startswith("--config=")]
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"} if name == "batch_not_divisible" else None
-  proc = run_cli([*config, f"--workdir={tmp_path / 'run'}", *TINY, *rest], env=env, check=False)
-  assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-  lines = [line for line in proc.stderr.splitlines() if line.strip() and "warn" not in line.lower()]
-  assert len(lines) == 1, proc.stderr
-  assert "Traceback" not in proc.stderr
+  argv = [*config, f"--workdir={tmp_path / 'run'}", *TINY, *rest]
+  if name in SUBPROCESS:
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"} if name == "batch_not_divisible" else None
+    proc = run_cli(argv, env=env, check=False, process=True)
+    rc, stderr = proc.returncode, proc.stderr
+  else:
+    rc, _, stderr = run_main(argv, capsys)
+  assert rc == 2, (rc, stderr)
+  lines = [line for line in stderr.splitlines() if line.strip() and "warn" not in line.lower()]
+  assert len(lines) == 1, stderr
+  assert "Traceback" not in stderr
   assert lines[0].startswith("error: ")
   assert re.search(pattern, lines[0]), lines[0]
 
 
-def test_resume_with_another_config_is_refused(tiny_teacher, tmp_path):
+def test_resume_with_another_config_is_refused(tiny_teacher, tmp_path, capsys):
   workdir = str(tmp_path / "run")
-  run_cli(["--config=configs/fashion_mnist.py:ce", f"--workdir={workdir}", *TINY])
+  rc, _, err = run_main(["--config=configs/fashion_mnist.py:ce", f"--workdir={workdir}", *TINY], capsys)
+  assert rc == 0, err
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   ce = "--config=configs/fashion_mnist.py:ce"
   changes = [  # (config + overrides, the difference the error names)
       ([ce, "--config.model.name=mlp_tiny"], "model.name: 'cnn_tiny' -> 'mlp_tiny'"),
-      ([ce, "--config.data.synthetic.num_classes=5"], "num_classes: 10 -> 5"),
+      ([ce, "--config.data.synthetic.num_classes=5"], "data.synthetic.num_classes: 10 -> 5"),
       ([KD, f"--config.teacher.checkpoint={tiny_teacher}"], "method: 'ce' -> 'kd'"),
   ]
   for args, expected in changes:
-    proc = run_cli([*args[:1], f"--workdir={workdir}", *TINY, *args[1:]], check=False)
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and "warn" not in line.lower()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    rc, _, err = run_main([*args[:1], f"--workdir={workdir}", *TINY, *args[1:]], capsys)
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip() and "warn" not in line.lower()]
+    assert len(lines) == 1 and "Traceback" not in err, err
     assert expected in lines[0] and "nothing was read or written" in lines[0], lines[0]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
@@ -156,22 +180,37 @@ def _assert_one_line_error(proc, pattern):
 
 
 def test_a_stray_positional_argument_is_one_line(tmp_path):
-  proc = run_cli(["--config=configs/fashion_mnist.py:ce", f"--workdir={tmp_path / 'run'}", "extra"], check=False)
+  proc = run_cli(["--config=configs/fashion_mnist.py:ce", f"--workdir={tmp_path / 'run'}", "extra"], check=False,
+                 process=True)
   _assert_one_line_error(proc, r"unexpected argument 'extra' \(every setting is a flag")
 
 
-def test_csv_with_a_non_numeric_column(tmp_path):
+def test_missing_required_flags_are_one_line(capsys):
+  rc, _, err = run_main(["--config=configs/fashion_mnist.py:ce"], capsys)
+  assert rc == 2 and err.strip() == "error: --workdir: required, e.g. --workdir=runs/kd", err
+
+
+def test_csv_with_a_non_numeric_column(tmp_path, capsys):
   rows = ["f1,f2,label"] + [f"{i},{'abc' if i == 3 else i * 2},{i % 3}" for i in range(12)]
   (tmp_path / "attack.csv").write_text("\n".join(rows) + "\n")
-  proc = run_cli(["--config=configs/attack.py:ce", f"--workdir={tmp_path / 'run'}", f"--config.data.dir={tmp_path}",
-                  "--config.data.file=attack.csv", "--config.log.progress=False"], check=False)
-  _assert_one_line_error(proc, r"attack.csv.*line 5.*'abc'")
+  rc, _, err = run_main(["--config=configs/attack.py:ce", f"--workdir={tmp_path / 'run'}",
+                         f"--config.data.dir={tmp_path}", "--config.data.file=attack.csv",
+                         "--config.log.progress=False"], capsys)
+  _assert_one_line(rc, err, r"attack.csv.*line 5.*'abc'")
 
 
-def test_criteo_line_with_the_wrong_field_count(tmp_path):
+def test_criteo_line_with_the_wrong_field_count(tmp_path, capsys):
   good = "\t".join(["1"] + [str(i) for i in range(13)] + ["68fd1e64"] * 26)
   lines = [good] * 6 + ["0\t1\t2"] + [good] * 3
   (tmp_path / "dac.txt").write_text("\n".join(lines) + "\n")
-  proc = run_cli(["--config=configs/criteo.py:ce", f"--workdir={tmp_path / 'run'}", f"--config.data.dir={tmp_path}",
-                  "--config.data.file=dac.txt", "--config.log.progress=False"], check=False)
-  _assert_one_line_error(proc, r"dac.txt: line 7 has 3 tab-separated fields, expected 40")
+  rc, _, err = run_main(["--config=configs/criteo.py:ce", f"--workdir={tmp_path / 'run'}",
+                         f"--config.data.dir={tmp_path}", "--config.data.file=dac.txt",
+                         "--config.log.progress=False"], capsys)
+  _assert_one_line(rc, err, r"dac.txt: line 7 has 3 tab-separated fields, expected 40")
+
+
+def _assert_one_line(rc, stderr, pattern):
+  assert rc == 2, (rc, stderr)
+  lines = [line for line in stderr.splitlines() if line.strip() and "warn" not in line.lower()]
+  assert len(lines) == 1 and "Traceback" not in stderr, stderr
+  assert re.search(pattern, lines[0]), lines[0]

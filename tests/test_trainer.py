@@ -1,4 +1,5 @@
-"""End to end through the real CLI on a tiny synthetic task: outputs, resume, exactness, data parallelism."""
+"""End to end through the CLI on a tiny synthetic task: outputs, resume, exactness, data parallelism (the first
+test through ``python train.py`` itself, the others in this process, the device-count test in two processes)."""
 
 import json
 import os
@@ -47,7 +48,7 @@ def test_teacher_and_kd_student_outputs(tiny_teacher, tmp_path):
   assert summary["method"] == "ce" and 0 <= summary["accuracy"] <= 1
   workdir = str(tmp_path / "kd")
   proc = run_cli(["--config=configs/fashion_mnist.py:kd", f"--workdir={workdir}", *TINY,
-                  f"--config.teacher.checkpoint={tiny_teacher}"])
+                  f"--config.teacher.checkpoint={tiny_teacher}"], process=True)
   assert "done: kd test accuracy" in proc.stdout
   summary = json.load(open(os.path.join(workdir, "summary.json")))
   for key in ("method", "accuracy", "best_accuracy", "teacher_accuracy", "num_steps", "seconds", "val_accuracy"):

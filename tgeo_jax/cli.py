@@ -1,16 +1,103 @@
-"""Runs a config with user-facing error handling: bad input -> one line on stderr, exit status 2."""
+"""The command line: ``python train.py --config=FILE:ARG --workdir=DIR [--config.FIELD=VALUE ...]``.
+
+``main(argv) -> exit status`` parses the flags (absl + ml_collections) and runs; every user-facing error is one line
+on stderr: 2 for bad input (flags, config, data, checkpoints), 1 for a runtime fault (non-finite values, a full
+disk), 128 + signal for SIGTERM/SIGINT. It never exits the process itself, so tests call it in-process.
+"""
 
 from __future__ import annotations
 
+import re
 import sys
 
 from tgeo_jax.errors import UserError
 
 
+def _flag_values(argv: list[str]):
+  """A fresh absl ``FlagValues`` with ``--workdir`` and ``--config`` for ``argv`` (ml_collections defines the
+  ``--config.FIELD`` override flags from the argument list it is given, so each parse gets its own)."""
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and summary.json.", flag_values=fv)
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fashion_mnist.py:kd.",
+                                  flag_values=fv, lock_config=True, sys_argv=list(argv))
+  return fv
+
+
+def _verbosity(argv: list[str]) -> list[str]:
+  """Applies and removes ``--verbosity=N`` / ``-v=N`` (absl logging; orbax logs at INFO)."""
+  from absl import logging
+  rest = []
+  for a in argv:
+    m = re.fullmatch(r"(?:--verbosity|-v)=(-?\d+)", a)
+    if m:
+      logging.set_verbosity(int(m.group(1)))
+    else:
+      rest.append(a)
+  return rest
+
+
+def parse(argv: list[str]):
+  """``(config, workdir)`` from ``argv`` (``argv[0]`` is the program); bad flags raise a one-line ``UserError``."""
+  from absl import flags
+  argv = _verbosity(list(argv))
+  try:
+    fv = _flag_values(argv)
+    rest = fv(argv)
+    if fv.config is not None:
+      fv.config.keys  # noqa: B018 - a failed config file load surfaces only on access: surface it here
+  except flags.Error as e:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    message = lines[0]
+    if "Traceback" in str(e):  # a config file's get_config raised: its own last line says what is wrong
+      message = f"{message} {lines[-1]}"
+    raise UserError(message) from None
+  except (KeyError, AttributeError) as e:
+    field = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                  and re.sub(r"\W", "", str(e)) in a.split("=")[0]), None)
+    raise UserError(f"{field or '--config'}: no such config field ({str(e).strip(chr(34))})") from None
+  except OSError as e:
+    raise UserError("--config: " + " ".join(str(e).split())) from None
+  except Exception as e:  # noqa: BLE001 - a config file raising on load
+    raise UserError(f"--config: the config file failed to load ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0]})") from None
+  if len(rest) > 1:
+    raise UserError(f"unexpected argument {rest[1]!r} (every setting is a flag: --config=FILE:ARG, --workdir=DIR, "
+                    "--config.FIELD=VALUE)")
+  for name, example in (("config", "configs/fashion_mnist.py:kd"), ("workdir", "runs/kd")):
+    if fv[name].value is None:
+      raise UserError(f"--{name}: required, e.g. --{name}={example}")
+  return fv.config, fv.workdir
+
+
+USAGE = """usage: python train.py --config=FILE:ARG --workdir=DIR [--config.FIELD=VALUE ...]
+
+  --config=FILE:ARG        a config file and its argument, e.g. configs/fashion_mnist.py:kd
+  --workdir=DIR            checkpoints, metrics.jsonl, summary.json; the same command resumes a run there
+  --config.FIELD=VALUE     any config field, e.g. --config.optimizer.learning_rate=0.05
+  --verbosity=N            absl logging verbosity (orbax logs at INFO: --verbosity=0 shows it)
+
+Fields and their defaults: tgeo_jax/default_config.py and the config file; methods: docs/methods.md."""
+
+
+def main(argv: list[str]) -> int:
+  """Parses ``argv`` and runs it; returns the exit status."""
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+    print(USAGE)
+    return 0
+  try:
+    config, workdir = parse(argv)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return run(config, workdir)
+
+
 def run(config, workdir: str) -> int:
   from absl import logging
   from tgeo_jax import methods, parallel, trainer
-  # orbax logs every save at INFO; keep the console to our own progress lines unless asked (-v / --verbosity).
+  # orbax logs every save at INFO; keep the console to our own progress lines unless asked (--verbosity).
   if logging.get_verbosity() == logging.INFO:
     logging.set_verbosity(logging.WARNING)
   try:
