@@ -79,7 +79,7 @@ def test_loss_is_differentiable_only_through_the_student(tiny_teacher):
     alpha = jax.lax.stop_gradient(method.alpha(meta_params, st, batch, jax.lax.stop_gradient(logits), t_logits))
     return jnp.mean(alpha * soft + (1 - alpha) * hard)
 
-  g_student, g_teacher, g_meta = jax.grad(fused, argnums=(0, 1, 2))(
+  g_student, g_teacher, g_meta = jax.jit(jax.grad(fused, argnums=(0, 1, 2)))(
       state["params"], state["frozen"]["teacher"], state["meta_params"])
   assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_student)) > 0
   for g in (g_teacher, g_meta):
@@ -138,7 +138,7 @@ def test_tgeo_one_and_four_devices_agree(tiny_teacher, tmp_path):
   common = ["--config=configs/fashion_mnist.py:tgeo", *TINY, f"--config.teacher.checkpoint={tiny_teacher}",
             "--config.tgeo.fusion_lr=0.01"]
   one, four = str(tmp_path / "one"), str(tmp_path / "four")
-  run_cli([*common, f"--workdir={one}"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+  run_cli([*common, f"--workdir={one}"])  # in this process: one CPU device
   run_cli([*common, f"--workdir={four}"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
   assert json.load(open(os.path.join(four, "summary.json")))["num_devices"] == 4
   _, a = final_arrays(one)

@@ -83,7 +83,7 @@ def build_method(config, task: data.TaskData, steps_per_epoch: int, *, teacher: 
   except KeyError as e:
     raise UserError(f"model.name: {e.args[0]}") from None
   tx = optim.make_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs)
-  if teacher is None and method_cls.uses_teacher:
+  if teacher is None and method_cls.loads_teacher_checkpoint:
     teacher = teacher_lib.load_teacher(config, spec)
   return method_cls(config, spec, student=models.split(student_model), tx=tx, teacher=teacher, task=task)
 
@@ -338,7 +338,7 @@ def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mes
   guarded_step, quantity_names = make_guarded_step(method, skip_nonfinite=config.nonfinite == "skip")
   eval_fn = jax.jit(lambda s, f, b: evaluation.make_eval_step(method, task.metrics)(dict(s, frozen=f), b))
   fixed_teacher = (evaluation.FixedTeacherLogits(method, frozen)
-                   if method.teacher is not None and method.teacher_is_frozen else None)
+                   if method.teacher is not None and method.teacher_logits_fixed else None)
   val_stream = (data.validation_batches(task.val, batch_size=config.val_batch_size, seed=config.seed,
                                         process_index=jax.process_index(), process_count=jax.process_count())
                 if method.uses_validation_batch else None)

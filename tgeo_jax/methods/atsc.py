@@ -150,7 +150,7 @@ class ATSC(base.Method):
     # Each gets its own projector and Omega; the prediction is the mean of the teachers' classifier logits.
     c.extra_teachers = ()
     return c
-  teacher_is_frozen = False  # the teacher adapts: its logits change every step
+  teacher_logits_fixed = False  # the teacher adapts: its logits change every step
 
   @classmethod
   def validate_config(cls, config) -> None:
@@ -194,21 +194,17 @@ class ATSC(base.Method):
     self.head_txs = [optax.masked(self.tx, mask) for mask in self.head_masks]
 
   def init(self, rng):
+    del rng  # projectors come from config.seed
     # Copies: the trainable teachers must not share buffers with the frozen pretrained ones, because the trainer
     # donates the (non-frozen) state to the jitted step.
     teachers = [jax.tree.map(jnp.copy, t.variables["params"]) for t in self.teachers]
     params = {"student": self.student.params, "projectors": [p.params for p in self.projectors],
               "teachers": teachers}
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "rng": rng,
-        "params": params,
-        "rest": {"student": self.student.rest, "projectors": [p.rest for p in self.projectors],
-                 "teachers": [jax.tree.map(jnp.copy, t.variables["rest"]) for t in self.teachers]},
-        "opt_state": self.joint_tx.init(params),
-        "head_opt_state": [tx.init(p) for tx, p in zip(self.head_txs, teachers)],
-        "frozen": {"teachers_init": [t.variables["params"] for t in self.teachers]},
-    }
+    rest = {"student": self.student.rest, "projectors": [p.rest for p in self.projectors],
+            "teachers": [jax.tree.map(jnp.copy, t.variables["rest"]) for t in self.teachers]}
+    return base.trainable_state(params, rest, self.joint_tx,
+                                frozen={"teachers_init": [t.variables["params"] for t in self.teachers]},
+                                head_opt_state=[tx.init(p) for tx, p in zip(self.head_txs, teachers)])
 
   # ---- forward pieces
   def project(self, params, rest, inputs, *, train: bool):

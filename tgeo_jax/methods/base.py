@@ -43,10 +43,10 @@ class Method:
   config_group: str | None = None
   # Whether the trainer loads ``teacher.checkpoint`` as the frozen teacher (False: CE, and TriKD, which loads
   # its own anchor and online teacher).
-  uses_teacher: bool = True
+  loads_teacher_checkpoint: bool = True
   uses_validation_batch: bool = False
   # teacher_logits(state, x) depends only on the frozen teacher (evaluation may then compute them once).
-  teacher_is_frozen: bool = True
+  teacher_logits_fixed: bool = True
 
   @classmethod
   def defaults(cls):
@@ -70,14 +70,8 @@ class Method:
 
   # ---- interface
   def init(self, rng: jax.Array) -> dict:
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "rng": rng,
-        "params": self.student.params,
-        "rest": self.student.rest,
-        "opt_state": self.tx.init(self.student.params),
-        "frozen": {},
-    }
+    del rng  # every initial value comes from config.seed (models, projectors, fusion nets)
+    state = trainable_state(self.student.params, self.student.rest, self.tx)
     if self.teacher is not None:
       state["frozen"]["teacher"] = self.teacher.variables
       if self.caches_teacher_logits():
@@ -197,6 +191,13 @@ class LossMethod(Method):
       return loss, dict(metrics, accuracy=batch_accuracy(logits, batch["labels"]))
 
     return self.gradient_step(state, batch["inputs"], loss_from_logits)
+
+
+def trainable_state(params, rest, tx: optax.GradientTransformation, *, frozen: dict | None = None, **extra) -> dict:
+  """The state skeleton every method starts from: ``step``, ``params``, ``rest`` (BatchNorm statistics),
+  ``opt_state = tx.init(params)``, ``frozen`` (never checkpointed) and any ``extra`` entries."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt_state": tx.init(params),
+          "frozen": {} if frozen is None else frozen, **extra}
 
 
 def batch_accuracy(logits, labels):

@@ -17,7 +17,7 @@ def ce_loss(logits, labels, *, label_smoothing: float = 0.0):
 class CE(base.LossMethod):
   name = "ce"
   config_group = "ce"
-  uses_teacher = False
+  loads_teacher_checkpoint = False
 
   @classmethod
   def defaults(cls):

@@ -141,15 +141,10 @@ class SimKD(base.Method):
     self.projector = make_projector(c_s, c_t, factor=config.simkd.factor, seed=config.seed + 1)
 
   def init(self, rng):
-    params = {"student": self.student.params, "projector": self.projector.params}
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "rng": rng,
-        "params": params,
-        "rest": {"student": self.student.rest, "projector": self.projector.rest},
-        "opt_state": self.tx.init(params),
-        "frozen": {"teacher": self.teacher.variables},
-    }
+    del rng  # the projector's initial values come from config.seed + 1
+    return base.trainable_state({"student": self.student.params, "projector": self.projector.params},
+                                {"student": self.student.rest, "projector": self.projector.rest}, self.tx,
+                                frozen={"teacher": self.teacher.variables})
 
   def project(self, params, rest, inputs, *, train: bool):
     """``(P(F_s) [B, h, w, C_t], new_rest)``: student features, pooled to the common size, through the projector."""

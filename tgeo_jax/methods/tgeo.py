@@ -256,12 +256,17 @@ class TGeoKD(MetaReweightKD):
     require(config, "tgeo.alpha_init", lambda v: 0 < v < 1, "a number in (0, 1)")
     require(config, "tgeo.alpha_normalization", lambda v: v in ("none", "center"), "'none' or 'center'")
 
-  def init_meta(self):
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    # The fusion net's structure is static (built once, here); its parameters start the meta state in init_meta.
     dim = geometry.feature_dim(self.cfg.layout, self.spec.num_classes)
     net = FusionNet(dim, tuple(self.cfg.fusion_hidden), alpha_init=self.cfg.alpha_init,
                     rngs=nnx.Rngs(self.config.seed + 1))
-    self.fusion_graphdef, meta = nnx.split(net, nnx.Param)
-    return meta
+    self.fusion_graphdef, self._fusion_params = nnx.split(net, nnx.Param)
+
+  def init_meta(self):
+    # A copy: the trainer donates the state to its jitted step, and init may be called again.
+    return jax.tree.map(jnp.copy, self._fusion_params)
 
   def init(self, rng):
     state = super().init(rng)

@@ -91,7 +91,7 @@ class TriKD(base.Method):
     c.generations = 1
     return c
   # The trainer's frozen-teacher loader is not used: the teacher trains here, and its checkpoint is optional.
-  uses_teacher = False
+  loads_teacher_checkpoint = False
 
   @staticmethod
   def run(config, workdir: str) -> dict:
