@@ -255,14 +255,21 @@ class WorkdirLock:
     self._fd = None
 
   def acquire(self, *, process_index: int = 0, process_count: int = 1) -> "WorkdirLock":
-    holder = None
+    holder, error = None, None
     if process_index == 0:
-      holder = self._try_lock()
+      try:
+        holder = self._try_lock()
+      except UserError as e:  # told to the other processes first, so that none waits for process 0 forever
+        error = e
     if process_count > 1:
       from jax.experimental import multihost_utils
-      busy = int(multihost_utils.broadcast_one_to_all(np.int32(holder is not None)))
-      if busy and holder is None:
+      code = int(multihost_utils.broadcast_one_to_all(np.int32(2 if error else int(holder is not None))))
+      if code == 2 and error is None:
+        raise UserError(f"workdir: process 0 could not lock {self.path!r} (see its message)")
+      if code == 1 and holder is None:
         holder = "another run (see process 0)"
+    if error is not None:
+      raise error
     if holder is not None:
       raise UserError(f"workdir: {self.workdir!r} is in use by {holder}; wait for it to finish or use another "
                       "--workdir")
