@@ -331,3 +331,15 @@ def test_cli_criteo_teacher_and_kd_student(tmp_path):
   assert json.loads((student / "summary.json").read_text())["model"] == "wide_deep_student"
   records = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
   assert any("auc" in r and "log_loss" in r for r in records)
+
+
+def test_criteo_column_whose_range_overflows_scaling_is_named(tmp_path):
+  """Missing dense values become 0 after scaling, so an overflowing range (NaN after scaling) must be refused
+  before that, naming the field: a silent 0 would be wrong data."""
+  lines = [criteo_line(i % 2, [1e308 if i == 3 else (-1e308 if i == 5 else i)] + [1] * 12, ["0000000a"] * 26)
+           for i in range(60)]
+  (tmp_path / "dac.txt").write_text("\n".join(lines) + "\n")
+  c = load_config("criteo", "ce")
+  c.data.dir, c.data.file = str(tmp_path), "dac.txt"
+  with pytest.raises(UserError, match=r"dac.txt: field I1: the training values span \[-1e\+308, .*too wide"):
+    data.load(c.data, seed=0)

@@ -88,7 +88,8 @@ def _minmax(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = np.nanmin(x_train, axis=0), np.nanmax(x_train, axis=0)
   lo = np.where(np.isfinite(lo), lo, 0.0)
   hi = np.where(np.isfinite(hi), hi, 0.0)
-  span = hi - lo
+  with np.errstate(over="ignore"):  # a range that overflows stays inf: the callers refuse it by name
+    span = hi - lo
   return lo, np.where(span > 0, span, 1.0)
 
 
@@ -249,7 +250,7 @@ def file_digest(paths) -> str:
 # ----------------------------------------------------------------------------------------------- Criteo
 
 
-def read_criteo(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_criteo(path: str, *, with_lines: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Reads Criteo Display Advertising text: per line, tab-separated, ``label I1..I13 C1..C26``.
 
   Missing values are empty fields. Returns ``labels [N] int64`` (0/1), ``dense [N, 13] float64`` (NaN = missing)
@@ -289,6 +290,8 @@ def read_criteo(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not np.isfinite(dense[i, j]):
           raise UserError(f"{path}: line {line_number}, field I{j + 1}: {cell!r} is not a finite number")
   sparse = np.vectorize(str.strip, otypes=[object])(table[:, 1 + CRITEO_NUM_DENSE:])
+  if with_lines:
+    return labels, dense, sparse, np.array([line_number for line_number, _ in rows])
   return labels, dense, sparse
 
 
@@ -338,11 +341,12 @@ def criteo(data_config) -> data_lib.RawTask:
   if not (isinstance(min_count, int) and min_count >= 1):
     raise UserError(f"data.min_count: expected an integer >= 1, got {min_count!r}")
   path = _path(data_config, "file")
-  labels, dense, sparse = read_criteo(path)
-  files = [path]
+  labels, dense, sparse, lines = read_criteo(path, with_lines=True)
+  files, line_of = [path], [(path, line) for line in lines]
   if data_config.test_file:
     files.append(_path(data_config, "test_file"))
-    test_labels, test_dense, test_sparse = read_criteo(files[1])
+    test_labels, test_dense, test_sparse, test_lines = read_criteo(files[1], with_lines=True)
+    line_of += [(files[1], line) for line in test_lines]
     n = len(labels)
     labels, dense = np.concatenate([labels, test_labels]), np.concatenate([dense, test_dense])
     codes = _intern(np.concatenate([sparse, test_sparse]))
@@ -357,10 +361,14 @@ def criteo(data_config) -> data_lib.RawTask:
   clip = bool(data_config.clip_scaled)
   # Example ids: row numbers in data.file followed by data.test_file (blank lines not counted).
   raw = data_lib.RawTask(source(train_idx), source(test_idx), 2, (CRITEO_NUM_DENSE + CRITEO_NUM_SPARSE,),
-                         train_ids=train_idx, test_ids=test_idx, digest=file_digest(files))
+                         train_ids=train_idx, test_ids=test_idx, digest=file_digest(files),
+                         describe=lambda example_id: "{} line {}".format(*line_of[example_id]))
 
   def finalize(train, val, test):
     lo, span = _minmax(train.inputs["dense"])
+    for j in np.flatnonzero(~np.isfinite(span)):  # NaN -> 0 below would hide the overflow: refuse it here
+      raise UserError(f"{path}: field I{j + 1}: the training values span [{lo[j]:g}, {lo[j] + span[j]:g}], too wide to "
+                      "MinMax-scale (the range overflows)")
     vocabs = build_vocabularies(train.inputs["sparse"], min_count)
 
     def transform(s):
