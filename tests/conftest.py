@@ -109,3 +109,89 @@ def run_inprocess(config, workdir, capsys):
 def error_lines(stderr):
   """The non-warning lines of ``stderr``."""
   return [line for line in stderr.splitlines() if line.strip() and not line.startswith("warning:")]
+
+
+# ------------------------------------------------------------------------------------------ shared helpers
+
+
+def final_arrays(workdir):
+  """The latest checkpoint's saved state as a flat {path: numpy array} dict (restored without a target)."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  with ocp.CheckpointManager(ckpt_dir, item_names=("state", "meta")) as mgr:
+    step = mgr.latest_step()
+    to_host = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # the run may have used other devices
+    state = mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(fallback_sharding=to_host)))["state"]
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
+def assert_same_run(a_dir, b_dir):
+  """The final checkpoints are bit-identical (every array) and both describe the same evaluations."""
+  import numpy as np
+  from tgeo_jax import report
+  step_a, a = final_arrays(a_dir)
+  step_b, b = final_arrays(b_dir)
+  assert step_a == step_b == 28 and a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  records_a = report.read_jsonl(os.path.join(a_dir, "metrics.jsonl"))
+  records_b = report.read_jsonl(os.path.join(b_dir, "metrics.jsonl"))
+  # Every evaluation record, training-metric averages included (they are checkpointed: a resumed interval is not
+  # mixed with the killed process's part of it); only the wall time differs.
+  strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
+  assert strip(records_a) == strip(records_b)
+  summary_a = report.read_json(os.path.join(a_dir, "summary.json"))
+  summary_b = report.read_json(os.path.join(b_dir, "summary.json"))
+  assert summary_a["accuracy"] == summary_b["accuracy"] and summary_b["num_steps"] == 28
+
+
+def fake_fashion_mnist_gz(directory, *, n_train=120, n_test=40, seed=0):
+  """Gzipped Fashion-MNIST IDX files (random pixels, labels cycling 0..9) as Debian's package lays them out."""
+  import numpy as np
+  from tgeo_jax.data import sources
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  for split, n in (("train", n_train), ("t10k", n_test)):
+    sources.write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte.gz"), rng.integers(0, 256, (n, 28, 28)))
+    sources.write_idx(os.path.join(directory, f"{split}-labels-idx1-ubyte.gz"), np.arange(n) % 10)
+  return directory
+
+
+def attack_config(csv_dir, **overrides):
+  """``configs/attack.py:ce`` reading ``csv_dir/attack.csv`` (3 classes), 1 epoch, small batches."""
+  from configs import attack
+  config = attack.get_config("ce")
+  config.data.dir, config.data.file = csv_dir, "attack.csv"
+  config.data.num_classes = 3
+  config.num_epochs, config.batch_size, config.val_batch_size, config.eval_batch_size = 1, 16, 16, 64
+  config.log.progress = False
+  for key, value in overrides.items():
+    _set(config, key, value)
+  return config
+
+
+def build_method_state(method, teacher_dir, **overrides):
+  """A method on the tiny synthetic task with its initial state and one training batch (+ a validation batch):
+  ``(method, state, batch)``, built the way the trainer builds them."""
+  import jax
+  import jax.numpy as jnp
+  from configs import fashion_mnist
+  from tgeo_jax import data, trainer
+  config = fashion_mnist.get_config(method)
+  config.data.name = "synthetic"
+  config.data.train_subset = 0
+  config.model.name = config.teacher.model = "cnn_tiny"
+  config.batch_size = config.val_batch_size = 32
+  config.teacher.checkpoint = teacher_dir
+  for key, value in overrides.items():
+    _set(config, key, value)
+  task = data.load(config.data, seed=0)
+  method_obj = trainer.build_method(config, task, steps_per_epoch=len(task.train) // 32)
+  state = method_obj.init(jax.random.PRNGKey(0))
+  batch = data.train_batches(task.train, batch_size=32, seed=0, epoch=0)[0]
+  batch["val"] = data.validation_batches(task.val, batch_size=32, seed=0)[0]
+  return method_obj, state, jax.tree.map(jnp.asarray, batch)

@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY, run_cli
 from tgeo_jax import checkpoint
 from tgeo_jax.errors import UserError
-from test_trainer import final_arrays
+from conftest import final_arrays
 
 
 def make_state(scale: float):

@@ -10,8 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import error_lines, run_inprocess, tiny_config
-from test_trainer import final_arrays
+from conftest import attack_config, error_lines, fake_fashion_mnist_gz, final_arrays, run_inprocess, tiny_config
 from tgeo_jax import data, report, teacher, trainer
 from tgeo_jax.errors import UserError
 
@@ -214,7 +213,6 @@ def test_a_full_disk_is_one_line_and_costs_no_checkpoint(straight_ce, tmp_path, 
 def test_a_column_that_overflows_scaling_is_named(tmp_path):
   rows = ["f1,f2,label"] + [f"{i},{'1e308' if i == 4 else ('-1e308' if i == 7 else i)},{i % 3}" for i in range(30)]
   (tmp_path / "attack.csv").write_text("\n".join(rows) + "\n")
-  from test_run_identity import attack_config
   with pytest.raises(UserError, match=r"attack.csv line \d+, column 2: the \w+ input is (nan|-?inf) after preprocessing"):
     data.load(attack_config(str(tmp_path)).data, seed=0)
 
@@ -227,9 +225,8 @@ def test_a_csv_with_a_byte_order_mark_and_no_header_keeps_its_first_row(tmp_path
 
 
 def test_a_stale_uncompressed_idx_file_is_refused(tmp_path):
-  from test_run_identity import fake_fashion_mnist
   from tgeo_jax.data import sources
-  directory = fake_fashion_mnist(str(tmp_path))
+  directory = fake_fashion_mnist_gz(str(tmp_path))
   sources.write_idx(os.path.join(directory, "train-labels-idx1-ubyte"), (np.arange(120) + 1) % 10)
   with pytest.raises(UserError, match=r"train-labels-idx1-ubyte: differs from .*train-labels-idx1-ubyte.gz"):
     sources.fashion_mnist(directory)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist
-from test_tgeo import build as tgeo_build
+from conftest import build_method_state as tgeo_build
 from tgeo_jax import bilevel, config_checks, data, models, trainer
 from tgeo_jax.errors import UserError
 

@@ -171,7 +171,7 @@ def test_train_py_in_two_processes_equals_one_process(tiny_teacher, tmp_path):
   two processes of one CPU device each: a KD run (teacher restored from its checkpoint, evaluation, checkpoint
   saves) ends with the parameters, BatchNorm statistics and optimizer state of the same run in one process, up to
   float32 reduction order, and process 0 alone writes metrics.jsonl / summary.json."""
-  from test_trainer import final_arrays  # here: the worker processes of the test above need not import orbax
+  from conftest import final_arrays
   common = ["--config=configs/fashion_mnist.py:kd", *TINY, f"--config.teacher.checkpoint={tiny_teacher}"]
   one, two = tmp_path / "one", tmp_path / "two"
   port = _free_port()

@@ -14,8 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, run_cli
-from test_trainer import assert_same_run, final_arrays
+from conftest import ROOT, TINY, assert_same_run, final_arrays, run_cli
 from tgeo_jax import report
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"

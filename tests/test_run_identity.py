@@ -13,9 +13,8 @@ import types
 import numpy as np
 import pytest
 
-from conftest import ROOT, error_lines, run_inprocess, tiny_config
+from conftest import ROOT, attack_config, error_lines, fake_fashion_mnist_gz, run_inprocess, tiny_config
 from tgeo_jax import data, report, run_identity
-from tgeo_jax.data import sources
 from tgeo_jax.errors import UserError
 
 
@@ -173,22 +172,13 @@ def test_a_run_that_differs_only_by_seed_shares_the_group_fingerprint(finished_c
   assert other["fingerprint"] != summary["fingerprint"]
 
 
-def fake_fashion_mnist(directory, *, n_train=120, n_test=40, seed=0):
-  os.makedirs(directory, exist_ok=True)
-  rng = np.random.default_rng(seed)
-  for split, n in (("train", n_train), ("t10k", n_test)):
-    sources.write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte.gz"), rng.integers(0, 256, (n, 28, 28)))
-    sources.write_idx(os.path.join(directory, f"{split}-labels-idx1-ubyte.gz"), np.arange(n) % 10)
-  return directory
-
-
 def test_changed_data_content_is_refused(tmp_path, capsys):
-  data_dir = fake_fashion_mnist(str(tmp_path / "fmnist"))
+  data_dir = fake_fashion_mnist_gz(str(tmp_path / "fmnist"))
   config = tiny_config("ce", **{"data.name": "fashion_mnist", "data.dir": data_dir, "batch_size": 16})
   workdir = str(tmp_path / "run")
   rc, _, err = run_inprocess(config, workdir, capsys)
   assert rc == 0, err
-  fake_fashion_mnist(data_dir, seed=1)  # other pixels, same sizes and fields
+  fake_fashion_mnist_gz(data_dir, seed=1)  # other pixels, same sizes and fields
   rc, _, err = run_inprocess(config, workdir, capsys)
   lines = error_lines(err)
   assert rc == 2 and len(lines) == 1 and "data digest: " in lines[0], err
@@ -266,27 +256,11 @@ def test_teacher_with_overlapping_or_foreign_data_is_refused(tiny_teacher, tmp_p
                                                   "teacher.verify_provenance": False}), str(tmp_path / "b"), capsys)
   assert rc == 0 and "warning: teacher.checkpoint: the teacher in" in err, err
   # A synthetic teacher for a Fashion-MNIST student (same shapes and classes: only provenance tells them apart).
-  data_dir = fake_fashion_mnist(str(tmp_path / "fmnist"))
+  data_dir = fake_fashion_mnist_gz(str(tmp_path / "fmnist"))
   rc, _, err = run_inprocess(tiny_config("kd", **{"teacher.checkpoint": tiny_teacher, "data.name": "fashion_mnist",
                                                   "data.dir": data_dir, "batch_size": 16}), str(tmp_path / "c"), capsys)
   lines = error_lines(err)
   assert rc == 2 and len(lines) == 1 and "was trained on dataset 'synthetic'" in lines[0], err
-
-
-def attack_config(csv_dir, **overrides):
-  from configs import attack
-  config = attack.get_config("ce")
-  config.data.dir, config.data.file = csv_dir, "attack.csv"
-  config.data.num_classes = 3
-  config.num_epochs, config.batch_size, config.val_batch_size, config.eval_batch_size = 1, 16, 16, 64
-  config.log.progress = False
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def test_attack_teacher_split_with_other_fields_is_refused(tmp_path, capsys):

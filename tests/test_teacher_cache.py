@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from test_tgeo import build
+from conftest import build_method_state as build
 
 
 @pytest.mark.parametrize("method", ["kd", "tgeo"])

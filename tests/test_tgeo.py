@@ -10,32 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import fashion_mnist
-from conftest import TINY, run_cli
-from tgeo_jax import data, trainer
 from tgeo_jax.methods import reweight
-from test_trainer import final_arrays
-
-
-def build(method, teacher_dir, **overrides):
-  config = fashion_mnist.get_config(method)
-  config.data.name = "synthetic"
-  config.data.train_subset = 0
-  config.model.name = config.teacher.model = "cnn_tiny"
-  config.batch_size = config.val_batch_size = 32
-  config.teacher.checkpoint = teacher_dir
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  task = data.load(config.data, seed=0)
-  method_obj = trainer.build_method(config, task, steps_per_epoch=len(task.train) // 32)
-  state = method_obj.init(jax.random.PRNGKey(0))
-  batch = data.train_batches(task.train, batch_size=32, seed=0, epoch=0)[0]
-  batch["val"] = data.validation_batches(task.val, batch_size=32, seed=0)[0]
-  return method_obj, state, jax.tree.map(jnp.asarray, batch)
+from conftest import TINY, final_arrays, run_cli
+from conftest import build_method_state as build
 
 
 def test_fusion_net_trains(tiny_teacher):

@@ -6,41 +6,10 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import TINY, assert_same_run, final_arrays, run_cli
 from tgeo_jax import report
-
-
-def final_arrays(workdir):
-  """The latest checkpoint's saved state as a flat {path: numpy array} dict (restored without a target)."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  with ocp.CheckpointManager(ckpt_dir, item_names=("state", "meta")) as mgr:
-    step = mgr.latest_step()
-    to_host = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # the run may have used other devices
-    state = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(fallback_sharding=to_host)))["state"]
-  flat = jax.tree_util.tree_flatten_with_path(state)[0]
-  return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
-
-
-def assert_same_run(a_dir, b_dir):
-  """The final checkpoints are bit-identical (every array) and both describe the same evaluations."""
-  step_a, a = final_arrays(a_dir)
-  step_b, b = final_arrays(b_dir)
-  assert step_a == step_b == 28 and a.keys() == b.keys()
-  for key in a:
-    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-  records_a = report.read_jsonl(os.path.join(a_dir, "metrics.jsonl"))
-  records_b = report.read_jsonl(os.path.join(b_dir, "metrics.jsonl"))
-  # Every evaluation record, training-metric averages included (they are checkpointed: a resumed interval is not
-  # mixed with the killed process's part of it); only the wall time differs.
-  strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
-  assert strip(records_a) == strip(records_b)
-  summary_a = report.read_json(os.path.join(a_dir, "summary.json"))
-  summary_b = report.read_json(os.path.join(b_dir, "summary.json"))
-  assert summary_a["accuracy"] == summary_b["accuracy"] and summary_b["num_steps"] == 28
 
 
 def test_teacher_and_kd_student_outputs(tiny_teacher, tmp_path):
