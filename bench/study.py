@@ -148,7 +148,7 @@ class Runner:
           return False
         if pid == os.getpid():
           return True
-        if _alive(pid):
+        if run_identity.pid_alive(pid):
           return False
         with contextlib.suppress(FileNotFoundError):
           os.remove(path)  # a crashed worker's claim
@@ -206,16 +206,6 @@ def check_same_config(record: dict | None, config, workdir: str) -> None:
   diffs = run_identity.identity_differences({"config": record.get("config", {})}, {"config": current})
   raise StudyMismatch(f"{workdir}: holds a run of another configuration ({'; '.join(diffs) or 'no fingerprint'}); "
                       "use another --workdir for this protocol")
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
 
 
 def _brief(summary: dict) -> str:

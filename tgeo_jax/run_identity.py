@@ -315,6 +315,17 @@ class WorkdirLock:
     self.release()
 
 
+def pid_alive(pid: int) -> bool:
+  """Whether process ``pid`` exists on this host (a stale claim or temporary file of a dead writer: False)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
+
+
 def prepare_workdir(workdir: str) -> str:
   """Creates ``workdir`` if needed; a path that cannot be a work directory is a one-line ``UserError``."""
   if not isinstance(workdir, str) or not workdir.strip():

@@ -216,7 +216,7 @@ class LogitCache:
     for name in os.listdir(self.directory):
       if name.startswith(prefix) and name.endswith(".tmp.npz"):
         pid = name[len(prefix):-len(".tmp.npz")]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not run_identity.pid_alive(int(pid)):
           try:
             os.remove(os.path.join(self.directory, name))
           except OSError:
@@ -226,16 +226,6 @@ class LogitCache:
 def _leaves(tree):
   import jax
   return jax.tree.leaves(tree)
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
 
 
 def _warn(message: str) -> None:
