@@ -180,6 +180,8 @@ def test_a_signal_while_loading_exits_quietly(tmp_path):
     out = open(log_path).read()
     assert "Traceback" not in out and "Exception" not in out, out
     assert rc in (0, 128 + sig), (rc, out)
+    if delay == 0.5:  # half a second in, the run is still loading: the signal must have stopped it
+      assert rc == 128 + sig and not finished_steps(listing(os.path.join(tmp_path, "run", "checkpoints"))), out
 
 
 def all_checkpoint_arrays(workdir):

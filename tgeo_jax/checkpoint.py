@@ -82,7 +82,8 @@ class Checkpointer:
     lists). ``partial``: ``target`` is a subset of the saved tree (e.g. a teacher's params out of a whole run).
     Raises ``CorruptCheckpointError`` when the step is unreadable or an array differs from its checksum.
     """
-    return self._restore(step, target, self._read_meta_with_integrity(step), partial=partial)
+    state, meta, _ = self._restore(step, target, self._read_meta_with_integrity(step), partial=partial)
+    return state, meta
 
   def restore_latest(self, target: Any, *, check_meta: Callable[[dict], None] | None = None,
                      ) -> tuple[int, Any, dict] | None:
@@ -108,7 +109,7 @@ class Checkpointer:
         if mismatch:
           raise UserError(f"workdir: the checkpoint {self._step_dir(step)} holds a state of another shape than "
                           f"this config builds ({mismatch}); use another --workdir (nothing was overwritten)")
-        state, meta = self._restore(step, target, meta)
+        state, meta, _ = self._restore(step, target, meta)
       except CorruptCheckpointError as e:
         corrupt.append((step, e.reason))
         continue
@@ -144,7 +145,8 @@ class Checkpointer:
       raise CorruptCheckpointError(self._step_dir(step), "meta is not a JSON object")
     return meta
 
-  def _restore(self, step: int, target: Any, meta: dict, *, partial: bool = False) -> tuple[Any, dict]:
+  def _restore(self, step: int, target: Any, meta: dict, *, partial: bool = False) -> tuple[Any, dict, dict | None]:
+    """``(state, meta, the restored arrays' records or None)``, verified against the saved checksums."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     reason = None
     with _quiet() as settle:
@@ -161,8 +163,8 @@ class Checkpointer:
         settle()
     if reason is not None:
       raise CorruptCheckpointError(self._step_dir(step), f"state unreadable: {reason}")
-    verify(state, meta.get(INTEGRITY_KEY), where=self._step_dir(step), partial=partial)
-    return state, _strip(meta)
+    records = verify(state, meta.get(INTEGRITY_KEY), where=self._step_dir(step), partial=partial)
+    return state, _strip(meta), records
 
   def _move_aside(self, step: int) -> str:
     """Renames a corrupt step directory to ``<step>.corrupt[.N]``: orbax ignores it, nothing is deleted, and the
@@ -178,8 +180,9 @@ class Checkpointer:
     return os.path.basename(dst)
 
 
-def restore_params(directory: str, target: Any, *, what: str) -> tuple[Any, dict]:
-  """Restores ``state`` (restricted to ``target``'s structure) and meta from the latest checkpoint in ``directory``.
+def restore_params(directory: str, target: Any, *, what: str) -> tuple[Any, dict, dict]:
+  """Restores ``state`` (restricted to ``target``'s structure) and meta from the latest checkpoint in ``directory``;
+  also returns the restored arrays' ``array_records`` (checksums included).
 
   Used to load a frozen teacher: ``target`` is ``{"params": ..., "rest": ...}``; other saved entries are ignored.
   A corrupt latest step is an error naming ``what`` (no silent fall back to an older teacher).
@@ -201,11 +204,12 @@ def restore_params(directory: str, target: Any, *, what: str) -> tuple[Any, dict
     if mismatch:
       raise UserError(f"{what}: checkpoint {directory!r} does not match the expected model ({mismatch})")
     try:
-      return ckpt._restore(steps[-1], target, meta, partial=True)  # noqa: SLF001
+      state, meta, records = ckpt._restore(steps[-1], target, meta, partial=True)  # noqa: SLF001
     except CorruptCheckpointError as e:
       if integrity is None:  # a checkpoint without records: a failed read may be a model mismatch
         raise UserError(f"{what}: checkpoint {directory!r} does not match the expected model ({e})") from None
       raise UserError(f"{what}: {e}") from None
+    return state, meta, records if records is not None else array_records(state)
   finally:
     ckpt.close()
 
@@ -244,13 +248,14 @@ def array_records(tree: Any, *, with_hash: bool = True) -> dict:
   return records
 
 
-def verify(state: Any, integrity: dict | None, *, where: str, partial: bool = False) -> None:
-  """Recomputes the sha256 of every restored array and compares it with the saved record.
+def verify(state: Any, integrity: dict | None, *, where: str, partial: bool = False) -> dict | None:
+  """Recomputes the sha256 of every restored array and compares it with the saved record; returns the records
+  (``array_records(state)``, so callers need not hash the arrays again).
 
-  ``integrity`` None (a checkpoint written before integrity records existed) skips the check.
+  ``integrity`` None (a checkpoint written before integrity records existed) skips the check (returns None).
   """
   if not integrity:
-    return
+    return None
   saved = integrity.get("arrays", {})
   restored = array_records(state)
   if not partial and set(saved) != set(restored):
@@ -262,6 +267,7 @@ def verify(state: Any, integrity: dict | None, *, where: str, partial: bool = Fa
       raise CorruptCheckpointError(where, f"array {key} has no integrity record")
     if "sha256" in want and "sha256" in record and want["sha256"] != record["sha256"]:
       raise CorruptCheckpointError(where, f"array {key} does not match its sha256 checksum")
+  return restored
 
 
 def structure_mismatch(integrity: dict | None, expected: dict, *, partial: bool = False) -> str | None:

@@ -43,9 +43,9 @@ def collect_loaded():
     _collectors.remove(loaded)
 
 
-def variables_digest(variables) -> str:
-  """sha256 over the sha256 of every array of ``variables`` (in tree order, with paths, shapes and dtypes)."""
-  records = checkpoint.array_records(variables)
+def variables_digest(records: dict) -> str:
+  """sha256 over ``checkpoint.array_records`` of a teacher's variables (paths, shapes, dtypes, each array's
+  sha256): the records its restore already computed to verify the checkpoint."""
   return hashlib.sha256(repr(sorted(records.items())).encode()).hexdigest()
 
 
@@ -94,7 +94,8 @@ def load_teacher_from(model_name: str, path: str, spec, *, field: str, model_fie
     raise UserError(f"{field}: {path!r} was trained on {meta.get('num_classes')} classes, "
                     f"this task has {spec.num_classes}")
   fn = models.split(model)
-  variables, meta = checkpoint.restore_params(ckpt_dir, {"params": fn.params, "rest": fn.rest}, what=field)
+  variables, meta, records = checkpoint.restore_params(ckpt_dir, {"params": fn.params, "rest": fn.rest},
+                                                       what=field)
   saved_model = meta.get("config", {}).get("model", {}).get("name")
   if saved_model != model_name:
     raise UserError(f"{field}: {path!r} holds a {saved_model!r} model, but {model_field} is {model_name!r}")
@@ -103,7 +104,7 @@ def load_teacher_from(model_name: str, path: str, spec, *, field: str, model_fie
                     f"{meta.get('total_steps')}); finish it first by running its command again")
   saved_identity = meta.get("identity") or {}
   identity = {"field": field, "model": model_name, "path": os.path.abspath(path),
-              "variables_sha256": variables_digest(variables),
+              "variables_sha256": variables_digest(records),
               "run_fingerprint": saved_identity.get("fingerprint"), "data": saved_identity.get("data"),
               "run_dir": run_identity.run_dir_of(ckpt_dir)}
   teacher = Teacher(model_name, fn.graphdef, variables, identity)

@@ -195,6 +195,7 @@ class Run:
   steps_per_epoch: int
   total_steps: int
   step: int  # steps taken so far
+  step0: int  # the step this process started (or resumed) at
   resumed: bool
   meta: dict
   start_time: float
@@ -244,7 +245,7 @@ def train_and_evaluate(config, workdir: str, *, teacher: teacher_lib.Teacher | N
         if e.signum is not None:
           _log(f"Received signal {e.signum}: saved a checkpoint at step {run.step}; run the same command to resume.")
           raise Interrupted(e.signum) from None
-        _log(f"Stopping after {run.step - run.meta['step0']} steps (steps_per_run) at step {run.step} of "
+        _log(f"Stopping after {run.step - run.step0} steps (steps_per_run) at step {run.step} of "
              f"{run.total_steps}; run the same command to continue.")
         return {"method": config.method, "finished": False, "num_steps": run.step}
       return finish(run)
@@ -330,7 +331,6 @@ def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mes
   if jax.process_index() == 0 and (not existing or not os.path.exists(os.path.join(workdir,
                                                                                    run_identity.IDENTITY_FILE))):
     _write_or_fail(lambda: run_identity.write_run_files(workdir, config_dict, identity, task.membership), workdir)
-  meta["step0"] = step0
 
   writer = report.MetricWriter(workdir, resume_step=step0 if existing else None, tensorboard=config.log.tensorboard)
   best_accuracy = max([meta.get("best_accuracy", 0.0)] + [r["accuracy"] for r in writer.records
@@ -345,7 +345,8 @@ def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mes
   return Run(
       config=config, workdir=workdir, mesh=mesh, task=task, method=method, state=state, frozen=frozen, ckpt=ckpt,
       writer=writer, identity=identity, config_dict=config_dict, steps_per_epoch=steps_per_epoch,
-      total_steps=total_steps, step=step0, resumed=bool(existing), meta=meta, start_time=start_time,
+      total_steps=total_steps, step=step0, step0=step0, resumed=bool(existing), meta=meta,
+      start_time=start_time,
       train_step=jax.jit(guarded_step, donate_argnums=(0,), static_argnums=(3,)), quantity_names=quantity_names,
       eval_step=lambda s, b: eval_fn(s, frozen, b), fixed_teacher=fixed_teacher, val_stream=val_stream,
       health=parallel.replicate(initial_health(step0, meta["skipped_steps"]), mesh),
@@ -425,7 +426,6 @@ def save(run: Run) -> None:
                    num_classes=run.task.num_classes, config=run.config_dict, identity=run.identity,
                    best_accuracy=run.best_accuracy, skipped_steps=skipped, train_log=run.log.to_meta(),
                    seconds=run.meta["seconds"] + time.time() - run.start_time)
-  host_meta.pop("step0", None)
   try:
     run.ckpt.save(run.step, run.state, host_meta)
   except Exception as e:  # noqa: BLE001 - a full or failing disk: the previous checkpoints are intact
@@ -458,11 +458,11 @@ def evaluate_epoch(run: Run) -> None:
 def finish(run: Run) -> dict:
   """The final evaluation (test and validation parts) and ``summary.json``."""
   config = run.config
-  if run.meta["step0"] >= run.total_steps:
+  if run.step0 >= run.total_steps:
     _log(f"{run.workdir} already finished ({run.total_steps} steps); re-evaluating the final checkpoint.")
   final = evaluate(run.eval_step, run.state, run.task.test, batch_size=config.eval_batch_size, mesh=run.mesh,
                    teacher_logits=run.fixed_teacher)
-  seconds = run.meta["seconds"] + (time.time() - run.start_time if run.meta["step0"] < run.total_steps else 0.0)
+  seconds = run.meta["seconds"] + (time.time() - run.start_time if run.step0 < run.total_steps else 0.0)
   # The held-out validation part, for model selection (e.g. the learning rate) without looking at the test set.
   val = (evaluate(run.eval_step, run.state, run.task.val, batch_size=config.eval_batch_size, mesh=run.mesh)
          if len(run.task.val) else {})

@@ -12,7 +12,8 @@ from tgeo_jax.models import at_least_float32, batch_norm_dtype_kwargs, register
 
 
 def _pool2x2(x: jax.Array) -> jax.Array:
-  # Reshape-based 2x2 average pool: on CPU XLA, flax's max_pool backward was ~3x slower (DESIGN.md traps).
+  # Reshape-based 2x2 average pool: on CPU XLA, flax's max_pool backward was ~3x slower (measured when this model
+  # was written).
   b, h, w, c = x.shape
   x = x[:, : h // 2 * 2, : w // 2 * 2]
   return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
