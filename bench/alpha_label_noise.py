@@ -36,11 +36,9 @@ def alpha_over_train(workdir: str):
   config = ml_collections.ConfigDict(ckpt.read_meta(step)["config"])
   task = data.load(config.data, seed=config.seed)
   method = trainer.build_method(config, task, data.steps_per_epoch(len(task.train), config.batch_size))
-  state = method.init(jax.random.PRNGKey(config.seed))
-  frozen = state.pop("frozen")
+  state, frozen = method.init(jax.random.PRNGKey(config.seed))
   _, state, _ = ckpt.restore_latest(state)
   ckpt.close()
-  state = dict(state, frozen=frozen)
 
   clean_config = ml_collections.ConfigDict(config.data.to_dict())
   clean_config.label_noise = 0.0
@@ -48,10 +46,10 @@ def alpha_over_train(workdir: str):
 
   @jax.jit
   def alpha_fn(state, inputs, labels, index):
-    logits = method.predict(state, inputs)
-    teacher_logits = method.teacher_logits(state, inputs)
+    logits = method.predict(state, frozen, inputs)
+    teacher_logits = method.teacher_logits(state, frozen, inputs)
     batch = {"inputs": inputs, "labels": labels, "index": index}
-    alpha = method.alpha(state["meta_params"], state, batch, logits, teacher_logits)
+    alpha = method.alpha(state["meta_params"], frozen, batch, logits, teacher_logits)
     return alpha, jax.numpy.argmax(teacher_logits, -1) == labels
 
   source = task.train

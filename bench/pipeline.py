@@ -44,7 +44,7 @@ from bench.machine import machine_info  # noqa: E402
 from tgeo_jax import data, models, parallel, trainer  # noqa: E402
 from tgeo_jax.data import augment as augment_lib  # noqa: E402
 from tgeo_jax.default_config import base_config  # noqa: E402
-from tgeo_jax.methods import base  # noqa: E402
+from tgeo_jax.teacher import Teacher  # noqa: E402
 
 TARGET_RATIO = 5.0
 
@@ -67,19 +67,18 @@ def build_steps(args, task, mesh):
   kd_config = make_config("kd", args)
   tfn = models.split(models.create(kd_config.teacher.model, num_classes=spec.num_classes,
                                    input_shape=spec.input_shape, seed=kd_config.seed + 100))
-  teacher = base.Teacher(kd_config.teacher.model, tfn.graphdef, {"params": tfn.params, "rest": tfn.rest})
+  teacher = Teacher(kd_config.teacher.model, tfn.graphdef, {"params": tfn.params, "rest": tfn.rest})
   out, table = {}, None
   for name in ("kd", "tgeo"):
     config = make_config(name, args)
     method = trainer.build_method(config, task, steps_per_epoch, teacher=teacher)
     if table is not None:  # the same frozen teacher: compute its logit table over the training part once
-      method.teacher_logits_over_train = lambda state, table=table: table
+      method.teacher_logits_over_train = lambda frozen, table=table: table
     t0 = time.perf_counter()
-    state = method.init(jax.random.PRNGKey(config.seed))
+    state, frozen = method.init(jax.random.PRNGKey(config.seed))
     init_s = time.perf_counter() - t0
-    table = state["frozen"].get("teacher_logits_table", table)
-    state = parallel.replicate(state, mesh)
-    frozen = state.pop("frozen")
+    table = frozen.get("teacher_logits_table", table)
+    state, frozen = parallel.replicate((state, frozen), mesh)
     guarded, _ = trainer.make_guarded_step(method, skip_nonfinite=config.nonfinite == "skip")
     step = jax.jit(guarded, donate_argnums=(0,), static_argnums=(3,))
     out[name] = dict(step=step, state=state, frozen=frozen, method=method, config=config, init_s=init_s,

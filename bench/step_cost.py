@@ -15,9 +15,10 @@ process: no checkpoint, no dataset files; the synthetic data source). Rows:
 * ``tgeo reuse (meta), autodiff ref``: the reuse meta step with ``bilevel.lookahead_hypergrad_autodiff`` (nested
   ``jax.grad``) as the method's ``hypergrad`` while the step is traced.
 
-Two teacher settings: ``cached`` (the teacher's logits are precomputed and travel in ``batch["teacher_logits"]``;
-the benchmark overrides ``method.teacher_logits`` while tracing, library code is unchanged) and ``online`` (the
-step runs the frozen teacher's forward, as the library does now).
+Two teacher settings: ``cached`` (``teacher.cache_logits='on'``: the teacher's logits over the training part are
+computed once and looked up per batch, the library's default without augmentation) and ``online``
+(``cache_logits='off'``: the step runs the frozen teacher's forward). The autodiff row sets the method's
+``hypergrad`` injection point; nothing is patched.
 
 Columns: FLOPs from ``compiled.cost_analysis()``, temporary memory from ``compiled.memory_analysis()``, median
 wall time of the compiled step over ``--repeats`` timed calls (after warm-up; timing rounds interleave all
@@ -31,7 +32,6 @@ forward/backward, optimizer VJP, fusion net), each as compiled FLOPs, follows th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -47,7 +47,7 @@ import numpy as np
 from bench.machine import machine_info
 from configs import fashion_mnist
 from tgeo_jax import bilevel, data, models, optim
-from tgeo_jax.methods import base
+from tgeo_jax.teacher import Teacher
 from tgeo_jax.methods.kd import KD
 from tgeo_jax.methods.tgeo import TGeoKD
 
@@ -95,13 +95,12 @@ def make_config(method: str, args):
   config.teacher.model = args.teacher
   config.batch_size = args.batch
   config.val_batch_size = args.val_batch
-  # The library's own logit table would make the "online" rows cached too: the benchmark controls caching itself.
-  config.teacher.cache_logits = "off"
   return config
 
 
 def build(args):
-  """Methods (KD, TGeo reuse, TGeo lookahead) sharing student, optimizer, teacher; their states; the batch."""
+  """``{(setting, key): method}`` (KD, TGeo reuse, TGeo lookahead, TGeo reuse with the autodiff hypergradient)
+  sharing student, optimizer and teacher; ``{(setting, state key): (state, frozen)}``; the batch."""
   kd_config = make_config("kd", args)
   task = data.load(kd_config.data, seed=kd_config.seed)
   spec = task.spec
@@ -110,62 +109,36 @@ def build(args):
                                        seed=kd_config.seed))
   teacher_fn = models.split(models.create(args.teacher, num_classes=spec.num_classes,
                                           input_shape=spec.input_shape, seed=kd_config.seed + 100))
-  teacher = base.Teacher(args.teacher, teacher_fn.graphdef, {"params": teacher_fn.params, "rest": teacher_fn.rest})
+  teacher = Teacher(args.teacher, teacher_fn.graphdef, {"params": teacher_fn.params, "rest": teacher_fn.rest})
   tx = optim.make_optimizer(kd_config.optimizer, steps_per_epoch=steps_per_epoch, num_epochs=kd_config.num_epochs)
 
-  methods = {"kd": KD(kd_config, spec, student=student, tx=tx, teacher=teacher, task=task)}
-  for ordering in ("reuse", "lookahead"):
-    cfg = make_config("tgeo", args)
-    cfg.tgeo.ordering = ordering
-    methods[f"tgeo_{ordering}"] = TGeoKD(cfg, spec, student=student, tx=tx, teacher=teacher, task=task)
-
+  methods, states = {}, {}
   rng = jax.random.PRNGKey(0)
-  kd_state = methods["kd"].init(rng)
-  tgeo_state = methods["tgeo_reuse"].init(rng)  # the orderings share the state layout (and T-bar)
-  # lookahead's init_meta also sets its fusion graphdef (same net, same seed).
-  methods["tgeo_lookahead"].fusion_graphdef = methods["tgeo_reuse"].fusion_graphdef
+  for setting in ("cached", "online"):
+    cfg = make_config("kd", args)
+    cfg.teacher.cache_logits = "on" if setting == "cached" else "off"
+    methods[(setting, "kd")] = KD(cfg, spec, student=student, tx=tx, teacher=teacher, task=task)
+    for ordering in ("reuse", "lookahead"):
+      cfg = make_config("tgeo", args)
+      cfg.tgeo.ordering = ordering
+      cfg.teacher.cache_logits = "on" if setting == "cached" else "off"
+      methods[(setting, f"tgeo_{ordering}")] = TGeoKD(cfg, spec, student=student, tx=tx, teacher=teacher, task=task)
+    autodiff = TGeoKD(cfg.copy_and_resolve_references(), spec, student=student, tx=tx, teacher=teacher, task=task)
+    autodiff.cfg.ordering = "reuse"
+    autodiff.hypergrad = bilevel.lookahead_hypergrad_autodiff  # the injection point: the nested-grad reference
+    methods[(setting, "tgeo_autodiff")] = autodiff
+    states[(setting, "kd")] = methods[(setting, "kd")].init(rng)
+    states[(setting, "tgeo")] = methods[(setting, "tgeo_reuse")].init(rng)  # the orderings share the layout
 
   batch = data.train_batches(task.train, batch_size=args.batch, seed=0, epoch=0)[0]
   batch["val"] = data.validation_batches(task.val, batch_size=args.val_batch, seed=0)[0]
   batch = jax.tree.map(jnp.asarray, batch)
-  teacher_logits = jax.jit(methods["kd"].teacher_logits)(kd_state, batch["inputs"])
-  cached_batch = dict(batch, teacher_logits=jax.block_until_ready(teacher_logits))
-  return methods, {"kd": kd_state, "tgeo": tgeo_state}, {"online": batch, "cached": cached_batch}, task
+  return methods, states, batch, task
 
 
-@contextlib.contextmanager
-def _patched(obj, name, value):
-  had_own = name in vars(obj)  # an instance attribute / module global (else: a method found on the class)
-  old = vars(obj).get(name)
-  setattr(obj, name, value)
-  try:
-    yield
-  finally:
-    if had_own:
-      setattr(obj, name, old)
-    else:
-      delattr(obj, name)
-
-
-def make_step(method, kind, *, cached: bool, autodiff: bool):
-  """``step(state, batch) -> (state, metrics)`` of ``method``; patches applied while it is traced."""
-
-  def step(state, batch):
-    with contextlib.ExitStack() as stack:
-      if cached:
-        original = method.teacher_logits
-
-        def teacher_logits(st, inputs):
-          if inputs is batch["inputs"]:
-            return jax.lax.stop_gradient(batch["teacher_logits"])
-          return original(st, inputs)  # not the training inputs: the real teacher (never happens in a step)
-
-        stack.enter_context(_patched(method, "teacher_logits", teacher_logits))
-      if autodiff:
-        stack.enter_context(_patched(method, "hypergrad", bilevel.lookahead_hypergrad_autodiff))
-      return method.train_step(state, batch, kind)
-
-  return step
+def make_step(method, kind):
+  """``step(state, frozen, batch) -> (state, metrics)``: ``method.train_step`` of variant ``kind``."""
+  return lambda state, frozen, batch: method.train_step(state, frozen, batch, kind)
 
 
 # ------------------------------------------------------------------------------------------- the variants
@@ -176,17 +149,18 @@ VARIANTS = [
     ("lookahead", "tgeo lookahead (meta)", "tgeo_lookahead", "tgeo", "meta", False),
     ("reuse", "tgeo reuse (meta)", "tgeo_reuse", "tgeo", "meta", False),
     ("plain", "tgeo plain step (alpha fixed)", "tgeo_reuse", "tgeo", "plain", False),
-    ("reuse_autodiff", "tgeo reuse (meta), autodiff ref", "tgeo_reuse", "tgeo", "meta", True),
+    ("reuse_autodiff", "tgeo reuse (meta), autodiff ref", "tgeo_autodiff", "tgeo", "meta", True),
 ]
 
 
-def run_variants(methods, states, batches, repeats: int, warmup: int):
+def run_variants(methods, states, batch, repeats: int, warmup: int):
   compiled = {}
   for setting in ("cached", "online"):
-    for key, label, mkey, skey, kind, autodiff in VARIANTS:
-      fn = make_step(methods[mkey], kind, cached=setting == "cached", autodiff=autodiff)
-      exe, compile_s = compile_fn(fn, states[skey], batches[setting])
-      compiled[(setting, key)] = dict(exe=exe, args=(states[skey], batches[setting]), compile_s=compile_s,
+    for key, label, mkey, skey, kind, _ in VARIANTS:
+      fn = make_step(methods[(setting, mkey)], kind)
+      state, frozen = states[(setting, skey)]
+      exe, compile_s = compile_fn(fn, state, frozen, batch)
+      compiled[(setting, key)] = dict(exe=exe, args=(state, frozen, batch), compile_s=compile_s,
                                       flops=_flops(exe), temp=_temp_bytes(exe), times=[])
       print(f"  compiled {setting:6s} {label:34s} in {compile_s:5.2f} s", file=sys.stderr, flush=True)
 
@@ -231,7 +205,7 @@ def make_rows(compiled):
     for key, label, *_ in VARIANTS:
       e = compiled[(setting, key)]
       ms = 1e3 * statistics.median(e["times"])
-      note = ("bilevel.lookahead_hypergrad_autodiff (nested jax.grad) patched in" if key == "reuse_autodiff"
+      note = ("bilevel.lookahead_hypergrad_autodiff (nested jax.grad) as method.hypergrad" if key == "reuse_autodiff"
               else "bilevel.lookahead_hypergrad (fast explicit form)" if key in ("reuse", "lookahead") else "")
       r = row(key, label, e["flops"], e["temp"], ms, note)
       r.update(compile_s=e["compile_s"], times_ms=[1e3 * t for t in e["times"]])
@@ -251,16 +225,18 @@ def make_rows(compiled):
 
 # -------------------------------------------------------------------------------------------- breakdown
 
-def breakdown(methods, states, batches):
+def breakdown(methods, states, batch):
   """Compiled FLOPs of the pieces of the cached-teacher reuse meta step (student only)."""
-  method, state, batch = methods["tgeo_reuse"], states["tgeo"], batches["cached"]
-  tl = batch["teacher_logits"]
+  method = methods[("cached", "tgeo_reuse")]
+  state, frozen = states[("cached", "tgeo")]
+  online_method, online_frozen = methods[("online", "tgeo_reuse")], states[("online", "tgeo")][1]
+  tl = frozen["teacher_logits_table"][batch["index"]]
   tx = method.tx
 
   def pieces(st, b):
-    per_sample = method._per_sample_fn(st, b["inputs"], b["labels"], b["teacher_logits"])
+    per_sample = method._per_sample_fn(b["inputs"], b["labels"], tl)
     val_loss = method._val_loss_fn(b["val"])
-    weight_fn = lambda meta, logits: method.alpha(meta, st, b, logits, b["teacher_logits"])  # noqa: E731
+    weight_fn = lambda meta, logits: method.alpha(meta, frozen, b, logits, tl)  # noqa: E731
     return per_sample, val_loss, weight_fn
 
   def f_train_fwd(st, b):
@@ -315,13 +291,14 @@ def breakdown(methods, states, batches):
     return alpha, vjp(alpha)
 
   def f_teacher_fwd(st, b):
-    return base.Method.teacher_logits(method, st, b["inputs"])
+    return online_method.teacher_logits(st, online_frozen, b["inputs"])
 
   def f_kd_step(st, b):
-    return make_step(methods["kd"], None, cached=True, autodiff=False)(st, b)
+    kd_state, kd_frozen = states[("cached", "kd")]
+    return make_step(methods[("cached", "kd")], None)(kd_state, kd_frozen, b)
 
   def f_reuse_meta(st, b):
-    return make_step(method, "meta", cached=True, autodiff=False)(st, b)
+    return make_step(method, "meta")(st, frozen, b)
 
   items = [
       ("train forward (student, train mode, soft+hard)", f_train_fwd),
@@ -348,6 +325,10 @@ def breakdown(methods, states, batches):
 
 
 # ----------------------------------------------------------------------------------------------- output
+
+def teacher_params(methods):
+  return methods[("cached", "kd")].teacher.variables["params"]
+
 
 def device_info():
   return machine_info()
@@ -391,14 +372,14 @@ def main(argv=None):
   info = device_info()
   print(f"device: {info['device_kind']} ({info['platform']}, {info['device_count']} device(s)); jax "
         f"{info['jax']}; CPUs: {info['cpu_count']} (affinity {info['cpu_affinity']})", flush=True)
-  methods, states, batches, task = build(args)
-  print(f"student {args.model} ({models.num_params(states['kd']['params'])} params), teacher {args.teacher} "
-        f"(random weights, {models.num_params(methods['kd'].teacher.variables['params'])} params), batch "
+  methods, states, batch, task = build(args)
+  print(f"student {args.model} ({models.num_params(states[('cached', 'kd')][0]['params'])} params), teacher "
+        f"{args.teacher} (random weights, {models.num_params(teacher_params(methods))} params), batch "
         f"{args.batch}, val batch {args.val_batch}, K={task.num_classes}, input {task.input_shape}; optimizer "
         f"SGD(momentum 0.9) + clip 1.0 + wd 5e-4; {args.repeats} timed repeats (round-robin) after "
         f"{args.warmup} warm-up calls", flush=True)
 
-  compiled = run_variants(methods, states, batches, args.repeats, args.warmup)
+  compiled = run_variants(methods, states, batch, args.repeats, args.warmup)
   rows = make_rows(compiled)
   print()
   print(markdown_table(rows))
@@ -412,7 +393,7 @@ def main(argv=None):
 
   pieces = None
   if not args.no_breakdown:
-    pieces = breakdown(methods, states, batches)
+    pieces = breakdown(methods, states, batch)
     print()
     print("FLOPs breakdown (cached teacher; each piece compiled on its own; 'x fwd' = / student train forward):")
     print("| piece | GFLOPs | x fwd | temp MiB |")
@@ -434,8 +415,8 @@ def main(argv=None):
                                 "sgd(cosine schedule, momentum 0.9)",
                       cached_teacher="method.teacher_logits overridden while tracing to return "
                                      "batch['teacher_logits']",
-                      autodiff_variant="bilevel.lookahead_hypergrad replaced by "
-                                       "bilevel.lookahead_hypergrad_autodiff while tracing (reuse ordering)"),
+                      autodiff_variant="method.hypergrad = "
+                                       "bilevel.lookahead_hypergrad_autodiff (reuse ordering)"),
         rows=rows, targets=checks, breakdown=pieces, total_seconds=total_s)
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)

@@ -37,7 +37,6 @@ import argparse
 import ast
 import contextlib
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -49,7 +48,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tgeo_jax import run_identity  # noqa: E402 (after the path set-up; imports no JAX)
+from tgeo_jax import default_config, run_identity  # noqa: E402 (after the path set-up; imports no JAX)
 
 # ----------------------------------------------------------------------------------------------- the design
 
@@ -97,21 +96,10 @@ LR_GRID = (0.025, 0.05, 0.1, 0.2)
 
 
 def load_fashion_mnist_config(arg: str):
-  spec = importlib.util.spec_from_file_location("fashion_mnist_config", os.path.join(ROOT, "configs",
-                                                                                      "fashion_mnist.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return default_config.load_config_file(os.path.join(ROOT, "configs", "fashion_mnist.py"), arg)
 
 
-def apply_overrides(config, overrides: dict):
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+apply_overrides = default_config.override
 
 
 # ------------------------------------------------------------------------------------------------ running

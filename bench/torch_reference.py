@@ -79,7 +79,7 @@ from torch.func import functional_call  # noqa: E402
 
 from configs import fashion_mnist  # noqa: E402
 from tgeo_jax import bilevel, data, models, optim, trainer  # noqa: E402
-from tgeo_jax.methods import base  # noqa: E402
+from tgeo_jax.teacher import Teacher  # noqa: E402
 from tgeo_jax.methods.tgeo import TGeoKD  # noqa: E402
 from tgeo_jax.models import small  # noqa: E402
 
@@ -306,7 +306,7 @@ def torch_batch(batch, dtype):
               xv=images(batch["val"]["inputs"]), yv=_t(batch["val"]["labels"], torch.int64))
 
 
-def build_torch(method, state, dtype):
+def build_torch(method, state, frozen, dtype):
   """The torch mirror of ``method`` at JAX ``state`` (student, momentum, fusion net, its Adam state, lr)."""
   module = nnx.merge(method.student.graphdef, state["params"], state["rest"])
   shape = tuple(method.spec.input_shape)
@@ -327,9 +327,9 @@ def build_torch(method, state, dtype):
   lr = float(jax.jit(schedule)(count))
   normalization = cfg.get("alpha_normalization", "none")
   alpha_init = cfg.get("alpha_init", 0.5)
-  table = _t(state["frozen"]["teacher_logits_table"], dtype)
+  table = _t(frozen["teacher_logits_table"], dtype)
   step = TorchTGeoKD(student, fusion, teacher_table=table,
-                     class_mean=_t(state["frozen"]["class_mean"], dtype), lr=lr,
+                     class_mean=_t(frozen["class_mean"], dtype), lr=lr,
                      momentum=opt.momentum, weight_decay=opt.weight_decay, clip_norm=opt.clip_norm,
                      temperature=cfg.temperature, fusion_lr=cfg.fusion_lr, val_bn_train=cfg.val_bn_mode == "train",
                      alpha_center=math.log(alpha_init / (1 - alpha_init)) if normalization == "center" else None)
@@ -381,11 +381,11 @@ def build_jax(model: str, args, task=None):
                                        seed=config.seed))
   tfn = models.split(models.create(config.teacher.model, num_classes=spec.num_classes, input_shape=spec.input_shape,
                                    seed=config.seed + 100))
-  teacher = base.Teacher(config.teacher.model, tfn.graphdef, {"params": tfn.params, "rest": tfn.rest})
+  teacher = Teacher(config.teacher.model, tfn.graphdef, {"params": tfn.params, "rest": tfn.rest})
   tx = optim.make_optimizer(config.optimizer, steps_per_epoch=steps, num_epochs=config.num_epochs)
   method = TGeoKD(config, spec, student=student, tx=tx, teacher=teacher, task=task)
-  state = method.init(jax.random.PRNGKey(config.seed))
-  return method, state, task
+  state, frozen = method.init(jax.random.PRNGKey(config.seed))
+  return method, state, frozen, task
 
 
 def host_batch(task, args, k):
@@ -408,14 +408,14 @@ def _exact_losses(logits, teacher_logits, labels, tau):
   return soft, hard
 
 
-def jax_hypergrads(method, state, batch, *, exact_dtype: bool, with_autodiff: bool = True):
+def jax_hypergrads(method, state, frozen, batch, *, exact_dtype: bool, with_autodiff: bool = True):
   """``{"fast": LookaheadResult, "autodiff": LookaheadResult}`` of the meta step's lookahead, as ``_meta_step``."""
 
   def pieces(st, b):
-    teacher_logits = method.batch_teacher_logits(st, b)
-    weight_fn = lambda meta, logits: method.alpha(meta, st, b, logits, teacher_logits)  # noqa: E731
+    teacher_logits = method.batch_teacher_logits(st, frozen, b)
+    weight_fn = lambda meta, logits: method.alpha(meta, frozen, b, logits, teacher_logits)  # noqa: E731
     if not exact_dtype:
-      return (method._per_sample_fn(st, b["inputs"], b["labels"], teacher_logits), method._val_loss_fn(b["val"]),
+      return (method._per_sample_fn(b["inputs"], b["labels"], teacher_logits), method._val_loss_fn(b["val"]),
               weight_fn)
     tau, val_train = method.cfg.temperature, method.cfg.val_bn_mode == "train"
 
@@ -457,17 +457,17 @@ def check(model: str, args, task, dtype_name: str, *, with_autodiff: bool = True
   """Agreement of one meta step between tgeo_jax and the torch mirror, from the state after ``pre_steps``."""
   jdtype = {"float32": jnp.float32, "float64": jnp.float64}[dtype_name]
   tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype_name]
-  method, state, _ = build_jax(model, args, task)
-  state = to_dtype(state, jdtype)
-  step_fn = jax.jit(lambda st, b: method.train_step(st, b, "meta"))
+  method, state, frozen, _ = build_jax(model, args, task)
+  state, frozen = to_dtype(state, jdtype), to_dtype(frozen, jdtype)
+  step_fn = jax.jit(lambda st, b: method.train_step(st, frozen, b, "meta"))
   for k in range(args.pre_steps):
     state, _ = step_fn(state, to_dtype(host_batch(task, args, k), jdtype))
   hb = host_batch(task, args, args.pre_steps)
   batch = to_dtype(hb, jdtype)
   exact = dtype_name == "float64"
   shape = tuple(method.spec.input_shape)
-  jx = jax_hypergrads(method, state, batch, exact_dtype=exact, with_autodiff=with_autodiff)
-  tstep, module, lr = build_torch(method, state, tdtype)
+  jx = jax_hypergrads(method, state, frozen, batch, exact_dtype=exact, with_autodiff=with_autodiff)
+  tstep, module, lr = build_torch(method, state, frozen, tdtype)
   tb = torch_batch(hb, tdtype)
   out = tstep.meta_step(tb["x"], tb["y"], tb["index"], tb["xv"], tb["yv"])
 
@@ -515,28 +515,24 @@ def check(model: str, args, task, dtype_name: str, *, with_autodiff: bool = True
 # ================================================================================================= timing
 
 def time_model(model: str, args, task, torch_threads):
-  method, state, _ = build_jax(model, args, task)
-  step_fn = jax.jit(lambda st, b: method.train_step(st, b, "meta"))
+  method, state, frozen, _ = build_jax(model, args, task)
+  step_fn = jax.jit(lambda st, b: method.train_step(st, frozen, b, "meta"))
   for k in range(args.pre_steps):
     state, _ = step_fn(state, jax.tree.map(jnp.asarray, host_batch(task, args, k)))
   hb = host_batch(task, args, args.pre_steps)
   batch = jax.tree.map(jnp.asarray, hb)
-  tstep, _, _ = build_torch(method, state, torch.float32)
+  tstep, _, _ = build_torch(method, state, frozen, torch.float32)
   tb = torch_batch(hb, torch.float32)
 
-  frozen = state["frozen"]
   guarded, _ = trainer.make_guarded_step(method, skip_nonfinite=False)
   trainer_step = jax.jit(guarded, donate_argnums=(0,), static_argnums=(3,))
 
   def bare(st, fr, b):
-    new_state, metrics = method.train_step(dict(st, frozen=fr), b, "meta")
-    new_state = dict(new_state)
-    new_state.pop("frozen")
-    return new_state, metrics
+    return method.train_step(st, fr, b, "meta")
 
   bare_step = jax.jit(bare, donate_argnums=(0,))
   copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)  # noqa: E731
-  s_trainer = copy({k: v for k, v in state.items() if k != "frozen"})
+  s_trainer = copy(state)
   s_bare = copy(s_trainer)
   health = trainer.initial_health(int(state["step"]))
   holder = dict(trainer=(s_trainer, health), bare=s_bare)

@@ -14,6 +14,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+from tgeo_jax import default_config  # noqa: E402 (imports no JAX)
+
 # A tiny synthetic task and models: every CLI test uses these overrides.
 TINY = [
     "--config.data.name=synthetic",
@@ -77,23 +79,10 @@ def tiny_teacher(tmp_path_factory):
 def tiny_config(arg="ce", **overrides):
   """``configs/fashion_mnist.py:ARG`` with the ``TINY`` overrides and ``overrides`` (dotted names) applied."""
   from configs import fashion_mnist
-  config = fashion_mnist.get_config(arg)
-  for flag in TINY:
-    key, value = flag.removeprefix("--config.").split("=", 1)
-    _set(config, key, {"False": False, "True": True}.get(value, int(value) if value.isdigit() else value))
+  config = default_config.override(fashion_mnist.get_config(arg), [f.removeprefix("--config.") for f in TINY])
   if arg == "teacher":
     config.model.name = "cnn_tiny"
-  for key, value in overrides.items():
-    _set(config, key, value)
-  return config
-
-
-def _set(config, dotted, value):
-  node = config
-  *parents, leaf = dotted.split(".")
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
+  return default_config.override(config, overrides)
 
 
 def run_inprocess(config, workdir, capsys):
@@ -169,8 +158,7 @@ def attack_config(csv_dir, **overrides):
   config.data.num_classes = 3
   config.num_epochs, config.batch_size, config.val_batch_size, config.eval_batch_size = 1, 16, 16, 64
   config.log.progress = False
-  for key, value in overrides.items():
-    _set(config, key, value)
+  default_config.override(config, overrides)
   return config
 
 
@@ -187,11 +175,10 @@ def build_method_state(method, teacher_dir, **overrides):
   config.model.name = config.teacher.model = "cnn_tiny"
   config.batch_size = config.val_batch_size = 32
   config.teacher.checkpoint = teacher_dir
-  for key, value in overrides.items():
-    _set(config, key, value)
+  default_config.override(config, overrides)
   task = data.load(config.data, seed=0)
   method_obj = trainer.build_method(config, task, steps_per_epoch=len(task.train) // 32)
-  state = method_obj.init(jax.random.PRNGKey(0))
+  state, frozen = method_obj.init(jax.random.PRNGKey(0))
   batch = data.train_batches(task.train, batch_size=32, seed=0, epoch=0)[0]
   batch["val"] = data.validation_batches(task.val, batch_size=32, seed=0)[0]
-  return method_obj, state, jax.tree.map(jnp.asarray, batch)
+  return method_obj, state, frozen, jax.tree.map(jnp.asarray, batch)

@@ -65,7 +65,7 @@ def make_batch(n=6, seed=0):
 @pytest.fixture(scope="module")
 def single():
   m = make_method()
-  return m, jax.jit(m.train_step), m.init(jax.random.PRNGKey(0)), make_batch()
+  return (m, jax.jit(m.train_step), *m.init(jax.random.PRNGKey(0)), make_batch())  # m, step, state, frozen, batch
 
 
 def test_parameter_drift_is_a_raw_sum_over_kernels():
@@ -94,16 +94,16 @@ def test_loss_gradients_reach_the_teacher_but_not_its_pretrained_copy():
 
 
 def test_step_gradients_flow_into_teacher_not_into_pretrained_copy(single):
-  m, _, state, batch = single
+  m, _, state, frozen, batch = single
   # Move the trainable teacher away from theta_0 so that Omega has a gradient on both sides.
   teachers = [jax.tree.map(lambda x: x + 0.01, state["params"]["teachers"][0])]
   state = dict(state, params=dict(state["params"], teachers=teachers))
 
   def loss(teachers, init):
-    s = dict(state, params=dict(state["params"], teachers=teachers), frozen={"teachers_init": init})
-    return m.train_step(s, batch)[1]["loss"]
+    s = dict(state, params=dict(state["params"], teachers=teachers))
+    return m.train_step(s, {"teachers_init": init}, batch)[1]["loss"]
 
-  g_teacher, g_init = jax.jit(jax.grad(loss, argnums=(0, 1)))(teachers, state["frozen"]["teachers_init"])
+  g_teacher, g_init = jax.jit(jax.grad(loss, argnums=(0, 1)))(teachers, frozen["teachers_init"])
   g_teacher, g_init = leaves(g_teacher), leaves(g_init)
   for name in ("[0]['convs'][0]['kernel'].value", "[0]['norms'][1]['scale'].value", f"[0]{HEAD_KERNEL}"):
     assert np.any(g_teacher[name]), name
@@ -113,9 +113,9 @@ def test_step_gradients_flow_into_teacher_not_into_pretrained_copy(single):
 
 
 def test_student_never_sees_labels(single):
-  m, step, state, batch = single
-  a, ma = step(state, batch)
-  b, mb = step(state, dict(batch, labels=(batch["labels"] + 1) % SPEC.num_classes))
+  m, step, state, frozen, batch = single
+  a, ma = step(state, frozen, batch)
+  b, mb = step(state, frozen, dict(batch, labels=(batch["labels"] + 1) % SPEC.num_classes))
   la, lb = leaves(a["params"]), leaves(b["params"])
   for name in la:
     same = np.array_equal(la[name], lb[name])
@@ -127,8 +127,8 @@ def test_student_never_sees_labels(single):
 @pytest.mark.parametrize("update", ["bias", "all"])
 def test_classifier_step(update, single):
   m = single[0] if update == "bias" else make_method(classifier_update="all")
-  state, batch = m.init(jax.random.PRNGKey(0)), single[3]
-  new, metrics = (single[1] if update == "bias" else jax.jit(m.train_step))(state, batch)
+  (state, frozen), batch = m.init(jax.random.PRNGKey(0)), single[4]
+  new, metrics = (single[1] if update == "bias" else jax.jit(m.train_step))(state, frozen, batch)
   before, after = leaves(state["params"]["teachers"][0]), leaves(new["params"]["teachers"][0])
   assert not np.array_equal(before[HEAD_BIAS], after[HEAD_BIAS])
   # At theta = theta_0, Omega's gradient is 0: only the CE step ("all") can move the classifier's matrix.
@@ -143,16 +143,16 @@ def test_classifier_step(update, single):
 
 def test_eval_mode_teacher_keeps_its_statistics():
   m = make_method(teacher_train_mode=False)
-  state = m.init(jax.random.PRNGKey(0))
-  new, _ = jax.jit(m.train_step)(state, make_batch())
+  state, frozen = m.init(jax.random.PRNGKey(0))
+  new, _ = jax.jit(m.train_step)(state, frozen, make_batch())
   chex.assert_trees_all_equal(state["rest"]["teachers"], new["rest"]["teachers"])
 
 
 def test_predict_goes_through_projector_and_adapted_head(single):
-  m, step, state, batch = single
-  state, _ = step(state, batch)
+  m, step, state, frozen, batch = single
+  state, _ = step(state, frozen, batch)
   predict = jax.jit(m.predict)
-  logits = predict(state, batch["inputs"])
+  logits = predict(state, frozen, batch["inputs"])
   chex.assert_shape(logits, (6, SPEC.num_classes))
   projected, _, _ = m.project(state["params"], state["rest"], batch["inputs"], train=False)
   head = leaves(state["params"]["teachers"][0])
@@ -161,10 +161,10 @@ def test_predict_goes_through_projector_and_adapted_head(single):
   # The adapted (checkpointed) head is the one used; the pretrained copy in "frozen" plays no part.
   delta = jnp.arange(SPEC.num_classes, dtype=jnp.float32)
   params = dict(state["params"], teachers=[shift(state["params"]["teachers"][0], HEAD_BIAS, delta)])
-  chex.assert_trees_all_close(predict(dict(state, params=params), batch["inputs"]), logits + delta,
+  chex.assert_trees_all_close(predict(dict(state, params=params), frozen, batch["inputs"]), logits + delta,
                               rtol=1e-5, atol=1e-5)
-  frozen = {"teachers_init": [shift(state["frozen"]["teachers_init"][0], HEAD_BIAS, 100.0)]}
-  chex.assert_trees_all_close(predict(dict(state, frozen=frozen), batch["inputs"]), logits)
+  shifted = {"teachers_init": [shift(frozen["teachers_init"][0], HEAD_BIAS, 100.0)]}
+  chex.assert_trees_all_close(predict(state, shifted, batch["inputs"]), logits)
 
 
 def test_multi_teacher(tmp_path):
@@ -173,14 +173,14 @@ def test_multi_teacher(tmp_path):
   extra = fake_run(tmp_path / "extra", "cnn_small")
   m = make_method(extra_teachers=(f"cnn_small:{extra}",))
   assert m.sizes == [(4, 4), (2, 2)] and len(m.projectors) == 2
-  state, batch = m.init(jax.random.PRNGKey(0)), make_batch()
-  assert len(state["head_opt_state"]) == 2 and len(state["frozen"]["teachers_init"]) == 2
+  (state, frozen), batch = m.init(jax.random.PRNGKey(0)), make_batch()
+  assert len(state["head_opt_state"]) == 2 and len(frozen["teachers_init"]) == 2
   project = jax.jit(lambda p, r, x: m.project(p, r, x, train=False))
   projected, _, _ = project(state["params"], state["rest"], batch["inputs"])
   assert [p.shape for p in projected] == [(6, 4, 4, 8), (6, 2, 2, 64)]
   heads = [leaves(t) for t in state["params"]["teachers"]]
   want = sum(jnp.mean(p, axis=(1, 2)) @ h[HEAD_KERNEL] + h[HEAD_BIAS] for p, h in zip(projected, heads)) / 2
-  chex.assert_trees_all_close(jax.jit(m.predict)(state, batch["inputs"]), want, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(jax.jit(m.predict)(state, frozen, batch["inputs"]), want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_input(tmp_path):

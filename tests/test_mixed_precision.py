@@ -130,19 +130,19 @@ def test_compute_dtype_field():
 
 
 def _build(method_name, teacher_dir, compute_dtype):
-  """``(method, state, batch)`` on the tiny synthetic task (student and teacher ``cnn_tiny``), built by
+  """``(method, state, frozen, batch)`` on the tiny synthetic task (student and teacher ``cnn_tiny``), built by
   ``trainer.build_method`` in ``compute_dtype`` (it creates the student and loads the teacher in that dtype)."""
   return tgeo_build(method_name, teacher_dir, compute_dtype=compute_dtype)
 
 
-def _step(method, state, batch, kind=None):
+def _step(method, state, frozen, batch, kind=None):
   """One jitted ``train_step``; checks first that the teacher runs in the method's compute dtype (its last
   feature map is bfloat16 in bfloat16 mode, its logits float32)."""
-  t = state["frozen"]["teacher"]
+  t = frozen["teacher"]
   _, teacher_fmap, _ = models.apply_features(method.teacher.graphdef, t["params"], t["rest"], batch["inputs"],
                                              train=False)
   assert teacher_fmap.dtype == (BF16 if method.config.compute_dtype == "bfloat16" else jnp.float32)
-  return jax.jit(method.train_step, static_argnums=2)(state, batch, kind)
+  return jax.jit(method.train_step, static_argnums=3)(state, frozen, batch, kind)
 
 
 @pytest.mark.parametrize("method_name", ["kd", "dist"])
@@ -151,8 +151,8 @@ def test_bfloat16_training_step_is_finite_float32_and_close(tiny_teacher, method
   BatchNorm statistics; loss within 1% and the parameter update within 10% of float32's (measured: loss
   < 0.01%, update 1-2%)."""
   new32, m32 = _step(*_build(method_name, tiny_teacher, "float32"))
-  method16, state, batch = _build(method_name, tiny_teacher, "bfloat16")
-  new16, m16 = _step(method16, state, batch)
+  method16, state, frozen, batch = _build(method_name, tiny_teacher, "bfloat16")
+  new16, m16 = _step(method16, state, frozen, batch)
   for name, value in m16.items():
     assert value.dtype == jnp.float32 and bool(jnp.isfinite(value)), name
   if method_name == "dist":
@@ -166,12 +166,12 @@ def test_bfloat16_training_step_is_finite_float32_and_close(tiny_teacher, method
   assert 0 < _relative_error(update32, update16) < 0.1
 
 
-def _hypergradients(method, state, batch):
+def _hypergradients(method, state, frozen, batch):
   """The TGeo-KD meta-gradient dL_val/dφ and the per-sample dL_val/dα_i at the current state."""
-  teacher_logits = method.batch_teacher_logits(state, batch)
-  per_sample = method._per_sample_fn(state, batch["inputs"], batch["labels"], teacher_logits)
+  teacher_logits = method.batch_teacher_logits(state, frozen, batch)
+  per_sample = method._per_sample_fn(batch["inputs"], batch["labels"], teacher_logits)
   val_loss = method._val_loss_fn(batch["val"])
-  fusion = lambda meta, logits: method.alpha(meta, state, batch, logits, teacher_logits)  # noqa: E731
+  fusion = lambda meta, logits: method.alpha(meta, frozen, batch, logits, teacher_logits)  # noqa: E731
   meta_grad = bilevel.lookahead_hypergrad(fusion, state["meta_params"], per_sample, val_loss, state["params"],
                                           state["rest"], state["opt_state"], method.tx).meta_grad
   # α itself as the meta-parameter: the gradient is the vector dL_val/dα_i of the N inner products (one JVP
@@ -188,13 +188,13 @@ def test_bfloat16_tgeo_meta_step_and_hypergradient(tiny_teacher):
   relative error 0.2%, both for dL/dφ and dL/dα)."""
   grads = {}
   for compute_dtype in ("float32", "bfloat16"):
-    method, state, batch = _build("tgeo", tiny_teacher, compute_dtype)
-    features = method.features(state, batch["labels"], method.predict(state, batch["inputs"]),
-                               method.teacher_logits(state, batch["inputs"]))
+    method, state, frozen, batch = _build("tgeo", tiny_teacher, compute_dtype)
+    features = method.features(frozen, batch["labels"], method.predict(state, frozen, batch["inputs"]),
+                               method.teacher_logits(state, frozen, batch["inputs"]))
     assert features.dtype == jnp.float32
-    grads[compute_dtype] = jax.jit(_hypergradients, static_argnums=0)(method, state, batch)
+    grads[compute_dtype] = jax.jit(_hypergradients, static_argnums=0)(method, state, frozen, batch)
 
-  new16, m16 = _step(method, state, batch, "meta")  # bfloat16
+  new16, m16 = _step(method, state, frozen, batch, "meta")  # bfloat16
   for name, value in m16.items():
     assert value.dtype == jnp.float32 and bool(jnp.isfinite(value)), name
   assert float(m16["meta_grad_norm"]) > 0

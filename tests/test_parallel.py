@@ -92,8 +92,9 @@ def compute() -> dict:
   method = methods.get_class("kd")(config, spec, student=student, tx=tx, task=None,
                                    teacher=Teacher("cnn_tiny", teacher.graphdef,
                                                    {"params": teacher.params, "rest": teacher.rest}))
-  state = parallel.replicate(method.init(jax.random.PRNGKey(0)), mesh)
-  new_state, metrics = jax.jit(method.train_step)(state, {"inputs": train["inputs"], "labels": train["labels"]})
+  state, frozen = parallel.replicate(method.init(jax.random.PRNGKey(0)), mesh)
+  new_state, metrics = jax.jit(method.train_step)(state, frozen,
+                                                  {"inputs": train["inputs"], "labels": train["labels"]})
   local_value = lambda x: np.asarray(x.addressable_data(0)).ravel().tolist()  # noqa: E731 (replicated)
   out["loss"] = local_value(metrics["loss"])[0]
   out["params"] = [local_value(x) for x in jax.tree.leaves(new_state["params"])]

@@ -107,8 +107,8 @@ def test_loss_shapes_and_gradient_routing():
   # Student cnn_tiny: [B, 4, 4, 8]; teacher cnn_small: [B, 2, 2, 64]: the student's map is pooled to 2x2.
   m = make_method()
   assert m.size == (2, 2)
-  state, batch = m.init(jax.random.PRNGKey(0)), make_batch()
-  new_state, metrics = jax.jit(m.train_step)(state, batch)
+  (state, frozen), batch = m.init(jax.random.PRNGKey(0)), make_batch()
+  new_state, metrics = jax.jit(m.train_step)(state, frozen, batch)
 
   _, s_fmap, _ = models.apply_features(m.student.graphdef, state["params"]["student"], state["rest"]["student"],
                                        batch["inputs"], train=True)
@@ -122,8 +122,7 @@ def test_loss_shapes_and_gradient_routing():
 
   # No gradient into the frozen teacher (backbone or head) through the whole step.
   def loss_wrt_teacher(tp):
-    frozen = {"teacher": {"params": tp, "rest": t["rest"]}}
-    return m.train_step(dict(state, frozen=frozen), batch)[1]["loss"]
+    return m.train_step(state, {"teacher": {"params": tp, "rest": t["rest"]}}, batch)[1]["loss"]
 
   for name, g in leaves(jax.jit(jax.grad(loss_wrt_teacher))(t["params"])).items():
     assert not np.any(g), name
@@ -134,28 +133,28 @@ def test_loss_shapes_and_gradient_routing():
     assert moved == ("['student']['head']" not in name), name
   bn_mean = "['projector']['bn3']['mean'].value"
   assert not np.array_equal(leaves(state["rest"])[bn_mean], leaves(new_state["rest"])[bn_mean])
-  assert int(new_state["step"]) == 1 and "teacher" in new_state["frozen"]
+  assert int(new_state["step"]) == 1 and "teacher" in frozen and "teacher" not in new_state
 
 
 def test_predict_goes_through_projector_and_teacher_head():
   m = make_method()
-  state, batch = m.init(jax.random.PRNGKey(0)), make_batch()
-  state, _ = jax.jit(m.train_step)(state, batch)
+  (state, frozen), batch = m.init(jax.random.PRNGKey(0)), make_batch()
+  state, _ = jax.jit(m.train_step)(state, frozen, batch)
   predict = jax.jit(m.predict)
-  logits = predict(state, batch["inputs"])
+  logits = predict(state, frozen, batch["inputs"])
   chex.assert_shape(logits, (6, SPEC.num_classes))
   projected, _ = m.project(state["params"], state["rest"], batch["inputs"], train=False)
-  head = leaves(state["frozen"]["teacher"]["params"])
+  head = leaves(frozen["teacher"]["params"])
   want = jnp.mean(projected, axis=(1, 2)) @ head["['head']['kernel'].value"] + head["['head']['bias'].value"]
   chex.assert_trees_all_close(logits, want, rtol=1e-5, atol=1e-5)
   # Shifting the teacher's classifier bias shifts the prediction by exactly that; the student's head is unused.
-  t = state["frozen"]["teacher"]
+  t = frozen["teacher"]
   delta = jnp.arange(SPEC.num_classes, dtype=jnp.float32)
   shifted = {"teacher": dict(t, params=shift(t["params"], "['head']['bias'].value", delta))}
-  chex.assert_trees_all_close(predict(dict(state, frozen=shifted), batch["inputs"]), logits + delta,
+  chex.assert_trees_all_close(predict(state, shifted, batch["inputs"]), logits + delta,
                               rtol=1e-5, atol=1e-5)
   params = shift(state["params"], "['student']['head']['bias'].value", 100.0)
-  chex.assert_trees_all_close(predict(dict(state, params=params), batch["inputs"]), logits)
+  chex.assert_trees_all_close(predict(dict(state, params=params), frozen, batch["inputs"]), logits)
 
 
 def test_cli_run(tiny_teacher, tmp_path):

@@ -1,6 +1,5 @@
 """Tabular tasks: the attack-detection CSV and Criteo readers, train-only preprocessing, binary metrics, CLI runs."""
 
-import importlib.util
 import json
 import math
 import os
@@ -9,16 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli
-from tgeo_jax import data, metrics
+from tgeo_jax import data, default_config, metrics
 from tgeo_jax.data import tabular
 from tgeo_jax.errors import UserError
 
 
 def load_config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location(f"test_config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return default_config.load_config_file(os.path.join(ROOT, "configs", f"{name}.py"), arg)
 
 
 # ----------------------------------------------------------------------------------------------- files

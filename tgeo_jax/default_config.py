@@ -110,3 +110,40 @@ def set_temperature(c: ml_collections.ConfigDict, temperature: float) -> None:
   for group in method_groups():
     if "temperature" in c[group]:
       c[group].temperature = temperature
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of a config file (e.g. ``configs/fashion_mnist.py``), imported by path: config files
+  are not a package, and the demo, the study and the tests load them outside the CLI's ``config_flags``."""
+  import importlib.util
+  import os
+  name = "tgeo_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
+def override(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """Sets dotted fields in place and returns ``config``: ``overrides`` is a ``{"a.b": value}`` dict, or an
+  iterable of ``"a.b=value"`` strings whose values are parsed as Python literals when they are one (``0.1``,
+  ``True``, ``(32, 16)``), else kept as strings, as ``--config.a.b=value`` on the command line."""
+  import ast
+  if not isinstance(overrides, dict):
+    items = {}
+    for item in overrides:
+      key, sep, text = item.partition("=")
+      if not sep:
+        raise ValueError(f"override {item!r}: expected FIELD=VALUE")
+      try:
+        items[key] = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        items[key] = text
+    overrides = items
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config

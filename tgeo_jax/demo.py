@@ -11,13 +11,12 @@ each student trains on a 5,000-example stratified subset (where the teacher's so
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 
 from absl import app, flags, logging
 
-from tgeo_jax import report
+from tgeo_jax import default_config, report
 
 flags.DEFINE_string("workdir", "workdirs/demo", "Where the teacher and the students are trained.")
 flags.DEFINE_list("methods", ["ce", "kd", "tgeo"], "Student methods to train (configs/fashion_mnist.py:METHOD).")
@@ -29,25 +28,7 @@ CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 def load_config(arg: str):
-  spec = importlib.util.spec_from_file_location("fashion_mnist_config", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def _apply_overrides(config, overrides):
-  import ast
-  for item in overrides:
-    key, _, value = item.partition("=")
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    try:
-      node[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      node[leaf] = value
-  return config
+  return default_config.load_config_file(CONFIG_FILE, arg)
 
 
 def main(argv):
@@ -63,7 +44,7 @@ def main(argv):
     return code
   rows = [dict(report.read_json(os.path.join(teacher_dir, "summary.json")), role="teacher")]
   for method in FLAGS.methods:
-    config = _apply_overrides(load_config(method), FLAGS.overrides)
+    config = default_config.override(load_config(method), FLAGS.overrides)
     config.teacher.checkpoint = teacher_dir
     workdir = os.path.join(FLAGS.workdir, method)
     print(f"== student: {method} ({workdir})")

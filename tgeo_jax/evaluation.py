@@ -11,12 +11,12 @@ from tgeo_jax import data, losses, parallel
 
 
 def make_eval_step(method, metrics=()):
-  """``eval_step(state, batch) -> sums`` over a masked batch: loss, correct, count (+ teacher metrics, + the
-  per-example positive-class probabilities when ``metrics`` asks for ``auc`` / ``log_loss``)."""
+  """``eval_step(state, frozen, batch) -> sums`` over a masked batch: loss, correct, count (+ teacher metrics, +
+  the per-example positive-class probabilities when ``metrics`` asks for ``auc`` / ``log_loss``)."""
 
-  def eval_step(state, batch):
+  def eval_step(state, frozen, batch):
     mask = batch["mask"]
-    logits = method.predict(state, batch["inputs"])
+    logits = method.predict(state, frozen, batch["inputs"])
     sums = {
         "loss": jnp.sum(losses.cross_entropy(logits, batch["labels"]) * mask),
         "correct": jnp.sum(losses.accuracy(logits, batch["labels"]) * mask),
@@ -24,7 +24,7 @@ def make_eval_step(method, metrics=()):
     }
     teacher_logits = batch.get("teacher_logits")  # precomputed by FixedTeacherLogits for a frozen teacher
     if teacher_logits is None:
-      teacher_logits = method.teacher_logits(state, batch["inputs"])
+      teacher_logits = method.teacher_logits(state, frozen, batch["inputs"])
     if teacher_logits is not None:
       sums["teacher_correct"] = jnp.sum(losses.accuracy(teacher_logits, batch["labels"]) * mask)
       sums["agreement"] = jnp.sum((jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)) * mask)
@@ -43,7 +43,7 @@ class FixedTeacherLogits:
   they cannot change, and recomputing them cost a teacher forward over the whole test set every epoch."""
 
   def __init__(self, method, frozen):
-    self._fn = jax.jit(lambda f, x: method.teacher_logits({"frozen": f}, x))
+    self._fn = jax.jit(lambda f, x: method.teacher_logits(None, f, x))  # teacher_logits_fixed: reads frozen only
     self._frozen = frozen
     self._cache = []
 

@@ -16,13 +16,6 @@ class NonFiniteError(RuntimeError):
   """A loss, gradient or state became NaN/Inf; the run stops before checkpointing it (exit status 1)."""
 
 
-def _split_frozen(out):
-  state, metrics = out
-  state = dict(state)
-  state.pop("frozen")
-  return state, metrics
-
-
 def initial_health(step: int, skipped: int = 0) -> dict:
   """The on-device non-finite record: ``step`` (steps taken), ``first_bad_step`` (-1: none), ``what`` (index into
   the quantity names), ``value`` (that quantity's value, NaN for state entries), ``skipped`` (steps skipped)."""
@@ -55,7 +48,7 @@ def make_guarded_step(method, *, skip_nonfinite: bool):
     return names.index(name)
 
   def step(state, frozen, batch, kind, health):
-    new_state, metrics = _split_frozen(method.train_step(dict(state, frozen=frozen), batch, kind))
+    new_state, metrics = method.train_step(state, frozen, batch, kind)
     checks = []  # (name code, all finite, value)
     for name in sorted(metrics, key=lambda k: (k != "loss", k != "grad_norm", k)):
       value = jnp.asarray(metrics[name])

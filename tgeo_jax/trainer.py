@@ -295,8 +295,7 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
       raise UserError(f"val_batch_size: {config.val_batch_size} exceeds the {len(task.val)} held-out validation "
                       "examples (raise data.val_fraction or lower val_batch_size)")
 
-  state = parallel.replicate(method.init(jax.random.PRNGKey(config.seed)), mesh)
-  frozen = state.pop("frozen")
+  state, frozen = parallel.replicate(method.init(jax.random.PRNGKey(config.seed)), mesh)
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, max_to_keep=config.checkpoint.max_to_keep, cleanup_tmp=True)
   try:
     return _restore_or_start(config, workdir, start_time=start_time, config_dict=config_dict, identity=identity,
@@ -336,7 +335,7 @@ def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mes
   best_accuracy = max([meta.get("best_accuracy", 0.0)] + [r["accuracy"] for r in writer.records
                                                           if isinstance(r.get("accuracy"), float)])
   guarded_step, quantity_names = make_guarded_step(method, skip_nonfinite=config.nonfinite == "skip")
-  eval_fn = jax.jit(lambda s, f, b: evaluation.make_eval_step(method, task.metrics)(dict(s, frozen=f), b))
+  eval_fn = jax.jit(evaluation.make_eval_step(method, task.metrics))
   fixed_teacher = (evaluation.FixedTeacherLogits(method, frozen)
                    if method.teacher is not None and method.teacher_logits_fixed else None)
   val_stream = (data.validation_batches(task.val, batch_size=config.val_batch_size, seed=config.seed,
@@ -442,7 +441,7 @@ def evaluate_epoch(run: Run) -> None:
                      teacher_logits=run.fixed_teacher)
   run.best_accuracy = max(run.best_accuracy, results["accuracy"])
   if jax.process_index() == 0:
-    results.update(run.method.epoch_report(dict(run.state, frozen=run.frozen), run.workdir, run.epoch))
+    results.update(run.method.epoch_report(run.state, run.frozen, run.workdir, run.epoch))
   record = dict(step=run.step, epoch=run.epoch, **results, **run.log.last, skipped_steps=skipped,
                 seconds=run.meta["seconds"] + time.time() - run.start_time)
   if jax.process_index() == 0:

@@ -7,7 +7,7 @@ SimKD whose pretrained teacher adapts to the student. Each step has two updates:
    teacher's convolution kernels and its classifier's weight matrix, i.e. every parameter with two or more axes
    (BatchNorm scale/shift and biases are free, as in the public code's ``param.ndim > 1`` rule). The MSE's
    gradient reaches the teacher through its feature map: the teacher moves towards what the student can express.
-   ``theta_T0``, the pretrained copy, lives in ``state["frozen"]`` (stop-gradient, never checkpointed).
+   ``theta_T0``, the pretrained copy, lives in ``frozen`` (stop-gradient, never checkpointed).
 2. **Classifier step** (its own optimizer: the same optax recipe, its own state): CE of the teacher's own logits,
    recomputed with the updated teacher, on the batch's labels, updating the classifier's bias
    (``atsc.classifier_update = "bias"``, the public code) or its bias and weight matrix (``"all"``; the matrix
@@ -202,9 +202,9 @@ class ATSC(base.Method):
               "teachers": teachers}
     rest = {"student": self.student.rest, "projectors": [p.rest for p in self.projectors],
             "teachers": [jax.tree.map(jnp.copy, t.variables["rest"]) for t in self.teachers]}
-    return base.trainable_state(params, rest, self.joint_tx,
-                                frozen={"teachers_init": [t.variables["params"] for t in self.teachers]},
-                                head_opt_state=[tx.init(p) for tx, p in zip(self.head_txs, teachers)])
+    state = base.trainable_state(params, rest, self.joint_tx,
+                                 head_opt_state=[tx.init(p) for tx, p in zip(self.head_txs, teachers)])
+    return state, {"teachers_init": [t.variables["params"] for t in self.teachers]}
 
   # ---- forward pieces
   def project(self, params, rest, inputs, *, train: bool):
@@ -225,7 +225,7 @@ class ATSC(base.Method):
     return sum(logits) / len(logits)
 
   # ---- interface
-  def train_step(self, state, batch, kind=None):
+  def train_step(self, state, frozen, batch, kind=None):
     del kind  # a single compiled variant
     cfg = self.config.atsc
     inputs, labels = batch["inputs"], batch["labels"]
@@ -239,7 +239,7 @@ class ATSC(base.Method):
         _, fmap, new_r = models.apply_features(t.graphdef, p, r, inputs, train=teacher_train)
         targets.append(simkd.adaptive_avg_pool(fmap, size))
         teacher_rests.append(new_r)
-      loss, metrics = atsc_loss(projected, targets, params["teachers"], state["frozen"]["teachers_init"], w=cfg.w)
+      loss, metrics = atsc_loss(projected, targets, params["teachers"], frozen["teachers_init"], w=cfg.w)
       new_rest = {"student": student_rest, "projectors": projector_rests, "teachers": teacher_rests}
       return loss, (new_rest, projected, metrics)
 
@@ -274,12 +274,14 @@ class ATSC(base.Method):
     return new_state, dict(metrics, loss=loss, teacher_ce=teacher_ce, teacher_accuracy=teacher_acc,
                            accuracy=base.batch_accuracy(logits, labels), grad_norm=optax.tree.norm(grads))
 
-  def predict(self, state, inputs):
+  def predict(self, state, frozen, inputs):
+    del frozen
     projected, _, _ = self.project(state["params"], state["rest"], inputs, train=False)
     return self.shared_head_logits(state["params"]["teachers"], state["rest"]["teachers"], projected)
 
-  def teacher_logits(self, state, inputs):
+  def teacher_logits(self, state, frozen, inputs):
     """The adapted teachers' own predictions (eval mode), averaged: what evaluation reports as the teacher."""
+    del frozen
     logits = [models.apply(t.graphdef, p, r, inputs, train=False)[0]
               for t, p, r in zip(self.teachers, state["params"]["teachers"], state["rest"]["teachers"])]
     return jax.lax.stop_gradient(sum(logits) / len(logits))

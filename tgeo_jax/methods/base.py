@@ -6,16 +6,17 @@ Methods that need more (a meta step, a projector, an adapting or online teacher)
 ``train_step``. Either way a method is built from (config, task spec, teacher) and its functions are pure and
 jit-able::
 
-    init(rng) -> state                                   # a dict pytree
-    train_step(state, batch, kind) -> (state, metrics)   # metrics: dict of scalar means over the batch
-    predict(state, inputs) -> logits [B, K]              # the eval head
+    init(rng) -> (state, frozen)                                 # two dict pytrees
+    train_step(state, frozen, batch, kind) -> (state, metrics)   # metrics: dict of scalar means over the batch
+    predict(state, frozen, inputs) -> logits [B, K]              # the eval head
 
-plus ``teacher_logits(state, inputs)`` for distillation methods (evaluation reports the teacher too).
+plus ``teacher_logits(state, frozen, inputs)`` for distillation methods (evaluation reports the teacher too).
 
-State layout conventions (the trainer relies on the first two only):
-  ``state["step"]``: int32 scalar; ``state["frozen"]``: what must never be checkpointed (the frozen teacher,
-  quantities derived from it). Everything else is saved and restored.
-  Students use ``params`` / ``rest`` (BatchNorm statistics) / ``opt_state``.
+``state`` is what training changes: it is checkpointed, restored and donated to the jitted step.
+``state["step"]`` (int32 scalar) is the only entry the trainer reads. Students use ``params`` / ``rest``
+(BatchNorm statistics) / ``opt_state``.
+``frozen`` is what training never changes (the frozen teacher's variables, quantities derived from it such as its
+logit table): built by ``init``, passed to every call, never checkpointed (it is rebuilt from the teacher).
 
 Each method class carries its config group's defaults (``config_group``, ``defaults()``); the registry composes
 them into ``tgeo_jax.default_config.base_config()``.
@@ -45,7 +46,7 @@ class Method:
   # its own anchor and online teacher).
   loads_teacher_checkpoint: bool = True
   uses_validation_batch: bool = False
-  # teacher_logits(state, x) depends only on the frozen teacher (evaluation may then compute them once).
+  # teacher_logits(state, frozen, x) reads only ``frozen`` (evaluation may then compute them once).
   teacher_logits_fixed: bool = True
 
   @classmethod
@@ -69,14 +70,16 @@ class Method:
     del config
 
   # ---- interface
-  def init(self, rng: jax.Array) -> dict:
+  def init(self, rng: jax.Array) -> tuple[dict, dict]:
+    """``(state, frozen)``: the trainable state and what never changes (see the module docstring)."""
     del rng  # every initial value comes from config.seed (models, projectors, fusion nets)
     state = trainable_state(self.student.params, self.student.rest, self.tx)
+    frozen = {}
     if self.teacher is not None:
-      state["frozen"]["teacher"] = self.teacher.variables
+      frozen["teacher"] = self.teacher.variables
       if self.caches_teacher_logits():
-        state["frozen"]["teacher_logits_table"] = self.teacher_logits_over_train(state)
-    return state
+        frozen["teacher_logits_table"] = self.teacher_logits_over_train(frozen)
+    return state, frozen
 
   def caches_teacher_logits(self) -> bool:
     """``teacher.cache_logits``: 'auto' caches when training inputs are not augmented (the teacher's outputs
@@ -91,7 +94,7 @@ class Method:
       return self.task is not None and self.task.augment is None
     return mode == "on"
 
-  def teacher_logits_over_train(self, state: dict, chunk: int = 1000) -> jax.Array:
+  def teacher_logits_over_train(self, frozen: dict, chunk: int = 1000) -> jax.Array:
     """``[len(train), K]`` frozen-teacher logits of every training example (one jitted pass, in chunks).
 
     With ``teacher.logits_cache_dir`` set, the table is stored there under a hash of the teacher's variables and
@@ -101,26 +104,27 @@ class Method:
     import numpy as np
     source = self.task.train
     inputs = [source.gather(np.arange(s, min(s + chunk, len(source)))) for s in range(0, len(source), chunk)]
-    fn = jax.jit(self.teacher_logits)
+    # A frozen teacher's logits read only ``frozen`` (teacher_logits_fixed): no trainable state is needed.
+    fn = jax.jit(lambda f, x: self.teacher_logits(None, f, x))
 
     def compute():
-      return np.concatenate([np.asarray(fn(state, x)) for x in inputs])
+      return np.concatenate([np.asarray(fn(frozen, x)) for x in inputs])
 
     cache_dir = self.config.teacher.logits_cache_dir
     if not cache_dir:
       return jnp.asarray(compute())
-    cache = teacher_lib.LogitCache(cache_dir, key=(state["frozen"]["teacher"], inputs))
+    cache = teacher_lib.LogitCache(cache_dir, key=(frozen["teacher"], inputs))
     return jnp.asarray(cache.get_or_compute(compute, shape=(len(source), self.spec.num_classes)))
 
-  def batch_teacher_logits(self, state: dict, batch: dict) -> jax.Array:
+  def batch_teacher_logits(self, state: dict, frozen: dict, batch: dict) -> jax.Array:
     """The teacher's logits for a training batch ``[B, K]``: looked up by example index when cached
-    (``state['frozen']['teacher_logits_table']``), else one forward pass of the frozen teacher."""
-    table = state["frozen"].get("teacher_logits_table")
+    (``frozen['teacher_logits_table']``), else one forward pass of the teacher."""
+    table = frozen.get("teacher_logits_table")
     if table is not None:
       return table[batch["index"]]
-    return self.teacher_logits(state, batch["inputs"])
+    return self.teacher_logits(state, frozen, batch["inputs"])
 
-  def train_step(self, state: dict, batch: dict, kind=None) -> tuple[dict, dict]:
+  def train_step(self, state: dict, frozen: dict, batch: dict, kind=None) -> tuple[dict, dict]:
     """``kind`` is ``step_kind(step)``, a static (hashable) choice among compiled variants of the step."""
     raise NotImplementedError
 
@@ -133,19 +137,23 @@ class Method:
     del step
     return None
 
-  def epoch_report(self, state: dict, workdir: str, epoch: int) -> dict:
+  def epoch_report(self, state: dict, frozen: dict, workdir: str, epoch: int) -> dict:
     """Method-specific analysis after each evaluation (host side); scalars are added to metrics.jsonl."""
-    del state, workdir, epoch
+    del state, frozen, workdir, epoch
     return {}
 
-  def predict(self, state: dict, inputs: jax.Array) -> jax.Array:
+  def predict(self, state: dict, frozen: dict, inputs: jax.Array) -> jax.Array:
+    del frozen
     logits, _ = models.apply(self.student.graphdef, state["params"], state["rest"], inputs, train=False)
     return logits
 
-  def teacher_logits(self, state: dict, inputs: jax.Array) -> jax.Array | None:
+  def teacher_logits(self, state: dict | None, frozen: dict, inputs: jax.Array) -> jax.Array | None:
+    """``[B, K]`` eval-mode teacher logits (None without a teacher). With ``teacher_logits_fixed`` they read
+    only ``frozen`` and ``state`` may be None."""
+    del state
     if self.teacher is None:
       return None
-    t = state["frozen"]["teacher"]
+    t = frozen["teacher"]
     logits, _ = models.apply(self.teacher.graphdef, t["params"], t["rest"], inputs, train=False)
     return jax.lax.stop_gradient(logits)
 
@@ -182,9 +190,9 @@ class LossMethod(Method):
     (``labels [B]``, ``index [B]``, ...) and the int32 step count."""
     raise NotImplementedError
 
-  def train_step(self, state, batch, kind=None):
+  def train_step(self, state, frozen, batch, kind=None):
     del kind  # one compiled variant
-    teacher_logits = self.batch_teacher_logits(state, batch) if self.teacher is not None else None
+    teacher_logits = self.batch_teacher_logits(state, frozen, batch) if self.teacher is not None else None
 
     def loss_from_logits(logits):
       loss, metrics = self.loss(logits, teacher_logits, batch, state["step"])
@@ -193,11 +201,11 @@ class LossMethod(Method):
     return self.gradient_step(state, batch["inputs"], loss_from_logits)
 
 
-def trainable_state(params, rest, tx: optax.GradientTransformation, *, frozen: dict | None = None, **extra) -> dict:
+def trainable_state(params, rest, tx: optax.GradientTransformation, **extra) -> dict:
   """The state skeleton every method starts from: ``step``, ``params``, ``rest`` (BatchNorm statistics),
-  ``opt_state = tx.init(params)``, ``frozen`` (never checkpointed) and any ``extra`` entries."""
+  ``opt_state = tx.init(params)`` and any ``extra`` entries."""
   return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt_state": tx.init(params),
-          "frozen": {} if frozen is None else frozen, **extra}
+          **extra}
 
 
 def batch_accuracy(logits, labels):

@@ -12,7 +12,7 @@ is average-pooled to the smaller (PyTorch's ``adaptive_avg_pool2d``, implemented
 The labels are not used either: the teacher's classifier carries the class knowledge.
 
 State: ``params``/``rest``/``opt_state`` hold ``{"student", "projector"}``, trained together by the one optimizer
-the trainer builds; the frozen teacher (backbone and classifier) stays in ``state["frozen"]["teacher"]``.
+the trainer builds; the frozen teacher (backbone and classifier) stays in ``frozen["teacher"]``.
 This module also holds the pieces ATSC reuses (projector, alignment, feature MSE, shape checks).
 """
 
@@ -142,9 +142,9 @@ class SimKD(base.Method):
 
   def init(self, rng):
     del rng  # the projector's initial values come from config.seed + 1
-    return base.trainable_state({"student": self.student.params, "projector": self.projector.params},
-                                {"student": self.student.rest, "projector": self.projector.rest}, self.tx,
-                                frozen={"teacher": self.teacher.variables})
+    state = base.trainable_state({"student": self.student.params, "projector": self.projector.params},
+                                 {"student": self.student.rest, "projector": self.projector.rest}, self.tx)
+    return state, {"teacher": self.teacher.variables}
 
   def project(self, params, rest, inputs, *, train: bool):
     """``(P(F_s) [B, h, w, C_t], new_rest)``: student features, pooled to the common size, through the projector."""
@@ -154,13 +154,13 @@ class SimKD(base.Method):
                                              adaptive_avg_pool(fmap, self.size), train=train)
     return projected, {"student": student_rest, "projector": projector_rest}
 
-  def classify(self, state, projected):
-    t = state["frozen"]["teacher"]
+  def classify(self, frozen, projected):
+    t = frozen["teacher"]
     return models.apply_classifier(self.teacher.graphdef, t["params"], t["rest"], projected)
 
-  def train_step(self, state, batch, kind=None):
+  def train_step(self, state, frozen, batch, kind=None):
     del kind  # a single compiled variant
-    t = state["frozen"]["teacher"]
+    t = frozen["teacher"]
     _, teacher_fmap, _ = models.apply_features(self.teacher.graphdef, t["params"], t["rest"], batch["inputs"],
                                                train=False)
     target = jax.lax.stop_gradient(adaptive_avg_pool(teacher_fmap, self.size))
@@ -171,12 +171,12 @@ class SimKD(base.Method):
 
     (loss, (new_rest, projected)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    logits = self.classify(state, jax.lax.stop_gradient(projected))
+    logits = self.classify(frozen, jax.lax.stop_gradient(projected))
     new_state = dict(state, params=optax.apply_updates(state["params"], updates), rest=new_rest,
                      opt_state=opt_state, step=state["step"] + 1)
     return new_state, {"loss": loss, "mse": loss, "accuracy": base.batch_accuracy(logits, batch["labels"]),
                        "grad_norm": optax.tree.norm(grads)}
 
-  def predict(self, state, inputs):
+  def predict(self, state, frozen, inputs):
     projected, _ = self.project(state["params"], state["rest"], inputs, train=False)
-    return self.classify(state, projected)
+    return self.classify(frozen, projected)

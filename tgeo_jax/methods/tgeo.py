@@ -82,7 +82,7 @@ def meta_defaults():
 class MetaReweightKD(base.Method):
   """Fused KD/CE with α from meta-parameters φ learned on the validation split by a one-step lookahead.
 
-  Subclasses define ``init_meta()`` -> φ and ``alpha(meta_params, state, batch, student_logits, teacher_logits)``.
+  Subclasses define ``init_meta()`` -> φ and ``alpha(meta_params, frozen, batch, student_logits, teacher_logits)``.
   """
 
   uses_validation_batch = True
@@ -112,18 +112,18 @@ class MetaReweightKD(base.Method):
   def init_meta(self):
     raise NotImplementedError
 
-  def alpha(self, meta_params, state, batch, student_logits, teacher_logits):
+  def alpha(self, meta_params, frozen, batch, student_logits, teacher_logits):
     raise NotImplementedError
 
   # ---- interface
   def init(self, rng):
-    state = super().init(rng)
+    state, frozen = super().init(rng)
     meta = self.init_meta()
     state["meta_params"] = meta
     state["meta_opt_state"] = self.meta_tx.init(meta)
-    return state
+    return state, frozen
 
-  def _per_sample_fn(self, state, inputs, labels, teacher_logits):
+  def _per_sample_fn(self, inputs, labels, teacher_logits):
     tau = self.cfg.temperature
 
     def per_sample(params, rest):
@@ -146,10 +146,10 @@ class MetaReweightKD(base.Method):
   def step_kind(self, step: int) -> str:
     return "meta" if step % self.cfg.meta_interval == 0 else "plain"
 
-  def train_step(self, state, batch, kind="meta"):
-    teacher_logits = self.batch_teacher_logits(state, batch)
-    per_sample = self._per_sample_fn(state, batch["inputs"], batch["labels"], teacher_logits)
-    weight_fn = lambda meta, logits: self.alpha(meta, state, batch, logits, teacher_logits)  # noqa: E731
+  def train_step(self, state, frozen, batch, kind="meta"):
+    teacher_logits = self.batch_teacher_logits(state, frozen, batch)
+    per_sample = self._per_sample_fn(batch["inputs"], batch["labels"], teacher_logits)
+    weight_fn = lambda meta, logits: self.alpha(meta, frozen, batch, logits, teacher_logits)  # noqa: E731
     if kind == "meta":
       return self._meta_step(state, batch, per_sample, weight_fn)
     return self._plain_step(state, batch["labels"], per_sample, weight_fn)
@@ -189,7 +189,7 @@ class MetaReweightKD(base.Method):
                                       meta_metrics)
     return self._plain_step(state, batch["labels"], per_sample, weight_fn, meta_metrics)
 
-  def epoch_report(self, state, workdir, epoch):
+  def epoch_report(self, state, frozen, workdir, epoch):
     """α by group over (up to ``analysis_examples`` of) the training examples; see ``alpha_report``."""
     if not self.cfg.analysis_examples:
       return {}
@@ -201,20 +201,20 @@ class MetaReweightKD(base.Method):
     if outliers is not None:
       indices = np.union1d(indices, np.flatnonzero(outliers))
     if not hasattr(self, "_alpha_fn"):
-      def alpha_fn(state, inputs, labels, index):
-        logits = self.predict(state, inputs)
+      def alpha_fn(state, frozen, inputs, labels, index):
+        logits = self.predict(state, frozen, inputs)
         batch = {"inputs": inputs, "labels": labels, "index": index}
         # From the cached table when there is one (the indices are training-split positions): the analytics
         # then cost no teacher forward.
-        teacher_logits = self.batch_teacher_logits(state, batch)
-        alpha = self.alpha(state["meta_params"], state, batch, logits, teacher_logits)
+        teacher_logits = self.batch_teacher_logits(state, frozen, batch)
+        alpha = self.alpha(state["meta_params"], frozen, batch, logits, teacher_logits)
         s, t = jax.nn.softmax(logits), jax.nn.softmax(teacher_logits)
         return alpha, jnp.argmax(teacher_logits, -1) == labels, jnp.sum((t - s) ** 2, -1)
       self._alpha_fn = jax.jit(alpha_fn)
     parts = []
     for start in range(0, len(indices), 1000):
       idx = indices[start:start + 1000]
-      parts.append(jax.device_get(self._alpha_fn(state, source.gather(idx), source.labels[idx],
+      parts.append(jax.device_get(self._alpha_fn(state, frozen, source.gather(idx), source.labels[idx],
                                                  idx.astype(np.int32))))
     alpha, teacher_correct, gap = (np.concatenate(x) for x in zip(*parts))
     summary = alpha_report.write(workdir, epoch, int(state["step"]), alpha, teacher_correct, gap,
@@ -269,24 +269,24 @@ class TGeoKD(MetaReweightKD):
     return jax.tree.map(jnp.copy, self._fusion_params)
 
   def init(self, rng):
-    state = super().init(rng)
-    state["frozen"]["class_mean"] = self._class_mean_teacher(state)
-    return state
+    state, frozen = super().init(rng)
+    frozen["class_mean"] = self._class_mean_teacher(frozen)
+    return state, frozen
 
-  def _class_mean_teacher(self, state):
+  def _class_mean_teacher(self, frozen):
     """T̄ [K, K] over the student's training split with the frozen teacher (computed once; the teacher is fixed)."""
-    logits = state["frozen"].get("teacher_logits_table")
+    logits = frozen.get("teacher_logits_table")
     if logits is None:
-      logits = self.teacher_logits_over_train(state)
+      logits = self.teacher_logits_over_train(frozen)
     return geometry.class_mean_teacher(jax.nn.softmax(logits), jnp.asarray(self.task.train.labels),
                                        self.spec.num_classes)
 
-  def features(self, state, labels, student_logits, teacher_logits):
-    return geometry.relation_features(student_logits, teacher_logits, labels, state["frozen"]["class_mean"],
+  def features(self, frozen, labels, student_logits, teacher_logits):
+    return geometry.relation_features(student_logits, teacher_logits, labels, frozen["class_mean"],
                                       self.cfg.layout)
 
-  def alpha(self, meta_params, state, batch, student_logits, teacher_logits):
-    feats = self.features(state, batch["labels"], student_logits, teacher_logits)
+  def alpha(self, meta_params, frozen, batch, student_logits, teacher_logits):
+    feats = self.features(frozen, batch["labels"], student_logits, teacher_logits)
     z = nnx.merge(self.fusion_graphdef, meta_params).logits(feats)
     if self.cfg.get("alpha_normalization", "none") == "center":
       # Over the global batch (under data parallelism XLA all-reduces the mean).

@@ -134,17 +134,17 @@ class TriKD(base.Method):
       self.online_teacher = models.split(model)
 
   def init(self, rng):
-    state = super().init(rng)
+    state, frozen = super().init(rng)
     t = self.online_teacher
     state["teacher"] = {"params": t.params, "rest": t.rest, "opt_state": self.tx.init(t.params)}
-    state["frozen"]["anchor"] = self.anchor.variables
-    return state
+    frozen["anchor"] = self.anchor.variables
+    return state, frozen
 
-  def train_step(self, state, batch, kind=None):
+  def train_step(self, state, frozen, batch, kind=None):
     del kind  # a single compiled variant
     cfg = self.config.trikd
     inputs, labels = batch["inputs"], batch["labels"]
-    a = state["frozen"]["anchor"]
+    a = frozen["anchor"]
     anchor_logits, _ = models.apply(self.anchor.graphdef, a["params"], a["rest"], inputs, train=False)
     teacher = state["teacher"]
 
@@ -173,7 +173,8 @@ class TriKD(base.Method):
     return new_state, dict(metrics, loss=metrics["student_loss"], grad_norm=optax.tree.norm(grads["student"]),
                            teacher_grad_norm=optax.tree.norm(grads["teacher"]))
 
-  def teacher_logits(self, state, inputs):
+  def teacher_logits(self, state, frozen, inputs):
+    del frozen
     t = state["teacher"]
     logits, _ = models.apply(self.online_teacher.graphdef, t["params"], t["rest"], inputs, train=False)
     return jax.lax.stop_gradient(logits)
