@@ -19,28 +19,28 @@ import jax.numpy as jnp
 
 from tgeo_jax.errors import UserError
 
-# Layout name -> feature width as a function of K. The blocks of each layout are listed in `relation_features`.
-_LAYOUT_DIMS = {
-    # [s, t, g, t̄, (t̄−s)², (g−s)², (t−s)², (t−g)², (t̄−g)²]: the paper's concatenation order, kept so features
-    # can be compared with the original code.
-    "reference": lambda k: 9 * k,
-    # [s, t, g, t̄]
-    "vertices": lambda k: 4 * k,
-    # [(t̄−s)², (g−s)², (t−s)², (t−g)², (t̄−g)²]
-    "edges": lambda k: 5 * k,
-    # [s, t, g, (g−s)², (t−s)², (t−g)²]: intra-sample only, no T̄ (the paper's ablation row "+ ST").
-    "intra": lambda k: 6 * k,
+# The one table of layouts: name -> the K-wide blocks it concatenates, in order ("scalar" is K-independent, see
+# ``relation_features``). Block names: the vertices s, t, g, tbar; "a_b" the element-wise squared edge (a − b)²;
+# "a_b*c_d" the element-wise angle term (a − b)⊙(c − d).
+_LAYOUT_BLOCKS = {
+    # The paper's concatenation order, kept so features can be compared with the original code.
+    "reference": ("s", "t", "g", "tbar", "tbar_s", "g_s", "t_s", "t_g", "tbar_g"),
+    "vertices": ("s", "t", "g", "tbar"),
+    "edges": ("tbar_s", "g_s", "t_s", "t_g", "tbar_g"),
+    # Intra-sample only, no T̄ (the paper's ablation row "+ ST").
+    "intra": ("s", "t", "g", "g_s", "t_s", "t_g"),
     # The reference layout without the (t−s)² edge.
-    "no_st": lambda k: 8 * k,
-    # [s, t, g, (g−s)², (t−g)²]: the paper's "SG + TG only" ablation.
-    "sg_tg": lambda k: 5 * k,
-    # The reference layout followed by the angle terms (t̄−s)⊙(g−s) and (t−s)⊙(g−s).
-    "angles": lambda k: 11 * k,
-    # K-independent summary (for K = 1000): see ``relation_features``.
-    "scalar": lambda k: 10,
+    "no_st": ("s", "t", "g", "tbar", "tbar_s", "g_s", "t_g", "tbar_g"),
+    # The paper's "SG + TG only" ablation.
+    "sg_tg": ("s", "t", "g", "g_s", "t_g"),
+    # The reference layout followed by the angle terms.
+    "angles": ("s", "t", "g", "tbar", "tbar_s", "g_s", "t_s", "t_g", "tbar_g", "tbar_s*g_s", "t_s*g_s"),
+    # Edge lengths, true-class probabilities and confidences (10 columns, for large K).
+    "scalar": (),
 }
+_SCALAR_DIM = 10
 
-LAYOUTS: tuple[str, ...] = tuple(_LAYOUT_DIMS)
+LAYOUTS: tuple[str, ...] = tuple(_LAYOUT_BLOCKS)
 
 # Added under the square root of the scalar edge lengths: the vertices are stop-gradient, so this only keeps the
 # value finite and well defined at a zero edge (a student that matches its teacher exactly).
@@ -50,11 +50,11 @@ _NORM_EPS = 1e-12
 def feature_dim(layout: str, num_classes: int) -> int:
   """Width ``D`` of ``relation_features(..., layout)`` for ``num_classes`` classes."""
   _check_layout(layout)
-  return _LAYOUT_DIMS[layout](num_classes)
+  return _SCALAR_DIM if layout == "scalar" else len(_LAYOUT_BLOCKS[layout]) * num_classes
 
 
 def _check_layout(layout: str) -> None:
-  if layout not in _LAYOUT_DIMS:
+  if layout not in _LAYOUT_BLOCKS:
     raise UserError(f"unknown relation-feature layout {layout!r}; expected one of {list(LAYOUTS)}")
 
 
@@ -90,18 +90,12 @@ def relation_features(student_logits: jax.Array, teacher_logits: jax.Array, labe
                       class_mean: jax.Array, layout: str = "reference") -> jax.Array:
   """Per-sample relation features Δ_i of the trilateral geometry, all stop-gradient.
 
-  Layouts (``feature_dim`` gives ``D``; squares and products are element-wise, blocks of K concatenated):
-
-  * ``reference`` (9K): [s, t, g, t̄, (t̄−s)², (g−s)², (t−s)², (t−g)², (t̄−g)²];
-  * ``vertices`` (4K): [s, t, g, t̄];
-  * ``edges`` (5K): [(t̄−s)², (g−s)², (t−s)², (t−g)², (t̄−g)²];
-  * ``intra`` (6K): [s, t, g, (g−s)², (t−s)², (t−g)²], no T̄;
-  * ``no_st`` (8K): the reference layout without (t−s)²;
-  * ``sg_tg`` (5K): [s, t, g, (g−s)², (t−g)²];
-  * ``angles`` (11K): the reference layout, then (t̄−s)⊙(g−s) and (t−s)⊙(g−s);
-  * ``scalar`` (10, independent of K, for large K): the Euclidean edge lengths
-    [‖t̄−s‖, ‖g−s‖, ‖t−s‖, ‖t−g‖, ‖t̄−g‖] (same order as ``edges``), the true-class probabilities
-    [s_y, t_y, t̄_y], and the confidences [max_k s_k, max_k t_k]. g_y = 1 always, so it is left out.
+  Layouts (``feature_dim`` gives ``D``; blocks of K concatenated, listed in ``_LAYOUT_BLOCKS``): ``reference``
+  (9K) [s, t, g, t̄, (t̄−s)², (g−s)², (t−s)², (t−g)², (t̄−g)²], ``vertices`` (4K), ``edges`` (5K), ``intra`` (6K,
+  no T̄), ``no_st`` (8K), ``sg_tg`` (5K), ``angles`` (11K: reference, then (t̄−s)⊙(g−s) and (t−s)⊙(g−s)), and
+  ``scalar`` (10, independent of K, for large K): the Euclidean edge lengths [‖t̄−s‖, ‖g−s‖, ‖t−s‖, ‖t−g‖,
+  ‖t̄−g‖] (same order as ``edges``), the true-class probabilities [s_y, t_y, t̄_y], and the confidences
+  [max_k s_k, max_k t_k]. g_y = 1 always, so it is left out.
 
   Args:
     student_logits: ``[N, K]``.
@@ -133,18 +127,19 @@ def relation_features(student_logits: jax.Array, teacher_logits: jax.Array, labe
             true_class(s), true_class(t), true_class(tbar), jnp.max(s, axis=-1), jnp.max(t, axis=-1)]
     return jnp.stack(cols, axis=-1)
 
-  e_tbar_s = (tbar - s) ** 2
-  e_g_s = (g - s) ** 2
-  e_t_s = (t - s) ** 2
-  e_t_g = (t - g) ** 2
-  e_tbar_g = (tbar - g) ** 2
-  blocks = {
-      "reference": [s, t, g, tbar, e_tbar_s, e_g_s, e_t_s, e_t_g, e_tbar_g],
-      "vertices": [s, t, g, tbar],
-      "edges": [e_tbar_s, e_g_s, e_t_s, e_t_g, e_tbar_g],
-      "intra": [s, t, g, e_g_s, e_t_s, e_t_g],
-      "no_st": [s, t, g, tbar, e_tbar_s, e_g_s, e_t_g, e_tbar_g],
-      "sg_tg": [s, t, g, e_g_s, e_t_g],
-      "angles": [s, t, g, tbar, e_tbar_s, e_g_s, e_t_s, e_t_g, e_tbar_g, (tbar - s) * (g - s), (t - s) * (g - s)],
-  }[layout]
+  vertices = {"s": s, "t": t, "g": g, "tbar": tbar}
+
+  def block(name):
+    if "*" in name:
+      left, right = name.split("*")
+      return edge(left) * edge(right)
+    if "_" in name:
+      return edge(name) ** 2
+    return vertices[name]
+
+  def edge(name):  # "a_b" -> a − b
+    a, b = name.split("_")
+    return vertices[a] - vertices[b]
+
+  blocks = [block(name) for name in _LAYOUT_BLOCKS[layout]]
   return jnp.concatenate(blocks, axis=-1)
