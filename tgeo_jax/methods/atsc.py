@@ -243,13 +243,11 @@ class ATSC(base.Method):
       new_rest = {"student": student_rest, "projectors": projector_rests, "teachers": teacher_rests}
       return loss, (new_rest, projected, metrics)
 
-    (loss, (new_rest, projected, metrics)), grads = jax.value_and_grad(joint_objective, has_aux=True)(
-        state["params"])
+    loss, (new_rest, projected, metrics), params, opt_state, grads = base.minimize_step(
+        self.joint_tx, joint_objective, state["params"], state["opt_state"])
     # The predictor's accuracy on this batch, before either update (as the public code logs it).
     logits = self.shared_head_logits(state["params"]["teachers"], rest["teachers"],
                                      jax.lax.stop_gradient(projected))
-    updates, opt_state = self.joint_tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
 
     # Classifier step: CE on the updated teacher's own logits; features are fixed, only the head can move.
     teachers, head_opt_states, teacher_ce, teacher_acc = [], [], 0.0, 0.0

@@ -170,10 +170,9 @@ class Method:
       loss, metrics = loss_from_logits(logits)
       return loss, (new_rest, metrics)
 
-    (loss, (new_rest, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    new_state = dict(state, params=optax.apply_updates(state["params"], updates), rest=new_rest,
-                     opt_state=opt_state, step=state["step"] + 1)
+    loss, (new_rest, metrics), params, opt_state, grads = minimize_step(self.tx, objective, state["params"],
+                                                                        state["opt_state"])
+    new_state = dict(state, params=params, rest=new_rest, opt_state=opt_state, step=state["step"] + 1)
     return new_state, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
 
 
@@ -206,6 +205,14 @@ def trainable_state(params, rest, tx: optax.GradientTransformation, **extra) -> 
   ``opt_state = tx.init(params)`` and any ``extra`` entries."""
   return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt_state": tx.init(params),
           **extra}
+
+
+def minimize_step(tx: optax.GradientTransformation, objective, params, opt_state):
+  """One step of ``tx`` on ``objective(params) -> (scalar loss, aux)``: ``(loss, aux, new params, new optimizer
+  state, grads)``."""
+  (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  return loss, aux, optax.apply_updates(params, updates), new_opt_state, grads
 
 
 def batch_accuracy(logits, labels):

@@ -169,11 +169,10 @@ class SimKD(base.Method):
       projected, new_rest = self.project(params, state["rest"], batch["inputs"], train=True)
       return feature_mse(projected, target), (new_rest, projected)
 
-    (loss, (new_rest, projected)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    loss, (new_rest, projected), params, opt_state, grads = base.minimize_step(self.tx, objective, state["params"],
+                                                                               state["opt_state"])
     logits = self.classify(frozen, jax.lax.stop_gradient(projected))
-    new_state = dict(state, params=optax.apply_updates(state["params"], updates), rest=new_rest,
-                     opt_state=opt_state, step=state["step"] + 1)
+    new_state = dict(state, params=params, rest=new_rest, opt_state=opt_state, step=state["step"] + 1)
     return new_state, {"loss": loss, "mse": loss, "accuracy": base.batch_accuracy(logits, batch["labels"]),
                        "grad_norm": optax.tree.norm(grads)}
 
