@@ -9,10 +9,10 @@ process: no checkpoint, no dataset files; the synthetic data source). Rows:
 
 * ``kd``: plain KD step (``KD.train_step``);
 * ``tgeo lookahead (meta)``: TGeo-KD meta step, Meta-Weight-Net ordering (lookahead, phi update, real step);
-* ``tgeo reuse (meta)``: TGeo-KD meta step, the lookahead step is the real step (fast ``lookahead_hypergrad``);
+* ``tgeo reuse (meta)``: TGeo-KD meta step, the lookahead step is the real step (fast ``bilevel.one_step``);
 * ``tgeo plain (alpha fixed)``: TGeo-KD's non-meta step (``train_step(..., "plain")``);
 * ``tgeo reuse, meta_interval 5``: amortised, ``(1 meta + 4 plain) / 5`` of the two rows above (memory: max);
-* ``tgeo reuse (meta), autodiff ref``: the reuse meta step with ``bilevel.lookahead_hypergrad_autodiff`` (nested
+* ``tgeo reuse (meta), autodiff ref``: the reuse meta step with ``bilevel.one_step_autodiff`` (nested
   ``jax.grad``) as the method's ``hypergrad`` while the step is traced.
 
 Two teacher settings: ``cached`` (``teacher.cache_logits='on'``: the teacher's logits over the training part are
@@ -125,7 +125,7 @@ def build(args):
       methods[(setting, f"tgeo_{ordering}")] = TGeoKD(cfg, spec, student=student, tx=tx, teacher=teacher, task=task)
     autodiff = TGeoKD(cfg.copy_and_resolve_references(), spec, student=student, tx=tx, teacher=teacher, task=task)
     autodiff.cfg.ordering = "reuse"
-    autodiff.hypergrad = bilevel.lookahead_hypergrad_autodiff  # the injection point: the nested-grad reference
+    autodiff.hypergrad = bilevel.one_step_autodiff  # the injection point: the nested-grad reference
     methods[(setting, "tgeo_autodiff")] = autodiff
     states[(setting, "kd")] = methods[(setting, "kd")].init(rng)
     states[(setting, "tgeo")] = methods[(setting, "tgeo_reuse")].init(rng)  # the orderings share the layout
@@ -205,8 +205,8 @@ def make_rows(compiled):
     for key, label, *_ in VARIANTS:
       e = compiled[(setting, key)]
       ms = 1e3 * statistics.median(e["times"])
-      note = ("bilevel.lookahead_hypergrad_autodiff (nested jax.grad) as method.hypergrad" if key == "reuse_autodiff"
-              else "bilevel.lookahead_hypergrad (fast explicit form)" if key in ("reuse", "lookahead") else "")
+      note = ("bilevel.one_step_autodiff (nested jax.grad) as method.hypergrad" if key == "reuse_autodiff"
+              else "bilevel.one_step (fast explicit form)" if key in ("reuse", "lookahead") else "")
       r = row(key, label, e["flops"], e["temp"], ms, note)
       r.update(compile_s=e["compile_s"], times_ms=[1e3 * t for t in e["times"]])
       if "matches_online" in e:
@@ -234,18 +234,18 @@ def breakdown(methods, states, batch):
   tx = method.tx
 
   def pieces(st, b):
-    per_sample = method._per_sample_fn(b["inputs"], b["labels"], tl)
-    val_loss = method._val_loss_fn(b["val"])
-    weight_fn = lambda meta, logits: method.alpha(meta, frozen, b, logits, tl)  # noqa: E731
-    return per_sample, val_loss, weight_fn
+    sb = dict(b, teacher_logits=tl)
+    per_sample = lambda p, r: method.per_sample_fn(frozen)(p, r, sb)  # noqa: E731
+    val_loss = lambda p, r: method.val_loss_fn(p, r, b["val"])  # noqa: E731
+    return per_sample, val_loss, method.weight_fn, sb
 
   def f_train_fwd(st, b):
-    per_sample, _, _ = pieces(st, b)
-    (soft, hard), (new_rest, logits) = per_sample(st["params"], st["rest"])
-    return soft, hard, new_rest, logits
+    per_sample, *_ = pieces(st, b)
+    (soft, hard), (new_rest, context) = per_sample(st["params"], st["rest"])
+    return soft, hard, new_rest, context["student_logits"]
 
   def f_train_fwd_bwd(st, b):  # the plain step's gradient (alpha fixed at 0.5)
-    per_sample, _, _ = pieces(st, b)
+    per_sample, *_ = pieces(st, b)
 
     def obj(p):
       (soft, hard), (new_rest, _) = per_sample(p, st["rest"])
@@ -254,9 +254,8 @@ def breakdown(methods, states, batch):
     return jax.value_and_grad(obj, has_aux=True)(st["params"])
 
   def f_linearize_transpose(st, b, with_jvp=False):
-    per_sample, _, _ = pieces(st, b)
-    (soft, hard), lin, (new_rest, logits) = jax.linearize(lambda p: per_sample(p, st["rest"]), st["params"],
-                                                          has_aux=True)
+    per_sample, *_ = pieces(st, b)
+    (soft, hard), lin, _ = jax.linearize(lambda p: per_sample(p, st["rest"]), st["params"], has_aux=True)
     n = soft.shape[0]
     (grads,) = jax.linear_transpose(lin, st["params"])((jnp.full_like(soft, 0.5 / n), jnp.full_like(hard, 0.5 / n)))
     if with_jvp:
@@ -264,17 +263,17 @@ def breakdown(methods, states, batch):
     return grads
 
   def f_jvp_only(st, b):  # the JVP as jax.jvp of a fresh forward (primal + tangent)
-    per_sample, _, _ = pieces(st, b)
+    per_sample, *_ = pieces(st, b)
     # A tangent that is not the primal itself: with tangent == params, XLA would CSE conv(x, dW) with conv(x, W).
     tangent = jax.tree.map(jnp.sin, st["params"])
     return jax.jvp(lambda p: per_sample(p, st["rest"])[0], (st["params"],), (tangent,))
 
   def f_val_fwd(st, b):
-    _, val_loss, _ = pieces(st, b)
+    _, val_loss, *_ = pieces(st, b)
     return val_loss(st["params"], st["rest"])
 
   def f_val_fwd_bwd(st, b):
-    _, val_loss, _ = pieces(st, b)
+    _, val_loss, *_ = pieces(st, b)
     return jax.value_and_grad(val_loss)(st["params"], st["rest"])
 
   def f_opt_vjp(st, b):
@@ -285,9 +284,10 @@ def breakdown(methods, states, batch):
     return new_params, new_opt, vjp(new_params)
 
   def f_alpha_vjp(st, b):
-    _, _, weight_fn = pieces(st, b)
-    logits = tl  # any [N, K]
-    alpha, vjp = jax.vjp(lambda m: weight_fn(m, logits), st["meta_params"])
+    per_sample, _, weight_fn, _ = pieces(st, b)
+    _, (_, context) = per_sample(st["params"], st["rest"])
+    context = jax.lax.stop_gradient(context)
+    alpha, vjp = jax.vjp(lambda m: weight_fn(m, context), st["meta_params"])
     return alpha, vjp(alpha)
 
   def f_teacher_fwd(st, b):
@@ -416,7 +416,7 @@ def main(argv=None):
                       cached_teacher="method.teacher_logits overridden while tracing to return "
                                      "batch['teacher_logits']",
                       autodiff_variant="method.hypergrad = "
-                                       "bilevel.lookahead_hypergrad_autodiff (reuse ordering)"),
+                                       "bilevel.one_step_autodiff (reuse ordering)"),
         rows=rows, targets=checks, breakdown=pieces, total_seconds=total_s)
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)

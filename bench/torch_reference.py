@@ -16,7 +16,7 @@ Needs PyTorch (``pip install torch==2.13.0``, the CPU wheel; the ``bench`` extra
 3. the fusion net's Adam step (``tgeo.fusion_lr`` 1e-3);
 4. the real student step, which in the reuse ordering *is* θ′ (params, momentum buffers, BatchNorm statistics).
 
-tgeo_jax runs it as ``TGeoKD.train_step(state, batch, "meta")`` (``bilevel.lookahead_hypergrad``: one
+tgeo_jax runs it as ``TGeoKD.train_step(state, frozen, batch, "meta")`` (``bilevel.one_step``: one
 linearization of the train forward, its transpose and one JVP). The PyTorch version (``TorchTGeoKD`` below) is the
 idiom of Meta-Weight-Net-style code: ``torch.func.functional_call`` of the student with its parameters,
 ``torch.autograd.grad(L_train, θ, create_graph=True)``, the optimizer written out differentiably, the validation
@@ -34,7 +34,7 @@ the teacher logits (a frozen randomly initialised ``cnn_medium`` teacher whose l
 Adam moments and every fusion-net layer are non-trivial: at initialisation the output layer is zero and the hidden
 layers' hypergradient is exactly 0).
 
-**Check**: the hypergradient of both frameworks (and of ``bilevel.lookahead_hypergrad_autodiff``, nested
+**Check**: the hypergradient of both frameworks (and of ``bilevel.one_step_autodiff``, nested
 ``jax.grad``), relative L2 error over all fusion-net parameters, in float32 and (unless ``--no-float64``) float64;
 in float64 the per-sample losses are computed without tgeo_jax.losses' float32 cast (otherwise identical). Also
 the losses, α, and the state after the whole step (student parameters, BatchNorm running statistics, fusion net).
@@ -409,37 +409,37 @@ def _exact_losses(logits, teacher_logits, labels, tau):
 
 
 def jax_hypergrads(method, state, frozen, batch, *, exact_dtype: bool, with_autodiff: bool = True):
-  """``{"fast": LookaheadResult, "autodiff": LookaheadResult}`` of the meta step's lookahead, as ``_meta_step``."""
+  """``{"fast": HypergradResult, "autodiff": HypergradResult}`` of the meta step's lookahead, as the method's
+  meta step computes it (``bilevel.one_step``; ``one_step_autodiff``, nested ``jax.grad``)."""
 
-  def pieces(st, b):
-    teacher_logits = method.batch_teacher_logits(st, frozen, b)
-    weight_fn = lambda meta, logits: method.alpha(meta, frozen, b, logits, teacher_logits)  # noqa: E731
+  def pieces():
     if not exact_dtype:
-      return (method._per_sample_fn(b["inputs"], b["labels"], teacher_logits), method._val_loss_fn(b["val"]),
-              weight_fn)
+      return method.per_sample_fn(frozen), method.val_loss_fn
     tau, val_train = method.cfg.temperature, method.cfg.val_bn_mode == "train"
 
-    def per_sample(params, rest):
+    def per_sample(params, rest, b):
       logits, new_rest = method.student_forward(params, rest, b["inputs"])
-      return _exact_losses(logits, teacher_logits, b["labels"], tau), (new_rest, logits)
+      return (_exact_losses(logits, b["teacher_logits"], b["labels"], tau),
+              (new_rest, method.context(frozen, b, logits)))
 
-    def val_loss(params, rest):
-      logits, _ = method.student_forward(params, rest, b["val"]["inputs"], train=val_train)
+    def val_loss(params, rest, val_batch):
+      logits, _ = method.student_forward(params, rest, val_batch["inputs"], train=val_train)
       log_p = jax.nn.log_softmax(logits, -1)
-      return -jnp.mean(jnp.take_along_axis(log_p, b["val"]["labels"][:, None].astype(jnp.int32), -1))
+      return -jnp.mean(jnp.take_along_axis(log_p, val_batch["labels"][:, None].astype(jnp.int32), -1))
 
-    return per_sample, val_loss, weight_fn
+    return per_sample, val_loss
 
   def run(fn):
     def f(st, b):
-      per_sample, val_loss, weight_fn = pieces(st, b)
-      return fn(weight_fn, st["meta_params"], per_sample, val_loss, st["params"], st["rest"], st["opt_state"],
-                method.tx)
+      per_sample, val_loss = pieces()
+      student = bilevel.StudentState(st["params"], st["rest"], st["opt_state"])
+      return fn(method.weight_fn, st["meta_params"], per_sample, method.step_batch(st, frozen, b), val_loss,
+                b["val"], student, method.tx)
     return jax.jit(f)(state, batch)
 
-  out = {"fast": run(bilevel.lookahead_hypergrad)}
+  out = {"fast": run(bilevel.one_step)}
   if with_autodiff:
-    out["autodiff"] = run(bilevel.lookahead_hypergrad_autodiff)
+    out["autodiff"] = run(bilevel.one_step_autodiff)
   return out
 
 
@@ -472,6 +472,7 @@ def check(model: str, args, task, dtype_name: str, *, with_autodiff: bool = True
   out = tstep.meta_step(tb["x"], tb["y"], tb["index"], tb["xv"], tb["yv"])
 
   fnames = [n for n, _ in tstep.fusion.named_parameters()]
+  fast = jx["fast"].diagnostics
   t_hyper = [g.detach().numpy() for g in out["hypergrad"]]
 
   def jax_hyper(res):
@@ -482,15 +483,15 @@ def check(model: str, args, task, dtype_name: str, *, with_autodiff: bool = True
                 exact_losses_in_jax=exact,
                 hypergrad_torch_vs_jax=rel_err(t_hyper, jax_hyper(jx["fast"])),
                 hypergrad_per_param={n: rel_err([t], [j]) for n, t, j in zip(fnames, t_hyper, jax_hyper(jx["fast"]))},
-                val_loss=dict(torch=float(out["val_loss"]), jax=float(jx["fast"].val_loss)),
-                train_loss=dict(torch=float(out["train_loss"]), jax=float(jx["fast"].train_loss)),
-                alpha=rel_err([out["alpha"].numpy()], [_np(jx["fast"].alpha)]),
-                alpha_mean=float(np.mean(_np(jx["fast"].alpha))), alpha_std=float(np.std(_np(jx["fast"].alpha))))
+                val_loss=dict(torch=float(out["val_loss"]), jax=float(fast["val_loss"])),
+                train_loss=dict(torch=float(out["train_loss"]), jax=float(fast["train_loss"])),
+                alpha=rel_err([out["alpha"].numpy()], [_np(fast["alpha"])]),
+                alpha_mean=float(np.mean(_np(fast["alpha"]))), alpha_std=float(np.std(_np(fast["alpha"]))))
   if with_autodiff:
     result["hypergrad_torch_vs_jax_autodiff"] = rel_err(t_hyper, jax_hyper(jx["autodiff"]))
     result["hypergrad_jax_vs_jax_autodiff"] = rel_err(jax_hyper(jx["fast"]), jax_hyper(jx["autodiff"]))
   # The lookahead θ′ (= the real step's student parameters).
-  jt = student_tensors(module, jx["fast"].params, jx["fast"].rest, shape)
+  jt = student_tensors(module, jx["fast"].student.params, jx["fast"].student.rest, shape)
   j0 = student_tensors(module, state["params"], state["rest"], shape)
   tp = {n: p.detach().numpy() for n, p in tstep.student.named_parameters()}
   result["student_params_after_step"] = rel_err([tp[n] for n in tstep.names], [jt[n] for n in tstep.names])

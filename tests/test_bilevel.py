@@ -1,5 +1,7 @@
-"""Tests for tgeo_jax.bilevel: the fast lookahead hypergradient against its definition, finite differences and
-the JVP identity of docs/methods.md §2, on tiny models (an MLP, and a CNN with train-mode BatchNorm).
+"""Tests for tgeo_jax.bilevel's one-step lookahead: ``one_step`` against its definition ``one_step_autodiff``,
+finite differences and the JVP identity of docs/methods.md §2 (``alpha_hypergrad_jvp_oracle``), on tiny models (an
+MLP, and a CNN with train-mode BatchNorm). The other variants (unroll, implicit, head_only) are tested in
+tests/test_hypergrad_variants.py.
 
 Exactness checks run in float64 inside ``jax.enable_x64(True)``, scoped to each test so other tests keep the
 default float32. Compilation dominates these tests on CPU, so each check compiles one program (setup included)
@@ -49,9 +51,9 @@ ORACLE_GRAD_SCALES = {"momentum": 1.0, "nesterov": 1.0 + MOMENTUM}
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
-def weight_fn(meta, student_logits):
-  """A tiny fusion net: ``alpha = sigmoid(softmax(z) . w + b)``, ``[N, K] -> [N]``."""
-  return jax.nn.sigmoid(jax.nn.softmax(student_logits, axis=-1) @ meta["w"] + meta["b"])
+def weight_fn(meta, context):
+  """A tiny fusion net on the student's logits: ``alpha = sigmoid(softmax(z) . w + b)``, ``[N, K] -> [N]``."""
+  return jax.nn.sigmoid(jax.nn.softmax(context["student_logits"], axis=-1) @ meta["w"] + meta["b"])
 
 
 def _per_sample_losses(logits, teacher_logits, labels):
@@ -70,24 +72,24 @@ class Problem(NamedTuple):
   params: Any
   rest: Any
   meta: dict  # {"w": [K], "b": []}
-  batches: list  # [(inputs, teacher_logits, labels)] training batches, one per unrolled step.
-  val: tuple  # (inputs, labels)
+  batch: dict  # {"x": [N, ...], "teacher_logits": [N, K], "labels": [N]}: the training batch.
+  val: dict  # {"x": [N, ...], "labels": [N]}
   warm_grads: Any  # Same tree as params: the gradient of one earlier optimizer step (see warm_opt_state).
 
-  def per_sample_fn(self, step: int = 0):
-    x, teacher_logits, labels = self.batches[step]
+  def per_sample_fn(self, params, rest, batch):
+    logits, new_rest = models.apply(self.graphdef, params, rest, batch["x"], train=True)
+    soft, hard = _per_sample_losses(logits, batch["teacher_logits"], batch["labels"])
+    return (soft, hard), (new_rest, {"student_logits": logits})
 
-    def fn(params, rest):
-      logits, new_rest = models.apply(self.graphdef, params, rest, x, train=True)
-      return _per_sample_losses(logits, teacher_logits, labels), (new_rest, logits)
-
-    return fn
-
-  def val_loss_fn(self, params, rest):
-    x, labels = self.val
+  def val_loss_fn(self, params, rest, val_batch):
     # Train-mode BatchNorm (batch statistics): the validation batch is its own normalisation population.
-    logits, _ = models.apply(self.graphdef, params, rest, x, train=True)
+    logits, _ = models.apply(self.graphdef, params, rest, val_batch["x"], train=True)
+    labels = val_batch["labels"]
     return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1)[:, 0])
+
+  def student(self, tx) -> bilevel.StudentState:
+    """theta with the warm optimizer state (``warm_opt_state``); call it inside jit."""
+    return bilevel.StudentState(self.params, self.rest, warm_opt_state(tx, self.params, self.warm_grads))
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,7 +103,7 @@ def _model(name):
   return graphdef, params, rest
 
 
-def make_problem(name: str, *, dtype=np.float32, num_steps: int = 1) -> Problem:
+def make_problem(name: str, *, dtype=np.float32) -> Problem:
   """A tiny problem; use it inside ``jax.enable_x64(True)`` for ``dtype=np.float64``."""
   graphdef, params, rest = _model(name)
   # NumPy casts and device_put: no eager XLA compilations. (Train-mode BatchNorm needs jax arrays in ``rest``.)
@@ -110,15 +112,16 @@ def make_problem(name: str, *, dtype=np.float32, num_steps: int = 1) -> Problem:
   shape = INPUT_SHAPES[name]
 
   def batch():
-    return (rng.normal(size=(BATCH, *shape)).astype(dtype),
-            (2.0 * rng.normal(size=(BATCH, NUM_CLASSES))).astype(dtype),
-            rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32))
+    return {"x": rng.normal(size=(BATCH, *shape)).astype(dtype),
+            "teacher_logits": (2.0 * rng.normal(size=(BATCH, NUM_CLASSES))).astype(dtype),
+            "labels": rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32)}
 
-  batches = [batch() for _ in range(num_steps)]
-  val_x, _, val_y = batch()
+  train = batch()
+  val = batch()
+  del val["teacher_logits"]
   meta = {"w": np.array([0.8, -0.5, 0.3], dtype), "b": np.array(0.1, dtype)}
   warm_grads = jax.tree.map(lambda v: rng.normal(size=v.shape), params)
-  return Problem(graphdef, cast(params), cast(rest), meta, batches, (val_x, val_y), cast(warm_grads))
+  return Problem(graphdef, cast(params), cast(rest), meta, train, val, cast(warm_grads))
 
 
 def warm_opt_state(tx, params, warm_grads):
@@ -128,29 +131,31 @@ def warm_opt_state(tx, params, warm_grads):
 
 @functools.lru_cache(maxsize=None)
 def float64_results(model: str, optimizer: str):
-  """``(problem, fast, autodiff, oracle_meta_grad or None)`` in float64, from ONE compiled program.
+  """``(problem, one_step, one_step_autodiff, oracle_meta_grad or None)`` in float64, from ONE compiled program.
 
   Cached: the exactness and oracle tests read the same results. Call inside ``jax.enable_x64(True)``.
   """
-  problem = make_problem(model, dtype=np.float64)
+  base = make_problem(model, dtype=np.float64)
   tx = OPTIMIZERS[optimizer]()
-  ps = problem.per_sample_fn()
   grad_scale = ORACLE_GRAD_SCALES.get(optimizer)
 
   @jit
   def compute(meta, params, rest, warm_grads):
-    opt_state = warm_opt_state(tx, params, warm_grads)
-    args = (weight_fn, meta, ps, problem.val_loss_fn, params, rest, opt_state, tx)
-    fast, ref = bilevel.lookahead_hypergrad(*args), bilevel.lookahead_hypergrad_autodiff(*args)
+    problem = base._replace(meta=meta, params=params, rest=rest, warm_grads=warm_grads)
+    args = (weight_fn, problem.meta, problem.per_sample_fn, problem.batch, problem.val_loss_fn, problem.val,
+            problem.student(tx), tx)
+    fast, ref = bilevel.one_step(*args), bilevel.one_step_autodiff(*args)
     if grad_scale is None:
       return fast, ref, None
     # docs/methods.md §2 identity: dL/dalpha from one JVP, then chained through weight_fn's VJP.
-    val_grad = jax.grad(problem.val_loss_fn)(fast.params, fast.rest)
-    dalpha = bilevel.alpha_hypergrad_jvp_oracle(ps, val_grad, params, rest, LR, BATCH, grad_scale=grad_scale)
-    _, alpha_vjp = jax.vjp(lambda m: weight_fn(m, fast.student_logits), meta)
+    val_grad = jax.grad(problem.val_loss_fn)(fast.student.params, fast.student.rest, problem.val)
+    dalpha = bilevel.alpha_hypergrad_jvp_oracle(problem.per_sample_fn, problem.batch, val_grad, problem.params,
+                                                problem.rest, LR, BATCH, grad_scale=grad_scale)
+    context = {"student_logits": fast.diagnostics["student_logits"]}
+    _, alpha_vjp = jax.vjp(lambda m: weight_fn(m, context), problem.meta)
     return fast, ref, alpha_vjp(dalpha)[0]
 
-  return (problem, *compute(problem.meta, problem.params, problem.rest, problem.warm_grads))
+  return (base, *compute(base.meta, base.params, base.rest, base.warm_grads))
 
 
 def _close(a, b, rtol=1e-5):
@@ -188,23 +193,23 @@ def relative_error(approx, exact) -> float:
 class LookaheadExactnessTest(parameterized.TestCase):
 
   @parameterized.product(model=tuple(INPUT_SHAPES), optimizer=tuple(OPTIMIZERS))
-  def test_fast_equals_autodiff(self, model, optimizer):
+  def test_one_step_equals_autodiff(self, model, optimizer):
     with jax.enable_x64(True):
       problem, fast, ref, _ = float64_results(model, optimizer)
       self.assertEqual(fast.meta_grad["w"].dtype, jnp.float64)
       self.assertGreater(norm(ref.meta_grad), 1e-6)
       _close(fast.meta_grad, ref.meta_grad)
-      # Same real step: parameters, optimizer state, BatchNorm statistics, losses, alpha, logits.
-      _close(fast.params, ref.params)
-      _close(fast.opt_state, ref.opt_state)
-      _close(fast.rest, ref.rest)
-      _close((fast.train_loss, fast.val_loss, fast.alpha, fast.student_logits),
-             (ref.train_loss, ref.val_loss, ref.alpha, ref.student_logits))
-      chex.assert_shape(fast.alpha, (BATCH,))
-      chex.assert_shape(fast.student_logits, (BATCH, NUM_CLASSES))
+      # Same real step: parameters, optimizer state, BatchNorm statistics; same losses, alpha, logits.
+      _close(fast.student.params, ref.student.params)
+      _close(fast.student.opt_state, ref.student.opt_state)
+      _close(fast.student.rest, ref.student.rest)
+      _close(fast.diagnostics, ref.diagnostics)
+      self.assertEqual(set(fast.diagnostics), {"train_loss", "val_loss", "alpha", "student_logits"})
+      chex.assert_shape(fast.diagnostics["alpha"], (BATCH,))
+      chex.assert_shape(fast.diagnostics["student_logits"], (BATCH, NUM_CLASSES))
       if model == "cnn_tiny":
         # Train-mode BatchNorm: the running statistics moved.
-        self.assertFalse(np.allclose(jax.tree.leaves(fast.rest)[0], jax.tree.leaves(problem.rest)[0]))
+        self.assertFalse(np.allclose(jax.tree.leaves(fast.student.rest)[0], jax.tree.leaves(problem.rest)[0]))
 
 
 def _manual_lookahead_val_loss(problem, meta, opt_kind):
@@ -214,7 +219,7 @@ def _manual_lookahead_val_loss(problem, meta, opt_kind):
   from a zero state, i.e. trace = clip(h) + wd theta for ``clip_chain``; for Adam mu = (1 - b1) h,
   nu = (1 - b2) h^2 and count = 1.
   """
-  x, teacher_logits, labels = problem.batches[0]
+  x, teacher_logits, labels = (problem.batch[key] for key in ("x", "teacher_logits", "labels"))
   logits, new_rest = models.apply(problem.graphdef, problem.params, problem.rest, x, train=True)
   probs = jnp.exp(logits - jax.scipy.special.logsumexp(logits, axis=-1, keepdims=True))
   alpha = 1.0 / (1.0 + jnp.exp(-(probs @ meta["w"] + meta["b"])))
@@ -253,7 +258,7 @@ def _manual_lookahead_val_loss(problem, meta, opt_kind):
     new_params = jax.tree.map(step, problem.params, grads, problem.warm_grads)
   else:
     raise ValueError(opt_kind)
-  return problem.val_loss_fn(new_params, new_rest)
+  return problem.val_loss_fn(new_params, new_rest, problem.val)
 
 
 class FiniteDifferenceTest(parameterized.TestCase):
@@ -268,13 +273,12 @@ class FiniteDifferenceTest(parameterized.TestCase):
 
       @jit
       def hypergrad(meta):
-        opt_state = warm_opt_state(tx, problem.params, problem.warm_grads)
-        return bilevel.lookahead_hypergrad(weight_fn, meta, problem.per_sample_fn(), problem.val_loss_fn,
-                                           problem.params, problem.rest, opt_state, tx)
+        return bilevel.one_step(weight_fn, meta, problem.per_sample_fn, problem.batch, problem.val_loss_fn,
+                                problem.val, problem.student(tx), tx)
 
       result = hypergrad(problem.meta)
       val_loss = jit(lambda m: _manual_lookahead_val_loss(problem, m, opt_kind))
-      self.assertAlmostEqual(float(val_loss(problem.meta)), float(result.val_loss), places=10)
+      self.assertAlmostEqual(float(val_loss(problem.meta)), float(result.diagnostics["val_loss"]), places=10)
       self.assertGreater(norm(result.meta_grad), 1e-6)
       self.assertLess(relative_error(central_differences(val_loss, problem.meta), result.meta_grad), 1e-3)
 
@@ -301,81 +305,28 @@ class MetaTrainingTest(absltest.TestCase):
     # float32, as in training: the jitted "reuse" ordering (the lookahead step is the real student step).
     problem = make_problem("mlp_tiny")
     tx, meta_tx = OPTIMIZERS["nesterov"](), optax.adam(1e-2)
-    ps = problem.per_sample_fn()
 
     @jit
-    def step(meta, meta_opt_state, params, rest, opt_state):
-      result = bilevel.lookahead_hypergrad(weight_fn, meta, ps, problem.val_loss_fn, params, rest, opt_state, tx)
+    def step(meta, meta_opt_state, student):
+      result = bilevel.one_step(weight_fn, meta, problem.per_sample_fn, problem.batch, problem.val_loss_fn,
+                                problem.val, student, tx)
       meta, meta_opt_state = bilevel.optimizer_step(meta_tx, result.meta_grad, meta_opt_state, meta)
       return meta, meta_opt_state, result
 
-    meta, params, rest = problem.meta, problem.params, problem.rest
-    meta_opt_state, opt_state = jit(lambda m, p: (meta_tx.init(m), tx.init(p)))(meta, params)
+    meta = problem.meta
+    meta_opt_state, opt_state = jit(lambda m, p: (meta_tx.init(m), tx.init(p)))(meta, problem.params)
+    student = bilevel.StudentState(problem.params, problem.rest, opt_state)
     for _ in range(3):
-      meta, meta_opt_state, result = step(meta, meta_opt_state, params, rest, opt_state)
+      meta, meta_opt_state, result = step(meta, meta_opt_state, student)
       self.assertGreater(norm(result.meta_grad), 0.0)
-      alpha = np.asarray(result.alpha)
+      alpha = np.asarray(result.diagnostics["alpha"])
       self.assertTrue(np.all((alpha > 0) & (alpha < 1)))
-      params, rest, opt_state = result.params, result.rest, result.opt_state
+      student = result.student
     self.assertTrue(np.all(np.isfinite(_flat(meta))))
     # Adam moves every coordinate by about its learning rate per step once the gradient is non-zero.
     self.assertGreater(float(np.min(np.abs(np.asarray(meta["w"]) - problem.meta["w"]))), 1e-3)
     self.assertNotEqual(float(meta["b"]), float(problem.meta["b"]))
-    self.assertGreater(relative_error(params, problem.params), 0.0)
-
-
-class UnrolledTest(absltest.TestCase):
-
-  def test_one_step_equals_lookahead(self):
-    with jax.enable_x64(True):
-      problem = make_problem("cnn_tiny", dtype=np.float64)
-      tx = OPTIMIZERS["clip_chain"]()
-
-      @jit
-      def both(meta):
-        opt_state = warm_opt_state(tx, problem.params, problem.warm_grads)
-        args = (problem.val_loss_fn, problem.params, problem.rest, opt_state, tx)
-        return (bilevel.lookahead_hypergrad(weight_fn, meta, problem.per_sample_fn(), *args),
-                bilevel.unrolled_hypergrad(weight_fn, meta, [problem.per_sample_fn()], *args))
-
-      result, (meta_grad, val_loss) = both(problem.meta)
-      _close(meta_grad, result.meta_grad)
-      _close(val_loss, result.val_loss)
-
-  def test_two_steps_match_central_differences(self):
-    with jax.enable_x64(True):
-      problem = make_problem("mlp_tiny", dtype=np.float64, num_steps=2)
-      tx = OPTIMIZERS["momentum"]()
-      fns = [problem.per_sample_fn(0), problem.per_sample_fn(1)]
-      meta_grad, val_loss = jit(lambda m: bilevel.unrolled_hypergrad(
-          weight_fn, m, fns, problem.val_loss_fn, problem.params, problem.rest, tx.init(problem.params), tx))(
-              problem.meta)
-
-      @jit
-      def manual_val_loss(meta):
-        # Two SGD-momentum steps from zero momentum, written out; alpha from each step's own logits, so the
-        # second step's alpha depends on meta through theta_1 as well.
-        theta, trace = problem.params, jax.tree.map(jnp.zeros_like, problem.params)
-        for x, teacher_logits, labels in problem.batches:
-          logits, _ = models.apply(problem.graphdef, theta, problem.rest, x, train=True)
-          alpha = jax.nn.sigmoid(jax.nn.softmax(logits) @ meta["w"] + meta["b"])
-
-          def objective(p, x=x, teacher_logits=teacher_logits, labels=labels, alpha=alpha):
-            z, _ = models.apply(problem.graphdef, p, problem.rest, x, train=True)
-            soft, hard = _per_sample_losses(z, teacher_logits, labels)
-            return jnp.mean(alpha * soft + (1.0 - alpha) * hard)
-
-          grads = jax.grad(objective)(theta)
-          trace = jax.tree.map(lambda m, g: MOMENTUM * m + g, trace, grads)
-          theta = jax.tree.map(lambda p, m: p - LR * m, theta, trace)
-        return problem.val_loss_fn(theta, problem.rest)
-
-      self.assertAlmostEqual(float(manual_val_loss(problem.meta)), float(val_loss), places=10)
-      self.assertLess(relative_error(central_differences(manual_val_loss, problem.meta), meta_grad), 1e-3)
-
-  def test_empty_sequence_is_an_error(self):
-    with self.assertRaisesRegex(ValueError, "at least one step"):
-      bilevel.unrolled_hypergrad(weight_fn, {}, [], None, None, None, None, None)
+    self.assertGreater(relative_error(student.params, problem.params), 0.0)
 
 
 if __name__ == "__main__":

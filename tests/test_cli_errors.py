@@ -112,6 +112,26 @@ CASES = [
      r"data.label_noise: expected a fraction in \[0, 1\), got 1.5"),
     ("unknown_alpha_normalization", [TGEO, "--config.tgeo.alpha_normalization=softmax"],
      r"tgeo.alpha_normalization: expected 'none' or 'center', got 'softmax'"),
+    # The hypergradient variants (docs/methods.md §7).
+    ("unknown_hypergrad", [TGEO, "--config.tgeo.hypergrad=darts"],
+     r"tgeo.hypergrad: expected one of \['one_step', 'unroll', 'implicit', 'head_only'\], got 'darts'"),
+    ("unroll_zero_steps", [TGEO, "--config.tgeo.hypergrad=unroll", "--config.tgeo.unroll_steps=0"],
+     r"tgeo.unroll_steps: expected a positive integer, got 0"),
+    ("unroll_steps_without_unroll", [TGEO, "--config.tgeo.unroll_steps=4"],
+     r"tgeo.unroll_steps: a window of 4 steps is used by tgeo.hypergrad='unroll' only"),
+    ("unroll_with_lookahead", [TGEO, "--config.tgeo.hypergrad=unroll", "--config.tgeo.unroll_steps=2",
+                               "--config.tgeo.ordering=lookahead"],
+     r"tgeo.ordering: tgeo.hypergrad='unroll' takes the window's steps as the student's real steps"),
+    ("window_longer_than_epoch", [TGEO, "--config.teacher.checkpoint={teacher}", "--config.tgeo.hypergrad=unroll",
+                                  "--config.tgeo.unroll_steps=20"],
+     r"tgeo.unroll_steps: a window of 20 steps is longer than an epoch \(14 steps of batch_size 32\)"),
+    ("implicit_negative_terms", [TGEO, "--config.tgeo.hypergrad=implicit", "--config.tgeo.implicit_solver=neumann",
+                                 "--config.tgeo.implicit_terms=-1"],
+     r"tgeo.implicit_terms: expected an integer >= 0, got -1"),
+    ("implicit_zero_damping", [TGEO, "--config.tgeo.hypergrad=implicit", "--config.tgeo.implicit_damping=0.0"],
+     r"tgeo.implicit_damping: expected a positive number, got 0.0"),
+    ("implicit_unknown_solver", [TGEO, "--config.tgeo.implicit_solver=gmres"],
+     r"tgeo.implicit_solver: expected one of \['neumann', 'cg'\], got 'gmres'"),
 ]
 
 

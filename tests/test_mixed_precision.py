@@ -168,17 +168,17 @@ def test_bfloat16_training_step_is_finite_float32_and_close(tiny_teacher, method
 
 def _hypergradients(method, state, frozen, batch):
   """The TGeo-KD meta-gradient dL_val/dφ and the per-sample dL_val/dα_i at the current state."""
-  teacher_logits = method.batch_teacher_logits(state, frozen, batch)
-  per_sample = method._per_sample_fn(batch["inputs"], batch["labels"], teacher_logits)
-  val_loss = method._val_loss_fn(batch["val"])
-  fusion = lambda meta, logits: method.alpha(meta, frozen, batch, logits, teacher_logits)  # noqa: E731
-  meta_grad = bilevel.lookahead_hypergrad(fusion, state["meta_params"], per_sample, val_loss, state["params"],
-                                          state["rest"], state["opt_state"], method.tx).meta_grad
+  b = method.step_batch(state, frozen, batch)
+  student = bilevel.StudentState(state["params"], state["rest"], state["opt_state"])
+
+  def hypergrad(weight_fn, meta):
+    return bilevel.one_step(weight_fn, meta, method.per_sample_fn(frozen), b, method.val_loss_fn, batch["val"],
+                            student, method.tx).meta_grad
+
+  meta_grad = hypergrad(method.weight_fn, state["meta_params"])
   # α itself as the meta-parameter: the gradient is the vector dL_val/dα_i of the N inner products (one JVP
   # through the bfloat16 student), a sharper comparison than the fusion net's few output weights.
-  identity = lambda alpha, logits: alpha  # noqa: E731
-  dalpha = bilevel.lookahead_hypergrad(identity, jnp.full(batch["labels"].shape, 0.5), per_sample, val_loss,
-                                       state["params"], state["rest"], state["opt_state"], method.tx).meta_grad
+  dalpha = hypergrad(lambda alpha, context: alpha, jnp.full(batch["labels"].shape, 0.5))
   return meta_grad, dalpha
 
 

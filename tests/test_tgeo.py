@@ -51,9 +51,9 @@ def test_loss_is_differentiable_only_through_the_student(tiny_teacher):
   def fused(student_params, teacher_vars, meta_params):
     fr = dict(frozen, teacher=teacher_vars)
     t_logits = method.teacher_logits(state, fr, batch["inputs"])
-    per_sample = method._per_sample_fn(batch["inputs"], batch["labels"], t_logits)
-    (soft, hard), (_, logits) = per_sample(student_params, state["rest"])
-    alpha = jax.lax.stop_gradient(method.alpha(meta_params, fr, batch, jax.lax.stop_gradient(logits), t_logits))
+    b = {"inputs": batch["inputs"], "labels": batch["labels"], "index": batch["index"], "teacher_logits": t_logits}
+    (soft, hard), (_, context) = method.per_sample_fn(fr)(student_params, state["rest"], b)
+    alpha = jax.lax.stop_gradient(method.weight_fn(meta_params, context))
     return jnp.mean(alpha * soft + (1 - alpha) * hard)
 
   g_student, g_teacher, g_meta = jax.jit(jax.grad(fused, argnums=(0, 1, 2)))(

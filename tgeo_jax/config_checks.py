@@ -43,6 +43,10 @@ def positive_int(config, dotted):
   require(config, dotted, lambda v: is_int(v) and v > 0, "a positive integer")
 
 
+def nonnegative_int(config, dotted):
+  require(config, dotted, lambda v: is_int(v) and v >= 0, "an integer >= 0")
+
+
 def positive_number(config, dotted):
   require(config, dotted, lambda v: is_number(v) and v > 0, "a positive number")
 

@@ -103,5 +103,5 @@ class RandomWeightKD(MetaReweightKD):
   def init_meta(self):
     return {"alpha_logits": jnp.zeros((self.spec.train_size,), jnp.float32)}
 
-  def alpha(self, meta_params, frozen, batch, student_logits, teacher_logits):
-    return jax.nn.sigmoid(meta_params["alpha_logits"][batch["index"]])
+  def weight_fn(self, meta_params, context):
+    return jax.nn.sigmoid(meta_params["alpha_logits"][context["index"]])
