@@ -87,6 +87,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tgeo_jax import losses
+
 # context: {"student_logits": [N, K], ...}, any pytree of arrays in a dict.
 Context = Mapping[str, Any]
 # weight_fn(meta_params, context) -> alpha [N] in (0, 1); it receives a stop-gradient context.
@@ -101,7 +103,7 @@ HeadPredicate = Callable[[tuple], bool]
 
 def train_loss(alpha: jax.Array, soft: jax.Array, hard: jax.Array) -> jax.Array:
   """``mean_i [alpha_i soft_i + (1 - alpha_i) hard_i]`` for ``alpha, soft, hard`` of shape ``[N]``."""
-  return jnp.mean(alpha * soft + (1.0 - alpha) * hard)
+  return jnp.mean(losses.convex_mix(alpha, soft, hard))
 
 
 def optimizer_step(tx: optax.GradientTransformation, grads, opt_state, params) -> tuple[Any, Any]:

@@ -59,6 +59,11 @@ def fused_kd_ce(student_logits: jax.Array, teacher_logits: jax.Array, labels: ja
   """
   soft = kd_loss(student_logits, teacher_logits, temperature=temperature)
   hard = cross_entropy(student_logits, labels)
+  return convex_mix(alpha, soft, hard)
+
+
+def convex_mix(alpha: jax.Array, soft: jax.Array, hard: jax.Array) -> jax.Array:
+  """``alpha * soft + (1 - alpha) * hard``, element-wise: the per-sample loss of every re-weighting method."""
   return alpha * soft + (1.0 - alpha) * hard
 
 
