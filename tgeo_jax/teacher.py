@@ -14,7 +14,7 @@ from tgeo_jax.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
-  """A frozen teacher: static graphdef plus its variables (which travel in ``state['frozen']['teacher']``).
+  """A frozen teacher: static graphdef plus its variables (which travel in ``frozen['teacher']``, beside the state).
 
   ``identity`` (None for a teacher built in code): ``{"field", "model", "path", "variables_sha256",
   "run_fingerprint", "data", "run_dir"}`` -- what a run's fingerprint records of it (``field``, ``model``,
