@@ -1,7 +1,8 @@
 """Per student step cost of every hypergradient variant (``tgeo_jax.bilevel``) relative to a plain KD step.
 
     python bench/hypergrad_cost.py [--out FILE.json] [--model cnn_small] [--teacher cnn_teacher] [--batch 128]
-                                   [--val-batch 128] [--repeats N] [--warmup N] [--ks 2,4,8] [--js 0,5,10]
+                                   [--val-batch 128] [--repeats N] [--min-repeats N] [--max-seconds S]
+                                   [--warmup N] [--ks 2,4,8] [--js 0,5,10] [--cg-terms 10]
 
 The setup is ``bench/step_cost.py``'s (``build()``): the same student and initial weights, the config's optimizer
 (clip + weight decay + SGD-momentum), a randomly initialised teacher, the same training and validation batch,
@@ -29,8 +30,8 @@ Each row's FLOPs therefore say how they were obtained (column "FLOPs by"):
   math; its wall time and memory are those of the real ``lax.scan`` program);
 * ``scan+(K-1)body``: the looped program's count plus (K - 1) copies of its loop bodies, each compiled on its own
   (the single step ``bilevel.weighted_step`` of the forward scan, and the VJP of that step map which
-  ``bilevel._reverse_sweep`` runs per step); verified against a fully unrolled program of the same sweep (see
-  ``verification`` in the output);
+  ``bilevel._reverse_sweep`` runs per step); verified against a fully unrolled program of the same sweep, which
+  also drops the first step's unused state cotangent (see ``verification`` in the output);
 * ``F(0)+J*dF``: Neumann, from the programs at J = 0 and J = 1 (a trip-count-1 loop, counted once = exactly), the
   per-term increment dF = F(1) - F(0) being one Hessian-vector product and two axpys; the compiled count at
   J >= 2 is printed to show it stays at F(1);
@@ -39,8 +40,15 @@ Each row's FLOPs therefore say how they were obtained (column "FLOPs by"):
 
 Wall time and temporary memory are measured on the real (looped) programs. The trainer's steps are compiled with
 the state donated, as the trainer does (``jax.jit(..., donate_argnums=0)``), and every timed call gets a fresh
-copy of the same state (copied outside the timer), so all calls do identical work; timing rounds interleave all
-programs round-robin, rotated each round.
+copy of the same state (copied outside the timer), so all calls do identical work. Timing: one warm-up call per
+program (kept as a sample when slower than ``--count-warmup-above`` seconds: the first-call overhead is then
+below the noise), then rounds over all programs round-robin, rotated each round; a program leaves the rounds once
+it has ``--min-repeats`` samples adding up to ``--max-seconds``, and at most ``--repeats``. The programs are
+lowered one by one and compiled ``--compile-workers`` at a time (XLA compiles outside the GIL).
+
+On XLA:CPU a while loop's body runs several times slower than the same ops in straight-line code (the
+``verification`` times one reverse sweep both ways), so the looped programs' wall-time ratios are far above their
+FLOPs ratios; the FLOPs are the hardware-independent cost.
 
 Finally: head_only's meta-gradient against the exact one_step meta-gradient (cosine, norm ratio) on the same
 state and batch, after a few one_step warm-up meta steps (the fusion net's output layer starts at zero, so its
@@ -50,6 +58,7 @@ hidden layers have no gradient before).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -66,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.machine import machine_info
-from bench.step_cost import _flops, _temp_bytes, build, compile_fn, make_config
+from bench.step_cost import _flops, _temp_bytes, build, make_config
 from tgeo_jax import bilevel, data, models
 from tgeo_jax.methods.tgeo import TGeoKD
 
@@ -83,13 +92,6 @@ _WHILE = re.compile(r"\bwhile\(")
 def has_loop(compiled) -> bool:
   """Whether the compiled HLO holds a while loop (whose body XLA's cost analysis counts once)."""
   return bool(_WHILE.search(compiled.as_text()))
-
-
-def compile_donated(fn, *args):
-  """``compile_fn`` with the first argument (the state) donated, as the trainer compiles its step."""
-  t0 = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=(0,)).lower(*args).compile()
-  return compiled, time.perf_counter() - t0
 
 
 def check_loop_counting():
@@ -139,16 +141,21 @@ def scans_fully_unrolled():
 
 
 class Program:
-  """One compiled program: FLOPs as compiled, temporaries, whether it loops, and its timed calls."""
+  """One program: lowered at construction (in the calling thread: tracing), compiled by ``compile_all``; then
+  its FLOPs as compiled, temporaries, whether it loops, and its timed calls."""
 
   def __init__(self, name, fn, args, *, donate: bool):
     self.name, self.args, self.donate = name, args, donate
-    self.exe, self.compile_s = (compile_donated if donate else compile_fn)(fn, *args)
+    self.lowered = jax.jit(fn, donate_argnums=(0,) if donate else ()).lower(*args)
+    self.exe, self.times = None, []
+
+  def compile(self):
+    t0 = time.perf_counter()
+    self.exe = self.lowered.compile()
+    self.compile_s = time.perf_counter() - t0
     self.flops, self.temp, self.loops = _flops(self.exe), _temp_bytes(self.exe), has_loop(self.exe)
-    self.times: list[float] = []
-    print(f"  compiled {name:34s} in {self.compile_s:5.1f} s: {self.flops / 1e9:8.3f} GFLOPs (compiled"
-          f"{', has a loop' if self.loops else ''}), temp {self.temp / 2**20:7.2f} MiB", file=sys.stderr,
-          flush=True)
+    self.lowered = None
+    return self
 
   def call(self, timed: bool = True):
     args = (fresh_copy(self.args[0]), *self.args[1:]) if self.donate else self.args
@@ -161,6 +168,18 @@ class Program:
   @property
   def ms(self) -> float:
     return 1e3 * statistics.median(self.times)
+
+
+def compile_all(programs, workers: int) -> float:
+  """Compiles the lowered programs, ``workers`` at a time (XLA compiles outside the GIL), the largest first;
+  returns the wall time. A program's ``compile_s`` is its own compile's wall time, concurrent ones included."""
+  t0 = time.perf_counter()
+  todo = sorted(programs, key=lambda p: -len(p.lowered.as_text()))
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    for p in pool.map(Program.compile, todo):
+      print(f"  compiled {p.name:34s} in {p.compile_s:5.1f} s: {p.flops / 1e9:8.3f} GFLOPs (compiled"
+            f"{', has a loop' if p.loops else ''}), temp {p.temp / 2**20:7.2f} MiB", file=sys.stderr, flush=True)
+  return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------- the setup
@@ -240,13 +259,10 @@ def measure(args):
   for k in ks:
     um = tgeo_method(args, task, kd, hypergrad="unroll", unroll_steps=k)
     u_state, u_frozen = um.init(jax.random.PRNGKey(0))
-    rec = add(f"unroll{k}_record", train_step_fn(um, "record"), (u_state, u_frozen, raws[0]))
-    s = u_state
-    for i in range(k - 1):  # fill the window with K - 1 real recorded steps
-      s = jax.block_until_ready(rec.exe(fresh_copy(s), u_frozen, raws[i])[0])
-    rec.args = (s, u_frozen, raws[k - 1])
-    add(f"unroll{k}_window_end", train_step_fn(um, "window_end"), (s, u_frozen, raws[k - 1]))
-    unroll_info[k] = dict(window_state_bytes=tree_bytes(s["window"]), state=s, frozen=u_frozen, method=um)
+    # Lowered on the empty window; after compilation the window is filled with K - 1 real recorded steps.
+    add(f"unroll{k}_record", train_step_fn(um, "record"), (u_state, u_frozen, raws[k - 1]))
+    add(f"unroll{k}_window_end", train_step_fn(um, "window_end"), (u_state, u_frozen, raws[k - 1]))
+    unroll_info[k] = dict(window_state_bytes=tree_bytes(u_state["window"]), state=u_state, frozen=u_frozen)
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *sbs[:k])
     for name, remat in (("remat", True), ("scan", False)):
       add(f"unroll{k}_standalone_{name}",
@@ -258,10 +274,8 @@ def measure(args):
         (student, meta, stacked, val), donate=False, timed=False)
 
   # --- implicit (Neumann J; CG at J = 10) and head_only: the method's meta step
-  implicit_methods = {}
-  for j in sorted(set(js) | {0, 1}):
+  for j in sorted(set(js) | {0, 1}):  # J = 0 and 1 (FLOPs only unless asked for) give the per-term increment
     im = tgeo_method(args, task, kd, hypergrad="implicit", implicit_solver="neumann", implicit_terms=j)
-    implicit_methods[j] = im
     add(f"implicit_neumann{j}", train_step_fn(im, "meta"), (t_state, t_frozen, batch), timed=j in js)
   if args.cg_terms:
     cm = tgeo_method(args, task, kd, hypergrad="implicit", implicit_solver="cg", implicit_terms=args.cg_terms)
@@ -273,28 +287,49 @@ def measure(args):
   # bilevel.unroll_from_trajectory), looped and fully unrolled (scan traced with unroll=True: no loop left). The
   # unrolled program drops what its loop computes but never uses: the state cotangent of the first step (only
   # phi's is needed there), so expected = looped + (K - 1) body - (body - body_meta_only).
-  verification = None
+  kv = None
   if ks:
     k_src = max(ks)
-    kv = 3 if k_src >= 4 else k_src - 1 if k_src >= 2 else None
-  if ks and kv:
-    w = unroll_info[k_src]["state"]["window"]  # slots 0..K-2 hold recorded steps
-    traj = bilevel.StudentState(**jax.tree.map(lambda x: x[:kv], w["trajectory"]))
-    final = bilevel.StudentState(**jax.tree.map(lambda x: x[kv], w["trajectory"]))
-    batches = jax.tree.map(lambda x: x[:kv], w["batches"])
+    # K >= 2 sweep steps from the recorded slots 0..K-2 of the largest window (K = 1 would add no body copy).
+    kv = 3 if k_src >= 4 else 2 if k_src == 3 else None
 
+  def window_slices(window):  # slots 0..K-2 of a window_end state hold recorded steps
+    return (bilevel.StudentState(**jax.tree.map(lambda x: x[:kv], window["trajectory"])),
+            bilevel.StudentState(**jax.tree.map(lambda x: x[kv], window["trajectory"])),
+            jax.tree.map(lambda x: x[:kv], window["batches"]))
+
+  if kv:
     def sweep(tr, fin, m, bs, v):
       return bilevel.unroll_from_trajectory(weight_fn, m, per_sample, bs, tr, fin, val_loss_fn, v, tx)
 
     def rev_body_meta(st, m, b, cot):
       return rev_body(st, m, b, cot)[1]
 
-    b_meta = add("body: step VJP, phi only", rev_body_meta, (student, meta, sbs[0], cot), donate=False, timed=False)
+    add("body: step VJP, phi only", rev_body_meta, (student, meta, sbs[0], cot), donate=False, timed=False)
     # Both are timed too (not table rows): the wall-time cost of XLA:CPU's loop against straight-line code.
-    looped = add("verify_sweep_scan", sweep, (traj, final, meta, batches, val), donate=False)
-    with scans_fully_unrolled():
-      unrolled = add("verify_sweep_unrolled", lambda *a: sweep(*a), (traj, final, meta, batches, val),
-                     donate=False)
+    v_args = (*window_slices(unroll_info[k_src]["state"]["window"])[:2], meta,
+              window_slices(unroll_info[k_src]["state"]["window"])[2], val)
+    add("verify_sweep_scan", sweep, v_args, donate=False)
+    with scans_fully_unrolled():  # traced (lowered) here, inside the context
+      add("verify_sweep_unrolled", lambda *a: sweep(*a), v_args, donate=False)
+
+  # --- compile everything, then fill the unroll windows with real recorded steps
+  compile_s = compile_all([*progs.values(), *flops_only.values()], args.compile_workers)
+  print(f"  compiled {len(progs) + len(flops_only)} programs in {compile_s:.0f} s ({args.compile_workers} at a time)",
+        file=sys.stderr, flush=True)
+  for k in ks:
+    rec, end = progs[f"unroll{k}_record"], progs[f"unroll{k}_window_end"]
+    s, u_frozen = unroll_info[k]["state"], unroll_info[k]["frozen"]
+    for i in range(k - 1):
+      s = jax.block_until_ready(rec.exe(fresh_copy(s), u_frozen, raws[i])[0])
+    rec.args = end.args = (s, u_frozen, raws[k - 1])
+    unroll_info[k]["state"] = s
+  verification = None
+  if kv:
+    traj, final, batches = window_slices(unroll_info[k_src]["state"]["window"])
+    looped, unrolled = progs["verify_sweep_scan"], progs["verify_sweep_unrolled"]
+    looped.args = unrolled.args = (traj, final, meta, batches, val)
+    b_meta = flops_only["body: step VJP, phi only"]
     derived = looped.flops + (kv - 1) * b_rev.flops
     expected = derived - (b_rev.flops - b_meta.flops)
     verification = dict(program=f"bilevel.unroll_from_trajectory, K={kv}", compiled_looped_flops=looped.flops,
@@ -305,11 +340,16 @@ def measure(args):
 
   # --- timing: warm-up, then round-robin
   warnings.simplefilter("ignore", bilevel.HypergradSolveWarning)
+  t0 = time.perf_counter()
   for p in progs.values():
     for _ in range(max(1, args.warmup)):
-      p.call(timed=False)
+      p.call()
+      # A call slower than --count-warmup-above seconds is kept as a sample: the first-call overhead (buffer
+      # allocation, milliseconds) is below the noise of such a call.
+      if p.times[-1] <= args.count_warmup_above:
+        p.times.pop()
+  print(f"  warm-up done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
   order = list(progs)
-  t0 = time.perf_counter()
   for r in range(args.repeats):
     shift = r % len(order)
     # A program leaves the rounds once it has --min-repeats calls and --max-seconds of timed calls.
@@ -321,6 +361,7 @@ def measure(args):
       progs[key].call()
     print(f"  timing round {r + 1}/{args.repeats} done ({len(due)} programs, {time.perf_counter() - t0:.0f} s)",
           file=sys.stderr, flush=True)
+  timing_s = time.perf_counter() - t0
 
   if verification:
     lp, up = progs["verify_sweep_scan"], progs["verify_sweep_unrolled"]
@@ -330,7 +371,8 @@ def measure(args):
 
   cosine = head_only_cosine(reuse, t_state, t_frozen, raws, args.cosine_warmup)
   return dict(progs=progs, flops_only=flops_only, unroll_info=unroll_info, verification=verification,
-              cosine=cosine, b_fwd=b_fwd, b_rev=b_rev, task=task, kd_state=kd_state)
+              cosine=cosine, b_fwd=b_fwd, b_rev=b_rev, task=task, kd_state=kd_state, compile_wall_s=compile_s,
+              timing_wall_s=timing_s)
 
 
 def head_only_cosine(method, state, frozen, raws, warmup: int):
@@ -488,13 +530,17 @@ def main(argv=None):
   p.add_argument("--val-batch", type=int, default=128, help="validation batch size (default 128)")
   p.add_argument("--num-classes", type=int, default=10)
   p.add_argument("--repeats", type=int, default=7, help="timed calls per program at most (default 7)")
-  p.add_argument("--min-repeats", type=int, default=3, help="timed calls per program at least (default 3)")
-  p.add_argument("--max-seconds", type=float, default=12.0,
+  p.add_argument("--min-repeats", type=int, default=2, help="timed calls per program at least (default 2)")
+  p.add_argument("--max-seconds", type=float, default=10.0,
                  help="a program stops being timed once it has --min-repeats calls and this many timed seconds")
   p.add_argument("--warmup", type=int, default=1, help="untimed calls per program first (default 1)")
+  p.add_argument("--count-warmup-above", type=float, default=2.0,
+                 help="warm-up calls slower than this many seconds are kept as timed samples (default 2)")
   p.add_argument("--ks", type=_ints, default=[2, 4, 8], help="unroll window lengths K (default 2,4,8)")
   p.add_argument("--js", type=_ints, default=[0, 5, 10], help="Neumann terms J (default 0,5,10)")
   p.add_argument("--cg-terms", type=int, default=10, help="CG iterations of the cg row (0: no cg row)")
+  p.add_argument("--compile-workers", type=int, default=os.cpu_count() or 1,
+                 help="programs compiled concurrently (default: the CPU count)")
   p.add_argument("--cosine-warmup", type=int, default=5, help="one_step meta steps before the head_only cosine")
   args = p.parse_args(argv)
   args.ks, args.js = sorted(set(args.ks)), sorted(set(args.js))
@@ -513,7 +559,8 @@ def main(argv=None):
   task = res["task"]
   print(f"\nstudent {args.model} ({models.num_params(res['kd_state']['params'])} params), teacher {args.teacher} "
         f"(random weights), batch {args.batch}, val batch {args.val_batch}, K={task.num_classes} classes, cached "
-        f"teacher logits; {args.repeats} timed repeats (round-robin) after {args.warmup} warm-up call(s); "
+        f"teacher logits; {args.min_repeats}-{args.repeats} timed calls per program (round-robin, up to "
+        f"{args.max_seconds:g} s each) after {args.warmup} warm-up call(s); "
         f"meta_interval amortised: {META_INTERVAL}\n")
   print(markdown_table(rows))
   print("\nFLOPs by: direct = loop-free program; python loop = bilevel.unroll_python_loop; scan+(K-1)body = looped "
@@ -553,7 +600,9 @@ def main(argv=None):
         device=info,
         settings=dict(model=args.model, teacher=args.teacher, teacher_weights="random (no checkpoint)",
                       batch=args.batch, val_batch=args.val_batch, num_classes=task.num_classes,
-                      input_shape=list(task.input_shape), repeats=args.repeats, warmup=args.warmup, ks=args.ks,
+                      input_shape=list(task.input_shape), repeats=args.repeats, min_repeats=args.min_repeats,
+                      max_seconds=args.max_seconds, count_warmup_above_s=args.count_warmup_above,
+                      compile_workers=args.compile_workers, warmup=args.warmup, ks=args.ks,
                       js=args.js, cg_terms=args.cg_terms, meta_interval_amortised=META_INTERVAL,
                       cached_teacher="teacher.cache_logits='on'", donation="trainer steps: state donated, a fresh "
                       "copy per call; standalone bilevel programs: none",
@@ -566,7 +615,8 @@ def main(argv=None):
                        "F(0)+J*dF": "Neumann: F(J=0) + J (F(J=1) - F(J=0))",
                        "cg~": "CG while loop counted once + (J-1) Neumann terms: the cost at maxiter"},
         rows=rows, derivation=derivation, verification=v, targets=checks, head_only_cosine=c,
-        total_seconds=total_s, loadavg_end=os.getloadavg() if hasattr(os, "getloadavg") else None)
+        total_seconds=total_s, compile_wall_seconds=res["compile_wall_s"], timing_wall_seconds=res["timing_wall_s"],
+        loadavg_end=os.getloadavg() if hasattr(os, "getloadavg") else None)
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
     print(f"wrote {args.out}")
