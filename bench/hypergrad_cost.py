@@ -75,8 +75,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.machine import machine_info
-from bench.step_cost import _flops, _temp_bytes, build, make_config
+from bench.step_cost import _flops, _temp_bytes, add_setup_arguments, build, make_config
 from tgeo_jax import bilevel, data, models
+# The reverse sweep's own float-leaf helpers: the per-step VJP below is the one bilevel.unroll_from_trajectory runs.
+from tgeo_jax.bilevel import _float_leaves as float_leaves, _with_float_leaves as with_float_leaves
 from tgeo_jax.methods.tgeo import TGeoKD
 
 META_INTERVAL = 5
@@ -100,20 +102,6 @@ def check_loop_counting():
     return lambda x: jax.lax.scan(lambda c, _: (jnp.tanh(c @ c), None), x, None, length=n)[0]
   x = jnp.ones((32, 32))
   return tuple(_flops(jax.jit(prog(n)).lower(x).compile()) for n in (1, 8))
-
-
-def _is_float(x) -> bool:
-  return bool(jnp.issubdtype(jnp.result_type(x), jnp.inexact))
-
-
-def float_leaves(tree) -> list:
-  return [x for x in jax.tree.leaves(tree) if _is_float(x)]
-
-
-def with_float_leaves(tree, floats):
-  leaves, treedef = jax.tree.flatten(tree)
-  it = iter(floats)
-  return treedef.unflatten([next(it) if _is_float(x) else x for x in leaves])
 
 
 def tree_bytes(tree) -> int:
@@ -523,12 +511,7 @@ def _ints(text):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--out", default="", help="write the results as JSON to this file")
-  p.add_argument("--model", default="cnn_small", help="student model (default cnn_small)")
-  p.add_argument("--teacher", default="cnn_teacher", help="teacher model, random weights (default cnn_teacher)")
-  p.add_argument("--batch", type=int, default=128, help="training batch size (default 128)")
-  p.add_argument("--val-batch", type=int, default=128, help="validation batch size (default 128)")
-  p.add_argument("--num-classes", type=int, default=10)
+  add_setup_arguments(p)
   p.add_argument("--repeats", type=int, default=7, help="timed calls per program at most (default 7)")
   p.add_argument("--min-repeats", type=int, default=2, help="timed calls per program at least (default 2)")
   p.add_argument("--max-seconds", type=float, default=10.0,

@@ -355,14 +355,19 @@ def check_targets(rows):
   return checks
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_setup_arguments(p: argparse.ArgumentParser) -> None:
+  """The flags of ``build()``'s setup (shared with bench/hypergrad_cost.py)."""
   p.add_argument("--out", default="", help="write the results as JSON to this file")
   p.add_argument("--model", default="cnn_small", help="student model (default cnn_small)")
   p.add_argument("--teacher", default="cnn_teacher", help="teacher model, random weights (default cnn_teacher)")
   p.add_argument("--batch", type=int, default=128, help="training batch size (default 128)")
   p.add_argument("--val-batch", type=int, default=128, help="validation batch size (default 128)")
   p.add_argument("--num-classes", type=int, default=10)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  add_setup_arguments(p)
   p.add_argument("--repeats", type=int, default=20, help="timed calls per variant (default 20)")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant first (default 2)")
   p.add_argument("--no-breakdown", action="store_true", help="skip the FLOPs breakdown of the meta step")

@@ -182,3 +182,42 @@ def build_method_state(method, teacher_dir, **overrides):
   batch = data.train_batches(task.train, batch_size=32, seed=0, epoch=0)[0]
   batch["val"] = data.validation_batches(task.val, batch_size=32, seed=0)[0]
   return method_obj, state, frozen, jax.tree.map(jnp.asarray, batch)
+
+
+# ------------------------------------------------------------------ numeric helpers of the hypergradient tests
+# NumPy on the host: an eager jax op outside jit costs a compilation of its own.
+
+
+def flat(tree):
+  """Every leaf of ``tree``, raveled and concatenated (NumPy)."""
+  import jax
+  import numpy as np
+  leaves = [np.ravel(np.asarray(v)) for v in jax.tree.leaves(tree)]
+  return np.concatenate(leaves) if leaves else np.zeros(0)
+
+
+def tree_norm(tree) -> float:
+  import numpy as np
+  return float(np.linalg.norm(flat(tree)))
+
+
+def relative_l2(approx, exact) -> float:
+  """``‖approx − exact‖ / ‖exact‖`` over all leaves."""
+  import numpy as np
+  return float(np.linalg.norm(flat(approx) - flat(exact)) / np.linalg.norm(flat(exact)))
+
+
+def central_differences(fn, meta: dict, eps: float = 1e-5) -> dict:
+  """``d fn / d meta`` by central differences, one coordinate of the NumPy dict ``meta`` at a time."""
+  import numpy as np
+  grads = {}
+  for key, value in meta.items():
+    grad = np.zeros_like(value)
+    for idx in np.ndindex(value.shape):
+      plus, minus = dict(meta), dict(meta)
+      plus[key], minus[key] = value.copy(), value.copy()
+      plus[key][idx] += eps
+      minus[key][idx] -= eps
+      grad[idx] = (float(fn(plus)) - float(fn(minus))) / (2 * eps)
+    grads[key] = grad
+  return grads

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from conftest import central_differences, flat as _flat, relative_l2 as relative_error, tree_norm as norm
 from tgeo_jax import bilevel
 from tgeo_jax import models
 
@@ -160,34 +161,6 @@ def float64_results(model: str, optimizer: str):
 
 def _close(a, b, rtol=1e-5):
   chex.assert_trees_all_close(a, b, rtol=rtol, atol=1e-12)
-
-
-def central_differences(fn, meta: dict, eps: float = 1e-5) -> dict:
-  """``d fn / d meta`` by central differences, one coordinate of the NumPy dict ``meta`` at a time."""
-  grads = {}
-  for key, value in meta.items():
-    grad = np.zeros_like(value)
-    for idx in np.ndindex(value.shape):
-      plus, minus = dict(meta), dict(meta)
-      plus[key], minus[key] = value.copy(), value.copy()
-      plus[key][idx] += eps
-      minus[key][idx] -= eps
-      grad[idx] = (float(fn(plus)) - float(fn(minus))) / (2 * eps)
-    grads[key] = grad
-  return grads
-
-
-# Checks on results use NumPy: an eager jax op outside jit costs a compilation of its own.
-def _flat(tree) -> np.ndarray:
-  return np.concatenate([np.ravel(np.asarray(v)) for v in jax.tree.leaves(tree)])
-
-
-def norm(tree) -> float:
-  return float(np.linalg.norm(_flat(tree)))
-
-
-def relative_error(approx, exact) -> float:
-  return float(np.linalg.norm(_flat(approx) - _flat(exact)) / np.linalg.norm(_flat(exact)))
 
 
 class LookaheadExactnessTest(parameterized.TestCase):

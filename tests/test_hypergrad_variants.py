@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from conftest import central_differences, flat as _flat, relative_l2 as rel_l2, tree_norm as norm
 from tgeo_jax import bilevel
 from tgeo_jax import models
 
@@ -55,11 +56,6 @@ jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_lev
 
 # ------------------------------------------------------------------------------------------------------- helpers
 
-def _flat(tree) -> np.ndarray:
-  leaves = [np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(tree)]
-  return np.concatenate(leaves) if leaves else np.zeros(0)
-
-
 def rel_max(approx, exact) -> float:
   """``max|approx - exact| / max|exact|`` over all leaves (NumPy: no eager XLA compilation)."""
   a, b = _flat(approx), _flat(exact)
@@ -67,33 +63,9 @@ def rel_max(approx, exact) -> float:
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
 
 
-def rel_l2(approx, exact) -> float:
-  a, b = _flat(approx), _flat(exact)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def cosine(a, b) -> float:
   a, b = _flat(a), _flat(b)
   return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def central_differences(fn, meta: dict, eps: float = 1e-5) -> dict:
-  """``d fn / d meta`` by central differences, one coordinate of the NumPy dict ``meta`` at a time."""
-  grads = {}
-  for key, value in meta.items():
-    grad = np.zeros_like(value)
-    for idx in np.ndindex(value.shape):
-      plus, minus = dict(meta), dict(meta)
-      plus[key], minus[key] = value.copy(), value.copy()
-      plus[key][idx] += eps
-      minus[key][idx] -= eps
-      grad[idx] = (float(fn(plus)) - float(fn(minus))) / (2 * eps)
-    grads[key] = grad
-  return grads
-
-
-def norm(tree) -> float:
-  return float(np.linalg.norm(_flat(tree)))
 
 
 def check(test, name: str, err: float, bound: float):

@@ -50,19 +50,19 @@ optimisation (a ``jax.vjp`` + ``jax.jvp`` pair instead carries a second forward 
 common-subexpression elimination removes), and it compiles faster (small CNN on CPU: about 1.0 s against
 1.6-1.8 s).
 
-Which variant when. Costs are XLA FLOP counts (``compiled.cost_analysis()``) relative to a plain KD step = one
-train forward + backward of the student, the teacher's forward not counted, measured on cnn_small, batch 64,
-SGD-momentum. (``bench/step_cost.py`` measures whole method steps against ``KD.train_step`` instead, a different
-baseline, so its ratios are not these.)
+Which variant when. Costs are per student step, relative to TGeo-KD's plain KD-like step, as
+``bench/hypergrad_cost.py`` measures them (XLA FLOP counts of loop-free programs; cnn_small, batch = validation
+batch = 128, cached teacher logits, SGD-momentum; docs/benchmarks.md has the table):
 
-* ``one_step`` (3.5x): the default. Exact one-step lookahead; the returned student is the real step.
-* ``head_only`` (1.5x): the lookahead restricted to the classifier head, no backward or tangent through the
-  body; exact for a linear student, an approximation (here: cosine ~1, 20% off in norm on a tiny MLP) otherwise.
-  For large bodies where ``one_step``'s extra backward is too dear.
-* ``unroll`` / ``unroll_from_trajectory`` (~4.5x per unrolled step, +~1x with remat): the truncated K-step
-  unroll over K real batches, less greedy than one step (truncation bias shrinks with K); memory K x (theta +
-  optimizer state) with remat. ``unroll_from_trajectory`` when the trainer has already taken the K steps.
-* ``implicit`` (~3.9x + 2.9x per Neumann term / CG iteration): the IFT hypergradient at the current theta,
+* ``one_step`` (2.66x FLOPs): the default. Exact one-step lookahead; the returned student is the real step.
+* ``head_only`` (1.66x): the lookahead restricted to the classifier head, no backward or tangent through the
+  body; exact for a linear student, an approximation otherwise (cnn_small: cosine 0.90 to ``one_step``'s
+  meta-gradient, 31% of its norm). For large bodies where ``one_step``'s extra backward is too dear.
+* ``unroll`` / ``unroll_from_trajectory`` (4.1-4.4x per student step with remat, 2.8-2.9x without, for
+  K = 2..8): the truncated K-step unroll over K real batches, less greedy than one step (truncation bias shrinks
+  with K); memory K x (theta + optimizer state) with remat. ``unroll_from_trajectory`` when the trainer has
+  already taken the K steps.
+* ``implicit`` (4.6x for J = 0, +1.9x per Neumann term / CG iteration): the IFT hypergradient at the current theta,
   long-horizon without storing a trajectory; exact at a minimiser of the inner problem, a heuristic mid-training;
   read ``diagnostics['solve_residual']``.
 * ``one_step_autodiff``, ``unroll_python_loop``, ``alpha_hypergrad_jvp_oracle``: literal definitions and the
@@ -251,6 +251,14 @@ def _diagnostics(train_loss_value, val_loss, alpha, student_logits, **extra) -> 
   return jax.lax.stop_gradient(out)
 
 
+def _one_step_result(meta_grad, student: StudentState, alpha, soft, hard, val_loss, context,
+                     **extra) -> HypergradResult:
+  """The result of a variant that takes one real step (one_step, implicit, head_only)."""
+  return HypergradResult(meta_grad=meta_grad, student=jax.lax.stop_gradient(student),
+                         diagnostics=_diagnostics(train_loss(alpha.astype(soft.dtype), soft, hard), val_loss,
+                                                  alpha, context["student_logits"], **extra))
+
+
 # --------------------------------------------------------------------------------------------- one-step lookahead
 
 def one_step(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batch,
@@ -264,9 +272,9 @@ def one_step(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batch
   ``dL_val/dalpha_i = (1/N) <g_bar, grad (soft_i - hard_i)(theta)>`` is ONE JVP of the same linear map; the
   meta-gradient is ``weight_fn``'s VJP of that ``[N]`` vector.
 
-  Cost: a train forward + backward, a validation forward + backward, one JVP; measured 3.5x the FLOPs of a plain
-  KD step (cnn_small, batch 64; the teacher's forward not counted). Memory: one step's activations (the
-  linearization) plus one validation forward/backward (1.6x a plain step's temporaries). Use it by default:
+  Cost: a train forward + backward, a validation forward + backward, one JVP; measured 2.66x the FLOPs of a plain
+  step (see the module docstring). Memory: one step's activations (the linearization) plus one validation
+  forward/backward (1.44x a plain step's temporaries). Use it by default:
   the returned student IS the real step ("reuse" ordering), so meta-learning costs one extra backward a step.
 
   Args:
@@ -296,11 +304,8 @@ def one_step(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batch
   (grad_bar,) = step_vjp(val_grads)
   dsoft, dhard = lin(grad_bar)
   (meta_grad,) = alpha_vjp(((dsoft - dhard) / n).astype(alpha.dtype))
-  return HypergradResult(
-      meta_grad=meta_grad,
-      student=jax.lax.stop_gradient(StudentState(new_params, new_rest, new_opt_state)),
-      diagnostics=_diagnostics(train_loss(alpha.astype(soft.dtype), soft, hard), val_loss, alpha,
-                               context["student_logits"]))
+  return _one_step_result(meta_grad, StudentState(new_params, new_rest, new_opt_state), alpha, soft, hard,
+                          val_loss, context)
 
 
 def one_step_autodiff(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batch,
@@ -428,9 +433,9 @@ def unroll(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batches
   ``unroll_from_trajectory`` recomputes each step inside its VJP (per-step rematerialisation, as
   ``jax.checkpoint`` on the scan body would do). Memory ~K x (theta + rest + opt_state) plus ONE step's
   activations. ``remat=False``: ``jax.grad`` through ``lax.scan`` without checkpointing: memory ~K x
-  activations, no recomputation; for cost comparisons and as an independent check. Measured (cnn_small, batch 64,
-  relative to a plain KD step): 3.5x FLOPs for K = 1 and +4.5x per further step without remat, about +1x per step
-  for the recomputation with it; temporaries for K = 3: 30 MiB with remat, 131 MiB without (plain step: 12 MiB).
+  activations, no recomputation; for cost comparisons and as an independent check. Measured per student step (module
+  docstring's setting): 4.06x a plain step's FLOPs and 2.2x its temporaries with remat at K = 8, 2.9x and 17.7x
+  without.
 
   Use it to reduce the one-step lookahead's truncation bias (Shaban et al. 2019), with the K steps taken as the
   student's real steps: phi is held fixed over the window and updated once per window.
@@ -582,8 +587,8 @@ def implicit(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batch
   into NaN (CG would otherwise stop at once and return v = 0, a silent zero).
 
   Cost: train forward + backward (also the real step) linearized once, J + 1 HVPs (one for the residual), a
-  validation forward + backward at theta and one JVP; measured 3.9x a plain KD step's FLOPs for J = 0 and +2.9x
-  per term (J = 5: ~19x; CG: the same per iteration).
+  validation forward + backward at theta and one JVP; measured 4.6x a plain step's FLOPs for J = 0 and +1.9x
+  per term (J = 5: 14.2x, J = 10: 23.9x; CG about the same per iteration).
   Memory: the linearization's residuals (~2 x one step's activations) plus a few parameter-sized vectors. Use it
   for long-horizon effects without storing a trajectory, near convergence of the student (fine-tuning,
   ridge-like inner problems), always with an eye on ``solve_residual``.
@@ -674,11 +679,8 @@ def implicit(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batch
   _, (dsoft, dhard) = jax.jvp(lambda p: fwd(p)[0], (params,), (v,))
   (meta_grad,) = alpha_vjp((-(dsoft - dhard) / n).astype(alpha.dtype))
   new_params, new_opt_state = optimizer_step(tx, grads, opt_state, params)
-  return HypergradResult(
-      meta_grad=meta_grad,
-      student=jax.lax.stop_gradient(StudentState(new_params, new_rest, new_opt_state)),
-      diagnostics=_diagnostics(train_loss(alpha.astype(soft.dtype), soft, hard), val_loss, alpha,
-                               context["student_logits"], solve_residual=residual, solve_converged=converged))
+  return _one_step_result(meta_grad, StudentState(new_params, new_rest, new_opt_state), alpha, soft, hard,
+                          val_loss, context, solve_residual=residual, solve_converged=converged)
 
 
 # ------------------------------------------------------------------------------------------------------ head-only
@@ -725,7 +727,7 @@ def head_only(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batc
 
   Cost: a plain KD step (train forward + backward), a validation forward with a head-only backward, the VJP
   through ``tx`` (element-wise) and a head-only JVP (its body forward is the train forward's, shared by XLA's
-  CSE under jit): measured 1.5x a plain KD step's FLOPs against 3.5x for ``one_step`` (cnn_small, batch 64).
+  CSE under jit): measured 1.66x a plain step's FLOPs against 2.66x for ``one_step`` (module docstring's setting).
   Memory: as a plain step plus a validation forward. Use it when ``one_step``'s extra backward is too expensive
   (large bodies), or as a cheap baseline.
 
@@ -769,8 +771,5 @@ def head_only(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batc
   body, head = split(params)
   _, (dsoft, dhard) = jax.jvp(lambda h: fwd(merge(body, h))[0], (head,), (split(grad_bar)[1],))
   (meta_grad,) = alpha_vjp(((dsoft - dhard) / n).astype(alpha.dtype))
-  return HypergradResult(
-      meta_grad=meta_grad,
-      student=jax.lax.stop_gradient(StudentState(new_params, new_rest, new_opt_state)),
-      diagnostics=_diagnostics(train_loss(alpha.astype(soft.dtype), soft, hard), val_loss, alpha,
-                               context["student_logits"]))
+  return _one_step_result(meta_grad, StudentState(new_params, new_rest, new_opt_state), alpha, soft, hard,
+                          val_loss, context)
