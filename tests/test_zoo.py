@@ -1,5 +1,5 @@
 """Tests for the KD benchmark model zoo (tgeo_jax/models/{cifar_resnet,wrn,imagenet_resnet,mobilenetv2,
-shufflenet}.py): parameter counts equal to the PyTorch references, feature-map shapes, real forwards of the
+shufflenet,vgg}.py): parameter counts equal to the PyTorch references, feature-map shapes, real forwards of the
 small models, and the layer details that differ between XLA and PyTorch defaults."""
 
 from __future__ import annotations
@@ -44,6 +44,14 @@ REFERENCE_PARAMS = {
     "mobilenetv2": 812_836,
     "shufflev1": 949_258,
     "shufflev2": 1_355_528,
+    # models/vgg.py vgg*_bn: per conv 9 C_in C_out + C_out (bias) + 2 C_out (BatchNorm), + Linear(512, 100);
+    # recomputed from the channel lists in test_vgg_counts_from_the_reference_channels. CRD's tables: vgg8 3.96M,
+    # vgg13 9.46M.
+    "vgg8": 3_965_028,
+    "vgg11": 9_277_284,
+    "vgg13": 9_462_180,
+    "vgg16": 14_774_436,
+    "vgg19": 20_086_692,
     "resnet18": 11_689_512,
     "resnet34": 21_797_672,
     "resnet50": 25_557_032,
@@ -65,6 +73,8 @@ EXPECTED_FMAP = {
     "mobilenetv2": (2, 2, 1280),
     "shufflev1": (4, 4, 960),
     "shufflev2": (4, 4, 1024),
+    # No pool after block 3 on 32x32 inputs (the reference pools there only when the input is 64 px high).
+    **{f"vgg{d}": (4, 4, 512) for d in (8, 11, 13, 16, 19)},
     "resnet18": (7, 7, 512),
     "resnet34": (7, 7, 512),
     "resnet50": (7, 7, 2048),
@@ -73,7 +83,7 @@ EXPECTED_FMAP = {
 
 # Real (jitted) forwards, kept to small models: on a 2-core CPU the eager init alone costs seconds per model
 # (one XLA compile per kernel shape); every model is traced by `_abstract`.
-FORWARD_MODELS = ("resnet8", "wrn_16_1", "shufflev1")
+FORWARD_MODELS = ("resnet8", "wrn_16_1", "shufflev1", "vgg8")
 
 BATCH = 2
 
@@ -99,7 +109,7 @@ def _abstract(name):
 
 def test_every_zoo_model_has_a_reference_count():
   zoo_modules = {m.__name__ for m in (zoo.cifar_resnet, zoo.wrn, zoo.imagenet_resnet, zoo.mobilenetv2,
-                                      zoo.shufflenet)}
+                                      zoo.shufflenet, zoo.vgg)}
   available = models.available()
   registered = {name for name in available if models._REGISTRY[name].__module__ in zoo_modules}
   assert registered == set(REFERENCE_PARAMS)
@@ -147,6 +157,29 @@ def test_forward_train_and_eval(name):
   chex.assert_trees_all_equal(same_rest, new_rest)
   # The functional head applied to the features is the model's own forward.
   chex.assert_trees_all_close(models.apply_classifier(graphdef, params, new_rest, fmap), logits, atol=1e-5)
+
+
+def test_vgg_counts_from_the_reference_channels():
+  # RepDistiller's cfg 'S', 'A', 'B', 'D', 'E' as written there, counted independently of the model code.
+  cfg = {"vgg8": [[64], [128], [256], [512], [512]],
+         "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
+         "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+         "vgg16": [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
+         "vgg19": [[64, 64], [128, 128], [256] * 4, [512] * 4, [512] * 4]}
+  for name, blocks in cfg.items():
+    widths = [3] + [c for block in blocks for c in block]
+    convs = sum(9 * a * b + b + 2 * b for a, b in zip(widths[:-1], widths[1:]))
+    assert convs + 512 * 100 + 100 == REFERENCE_PARAMS[name], name
+
+
+def test_vgg_pools_after_block3_only_at_64px():
+  fmap = jax.eval_shape(lambda: models.create("vgg8", num_classes=10, input_shape=(64, 64, 3)).features(
+      jnp.zeros((1, 64, 64, 3))))
+  assert fmap.shape == (1, 4, 4, 512)  # four pools from 64 (8x8 without the fourth), three from 32
+  # The 2x2 max-pool is PyTorch's MaxPool2d(2, 2): windows of 2x2, an odd last row/column dropped.
+  from tgeo_jax.models.vgg import max_pool2x2
+  x = jnp.arange(25.0).reshape(1, 5, 5, 1)
+  np.testing.assert_array_equal(max_pool2x2(x)[0, :, :, 0], [[6.0, 8.0], [16.0, 18.0]])
 
 
 def test_channel_shuffle_matches_pytorch_order():

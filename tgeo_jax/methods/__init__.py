@@ -16,6 +16,7 @@ _METHODS = {
     "wls_kd": "tgeo_jax.methods.reweight:WeightedSoftLabelKD",
     "rw_kd": "tgeo_jax.methods.reweight:RandomWeightKD",
     "dist": "tgeo_jax.methods.dist:DIST",
+    "dkd": "tgeo_jax.methods.dkd:DKD",
     "simkd": "tgeo_jax.methods.simkd:SimKD",
     "atsc": "tgeo_jax.methods.atsc:ATSC",
     "trikd": "tgeo_jax.methods.trikd:TriKD",

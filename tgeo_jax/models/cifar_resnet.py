@@ -28,14 +28,17 @@ TORCH_DEFAULT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"
 
 
 def conv2d(c_in: int, c_out: int, kernel: int, *, stride: int = 1, padding: int = 0, groups: int = 1,
-           kernel_init=KAIMING_FAN_OUT, dtype=None, rngs: nnx.Rngs) -> nnx.Conv:
+           kernel_init=KAIMING_FAN_OUT, use_bias: bool = False, dtype=None, rngs: nnx.Rngs) -> nnx.Conv:
   """PyTorch's ``nn.Conv2d(..., bias=False)``: ``[B, H, W, c_in] -> [B, H', W', c_out]``.
+
+  ``use_bias=True`` adds a bias initialised at zero (the VGGs: ``nn.Conv2d``'s default bias, zeroed by their init).
 
   The padding is explicit and symmetric, as in PyTorch: XLA's ``"SAME"`` pads a stride-2 3x3 conv on an even
   input as (0, 1) instead of (1, 1), which shifts every window and would break weights ported from PyTorch.
   """
   return nnx.Conv(c_in, c_out, (kernel, kernel), strides=stride, padding=((padding, padding), (padding, padding)),
-                  feature_group_count=groups, use_bias=False, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+                  feature_group_count=groups, use_bias=use_bias, kernel_init=kernel_init,
+                  bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
 
 
 def batch_norm(num_features: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.BatchNorm:
