@@ -20,6 +20,13 @@ measured in interleaved rounds (the order rotates each round, so background load
 * **loop**: the trainer's loop body (grain iterator -> ``shard_batch`` -> step, no per-step sync), steps per second:
   what training actually gets; ``loop / step`` below 1 is time the step waited for data or lost to the loader's CPU use.
 
+Then, in the same run (``--sections``, default all; each also writes its own JSON beside ``--out``):
+
+* ``host_overhead`` (bench/host_overhead.py): the real ``trainer.train`` loop with a trivial jitted step, ms per
+  step (data, sharding, dispatch, bookkeeping) with and without a validation batch, and its parts;
+* ``data_paths`` (bench/data_paths.py, datasets built once in ``--data-paths-workdir``): 32x32x3 crop+flip images/s
+  in memory vs per record; the JPEG path: labels read time, images/s at 0, 1, 2 workers, with and without draft.
+
 Ratio = loader batches/s over step steps/s (target >= 5: the loader never starves the step). The optional profile
 (single-threaded, per batch, synchronous) splits the loader's work: grain's shuffled index batch, the uint8 gather,
 ``to_model`` (normalisation to float32 NHWC), the validation batch, and ``shard_batch``.
@@ -180,6 +187,28 @@ def device_info():
   return machine_info(grain=getattr(grain, "__version__", None))
 
 
+def run_sections(args) -> dict:
+  """The host-overhead and data-path benchmarks, run from here so that one command reports every host-side figure;
+  returns their JSON payloads."""
+  out = {}
+  base = os.path.splitext(args.out)[0] if args.out else os.path.join("/tmp", "pipeline")
+  names = [n for n in args.sections.split(",") if n]
+  if "host_overhead" in names:
+    from bench import host_overhead
+    print("\n== host overhead (bench/host_overhead.py)", flush=True)
+    out["host_overhead"] = host_overhead.main(
+        ["--out", f"{base}_host_overhead.json", "--batch", str(args.batch), "--data-dir", args.data_dir,
+         *(["--spans", "2", "--span-steps", "40"] if args.quick else [])])
+  if "data_paths" in names:
+    from bench import data_paths
+    print("\n== data paths (bench/data_paths.py)", flush=True)
+    path = f"{base}_data_paths.json"
+    data_paths.main(["--workdir", args.data_paths_workdir, "--out", path, *(["--quick"] if args.quick else [])])
+    with open(path) as f:
+      out["data_paths"] = json.load(f)
+  return out
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", default="", help="write the results as JSON to this file")
@@ -197,6 +226,10 @@ def main(argv=None):
                  help="extra loop rows with grain.ReadOptions(num_threads=N, prefetch_buffer_size=--loop-prefetch) "
                       "instead of grain's default (16 threads, 500 batches), comma-separated ('' for none)")
   p.add_argument("--loop-prefetch", type=int, default=8)
+  p.add_argument("--sections", default="host_overhead,data_paths",
+                 help="extra sections after the loader/step table: host_overhead, data_paths ('' for none)")
+  p.add_argument("--data-paths-workdir", default="/tmp/tgeo_bench", help="where bench/data_paths.py builds its data")
+  p.add_argument("--quick", action="store_true", help="the extra sections in their quick (smoke-test) modes")
   args = p.parse_args(argv)
 
   t_start = time.perf_counter()
@@ -290,6 +323,7 @@ def main(argv=None):
     for k, v in profile.items():
       print(f"| {k} | {v:.0f} |")
 
+  sections = run_sections(args)
   total = time.perf_counter() - t_start
   print(f"\ntotal benchmark time: {total:.1f} s")
   if args.out:
@@ -303,7 +337,7 @@ def main(argv=None):
                     init_s={k: e["init_s"] for k, e in entries.items()})
     with open(args.out, "w") as f:
       json.dump(dict(device=info, settings=settings, median_per_s=med, rates_per_s=rates, ratios=ratios,
-                     loader_profile_us=profile, total_seconds=total), f, indent=1)
+                     loader_profile_us=profile, sections=sections, total_seconds=total), f, indent=1)
     print(f"wrote {args.out}")
 
 

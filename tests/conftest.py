@@ -127,15 +127,20 @@ def assert_same_run(a_dir, b_dir):
   assert step_a == step_b == 28 and a.keys() == b.keys()
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-  records_a = report.read_jsonl(os.path.join(a_dir, "metrics.jsonl"))
-  records_b = report.read_jsonl(os.path.join(b_dir, "metrics.jsonl"))
-  # Every evaluation record, training-metric averages included (they are checkpointed: a resumed interval is not
-  # mixed with the killed process's part of it); only the wall time differs.
-  strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
-  assert strip(records_a) == strip(records_b)
+  assert comparable_records(a_dir) == comparable_records(b_dir)
   summary_a = report.read_json(os.path.join(a_dir, "summary.json"))
   summary_b = report.read_json(os.path.join(b_dir, "summary.json"))
   assert summary_a["accuracy"] == summary_b["accuracy"] and summary_b["num_steps"] == 28
+
+
+def comparable_records(workdir):
+  """Every record of ``workdir/metrics.jsonl`` (evaluations and training intervals, whose averages are checkpointed:
+  a resumed interval is not mixed with the killed process's part of it) without its wall-time measurements, the
+  only fields two runs of one configuration may differ in."""
+  from tgeo_jax import report
+  timing = ("seconds", "steps_per_second", "examples_per_second")
+  return [{k: v for k, v in r.items() if k not in timing}
+          for r in report.read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
 
 
 def fake_fashion_mnist_gz(directory, *, n_train=120, n_test=40, seed=0):

@@ -108,6 +108,8 @@ CASES = [
      r"tgeo.ordering: expected 'reuse' or 'lookahead', got 'nope'"),
     ("unknown_compute_dtype", ["--config.compute_dtype=float16"],
      r"compute_dtype: expected one of \['float32', 'bfloat16'\]"),
+    ("negative_data_workers", ["--config.data.workers=-1"],
+     r"data.workers: expected None \(auto\) or an integer >= 0 \(worker processes\), got -1"),
     ("label_noise_out_of_range", ["--config.data.label_noise=1.5"],
      r"data.label_noise: expected a fraction in \[0, 1\), got 1.5"),
     ("unknown_alpha_normalization", [TGEO, "--config.tgeo.alpha_normalization=softmax"],
@@ -132,6 +134,13 @@ CASES = [
      r"tgeo.implicit_damping: expected a positive number, got 0.0"),
     ("implicit_unknown_solver", [TGEO, "--config.tgeo.implicit_solver=gmres"],
      r"tgeo.implicit_solver: expected one of \['neumann', 'cg'\], got 'gmres'"),
+    ("profile_steps_not_a_range", ["--config.log.profile_steps=5"],
+     r"log.profile_steps: expected 'A:B' with 0 <= A < B \(the steps to trace\), got '5'"),
+    ("profile_steps_reversed", ["--config.log.profile_steps=4:2"], r"log.profile_steps: expected 'A:B'.*got '4:2'"),
+    ("profile_steps_outside_the_run", ["--config.teacher.checkpoint={teacher}", "--config.log.profile_steps=10:99"],
+     r"log.profile_steps: 10:99 reaches past the run's 14 steps \(expected B <= 14\)"),
+    ("compilation_cache_not_writable", ["--config.compilation_cache_dir={file}/cache"],
+     r"compilation_cache_dir: cannot write in '.*/a_file/cache' \(.*\); expected a writable directory"),
 ]
 
 
@@ -153,6 +162,9 @@ def test_bad_input(name, args, pattern, tiny_teacher, tmp_path, capsys):
   if any("{corrupt_teacher}" in a for a in args):
     corrupt = corrupt_copy(tiny_teacher, str(tmp_path / "corrupt_teacher"))
     args = [a.replace("{corrupt_teacher}", corrupt) for a in args]
+  if any("{file}" in a for a in args):
+    (tmp_path / "a_file").write_text("not a directory")
+    args = [a.replace("{file}", str(tmp_path / "a_file")) for a in args]
   args = [re.sub(r"\{data:(\w+)\}", lambda m: fake_fashion_mnist(str(tmp_path / m.group(1)), m.group(1)), a)
           for a in args]
   config = [a for a in args if a.startswith("--config=")] or [KD]

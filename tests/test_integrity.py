@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import attack_config, error_lines, fake_fashion_mnist_gz, final_arrays, run_inprocess, tiny_config
+from conftest import attack_config, comparable_records, error_lines, fake_fashion_mnist_gz, final_arrays, run_inprocess, tiny_config
 from tgeo_jax import data, report, teacher, trainer
 from tgeo_jax.errors import UserError
 
@@ -22,9 +22,7 @@ def assert_same_records(a_dir, b_dir):
   assert step_a == step_b and a.keys() == b.keys()
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-  strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
-  assert strip(report.read_jsonl(os.path.join(a_dir, "metrics.jsonl"))) == strip(
-      report.read_jsonl(os.path.join(b_dir, "metrics.jsonl")))
+  assert comparable_records(a_dir) == comparable_records(b_dir)
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,7 @@ def test_two_processes_on_one_workdir_one_is_refused(tiny_teacher, straight_kd, 
   survivor = procs[codes.index(0)].pid
   assert re.search(rf"error: workdir: .* is in use by pid {survivor} on host ", errors[0]), errors[0]
   assert_same_run(straight_kd, workdir)  # the survivor's run is exactly a solo run
-  records = report.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  records = report.evaluation_records(report.read_jsonl(os.path.join(workdir, "metrics.jsonl")))
   assert [r["step"] for r in records] == [14, 28]  # each epoch once
 
 
@@ -230,7 +230,7 @@ def test_nonfinite_skip_mode_finishes_and_counts(tmp_path):
   assert "non-finite step(s) skipped so far (first: step" in proc.stdout, proc.stdout
   summary = report.read_json(os.path.join(workdir, "summary.json"))
   assert summary["finished"] and summary["num_steps"] == 28 and 0 < summary["skipped_steps"] <= 28
-  records = report.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  records = report.evaluation_records(report.read_jsonl(os.path.join(workdir, "metrics.jsonl")))
   assert [r["skipped_steps"] for r in records][-1] == summary["skipped_steps"]
   arrays = all_checkpoint_arrays(workdir)
   assert arrays

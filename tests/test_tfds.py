@@ -30,6 +30,7 @@ def _mock(n):
 
 def test_cifar100_source_shapes_labels_normalisation():
   config = _config_module("cifar100").get_config("resnet32x4_resnet8x4:kd")
+  config.data.in_memory = "off"  # the per-record source (in memory: tests/test_tfds_local.py)
   with _mock(40):
     raw = tfds_sources.cifar100(config.data)
     assert raw.num_classes == 100 and raw.input_shape == (32, 32, 3)
@@ -42,6 +43,10 @@ def test_cifar100_source_shapes_labels_normalisation():
     expected = (np.asarray(record["image"], np.float32) / 255.0 - tfds_sources.CIFAR100_MEAN) / \
         tfds_sources.CIFAR100_STD
     np.testing.assert_allclose(x[0], expected, rtol=1e-5, atol=1e-5)
+    config.data.in_memory = "auto"  # on for CIFAR-100: decoded once, the same pixels
+    in_memory = tfds_sources.cifar100(config.data)
+    assert isinstance(in_memory.train, data_lib.sources.ArraySource) and in_memory.digest == raw.digest
+    np.testing.assert_array_equal(in_memory.train.gather(np.array([3, 0, 7])), x)
     task = data_lib.load(config.data, seed=0)
     assert len(task.train) + len(task.val) == 40
     assert task.augment is augment.crop_flip_cifar100

@@ -24,7 +24,7 @@ def test_teacher_and_kd_student_outputs(tiny_teacher, tmp_path):
     assert key in summary, key
   assert 0 <= summary["accuracy"] <= 1 and summary["num_steps"] == 14  # 462 training examples // 32
   assert 0 <= summary["val_accuracy"] <= 1 and summary["val_loss"] > 0  # the held-out part, for model selection
-  records = report.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  records = report.evaluation_records(report.read_jsonl(os.path.join(workdir, "metrics.jsonl")))
   assert len(records) == 1
   for key in ("step", "epoch", "accuracy", "loss", "teacher_accuracy", "agreement", "teacher_kl", "train_loss"):
     assert key in records[0], key

@@ -12,6 +12,12 @@ arrays cannot be read, or whose arrays do not hash to what was saved, is corrupt
 to ``<step>.corrupt`` (kept on disk for inspection, invisible to orbax, never deleted), says so in one line, and
 resumes from the newest good step.
 
+Asynchronous saves (``async_save=True``): ``save`` copies the state to host memory (the only part that must
+happen before the next step reuses the device buffers), then hashes and writes it in one background thread while
+training continues. The write is the same atomic orbax save; the next ``save``, ``steps``, ``restore*`` and
+``close`` first wait for it, and a failed background write is raised there (``wait``), so no failure is lost. A
+process killed during a background write leaves the previous checkpoint intact, exactly as a synchronous one.
+
 Only orbax reads checkpoints (tensorstore arrays + JSON); nothing is unpickled.
 """
 
@@ -24,6 +30,7 @@ import io
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -49,24 +56,61 @@ class Checkpointer:
 
   ``cleanup_tmp``: on start, remove unfinished saves (``<step>.orbax-checkpoint-tmp`` left by a killed process).
   Only for the run's own work directory, never for one another process may be writing (e.g. a teacher's).
+  ``async_save``: write in a background thread (see the module docstring); single-process runs only, since a
+  multi-host save needs every process's arrays on device (an array sharded across hosts cannot be copied here).
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 2, cleanup_tmp: bool = False):
+  def __init__(self, directory: str, *, max_to_keep: int = 2, cleanup_tmp: bool = False, async_save: bool = False):
     self.directory = os.path.abspath(directory)
+    self.async_save = bool(async_save) and jax.process_count() == 1
+    self._pending: threading.Thread | None = None
+    self._pending_error: BaseException | None = None
+    self._pending_step: int | None = None
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=cleanup_tmp,
                                            enable_async_checkpointing=False)
     with _quiet():  # a damaged step's _CHECKPOINT_METADATA makes orbax log errors while listing steps
       self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Saves ``state`` and ``meta`` (JSON-able) as ``step``, with the arrays' checksums added to ``meta``."""
+    """Saves ``state`` and ``meta`` (JSON-able) as ``step``, with the arrays' checksums added to ``meta``.
+
+    Asynchronous: returns once ``state`` is copied to host memory (after the previous save has finished); the
+    hashing and writing happen in the background. Synchronous: returns when the checkpoint is on disk.
+    """
+    self.wait()
+    if not self.async_save:
+      self._write(step, state, meta)
+      return
+    host_state = _host_copy(state)
+    self._pending_step = step
+    self._pending = threading.Thread(target=self._write_in_background, args=(step, host_state, meta),
+                                     name=f"checkpoint-{step}")
+    self._pending.start()
+
+  def wait(self) -> None:
+    """Blocks until a background save has finished; re-raises its error (the previous checkpoints are intact)."""
+    if self._pending is not None:
+      self._pending.join()
+      self._pending = None
+    if self._pending_error is not None:
+      error, self._pending_error = self._pending_error, None
+      raise error
+
+  def _write(self, step: int, state: Any, meta: dict) -> None:
     meta = dict(meta)
     meta[INTEGRITY_KEY] = {"algorithm": "sha256", "arrays": array_records(state)}
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
     self.manager.wait_until_finished()
 
+  def _write_in_background(self, step: int, host_state: Any, meta: dict) -> None:
+    try:
+      self._write(step, host_state, meta)
+    except BaseException as e:  # noqa: BLE001 - re-raised by ``wait`` on the caller's thread
+      self._pending_error = e
+
   def steps(self) -> list[int]:
+    self.wait()
     with _quiet():
       self.manager.reload()
       return sorted(self.manager.all_steps())
@@ -124,13 +168,18 @@ class Checkpointer:
                     f"{corrupt[0][0]}: {corrupt[0][1]}); nothing was changed: move {self.directory} away to start over")
 
   def close(self):
-    self.manager.close()
+    """Waits for a background save (raising its error after closing), then closes the manager."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
   # ---- internals
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
   def _read_meta_with_integrity(self, step: int) -> dict:
+    self.wait()
     reason = None
     with _quiet() as settle:
       try:
@@ -147,6 +196,7 @@ class Checkpointer:
 
   def _restore(self, step: int, target: Any, meta: dict, *, partial: bool = False) -> tuple[Any, dict, dict | None]:
     """``(state, meta, the restored arrays' records or None)``, verified against the saved checksums."""
+    self.wait()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     reason = None
     with _quiet() as settle:
@@ -215,6 +265,23 @@ def restore_params(directory: str, target: Any, *, what: str) -> tuple[Any, dict
 
 
 # ---------------------------------------------------------------------------------------------------- integrity
+
+
+def _host_copy(tree: Any) -> Any:
+  """``tree`` with every array copied off the device into numpy (typed PRNG keys: copied on the device), so that
+  the next step may donate or overwrite the device buffers while a background save writes these copies."""
+  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  for x in leaves:  # start every transfer before waiting for any (one round trip on an accelerator)
+    if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x.copy_to_host_async()
+
+  def copy(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(jax.numpy.copy(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    # np.array copies: on CPU np.asarray of a jax.Array may be a view of the very buffer the next step donates.
+    return np.array(x) if isinstance(x, (jax.Array, np.ndarray)) else x
+
+  return jax.tree.map(copy, tree)
 
 
 def _host_array(x) -> np.ndarray | None:

@@ -71,6 +71,14 @@ def validate(config) -> None:
   require(config, "data.val_subset", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = all)")
   require(config, "data.label_noise", lambda v: is_number(v) and 0 <= v < 1, "a fraction in [0, 1)")
   require(config, "data.train_with_val", lambda v: isinstance(v, bool), "True or False")
+  if "workers" in config.data:  # the input pipeline (tgeo_jax/data/__init__.py, tfds_sources.py)
+    require(config, "data.workers", lambda v: v is None or (is_int(v) and v >= 0),
+            "None (auto) or an integer >= 0 (worker processes)")
+    require(config, "data.in_memory", lambda v: v in ("auto", "on", "off"), "'auto', 'on' or 'off'")
+    require(config, "data.jpeg_draft", lambda v: isinstance(v, bool), "True or False")
+    cache = _field(config, "data.cache_dir")
+    if cache and os.path.exists(cache) and not os.path.isdir(cache):
+      raise UserError(f"data.cache_dir: {cache!r} is a file, expected a directory")
   positive_number(config, "optimizer.learning_rate")
   nonnegative_number(config, "optimizer.weight_decay")
   nonnegative_number(config, "optimizer.clip_norm")
@@ -80,6 +88,9 @@ def validate(config) -> None:
   positive_int(config, "log.every_steps")
   require(config, "checkpoint.every_steps", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = epoch ends)")
   positive_int(config, "checkpoint.max_to_keep")
+  require(config, "checkpoint.async_save", lambda v: isinstance(v, bool), "True or False")
+  parse_profile_steps(_field(config, "log.profile_steps"))
+  require(config, "compilation_cache_dir", lambda v: isinstance(v, str), "a directory path or '' (off)")
   require(config, "nonfinite", lambda v: v in NONFINITE_MODES, "'stop' or 'skip'")
   if _field(config, "data.name") == "synthetic":
     require(config, "data.synthetic.num_classes", lambda v: is_int(v) and v >= 2, "an integer >= 2")
@@ -98,3 +109,17 @@ def validate(config) -> None:
   require(config, "teacher.cache_logits", lambda v: v in ("auto", "on", "off"), "'auto', 'on' or 'off'")
   models.compute_dtype(config)  # 'float32' (also when absent) | 'bfloat16'; anything else is a UserError
   method_cls.validate_config(config)
+
+
+def parse_profile_steps(text) -> tuple[int, int] | None:
+  """``log.profile_steps``: ``""`` (off) or ``"A:B"``, the steps ``A <= step < B`` (0-based, A < B)."""
+  if not text:
+    return None
+  first, sep, last = str(text).partition(":")
+  try:
+    a, b = int(first), int(last)
+  except ValueError:
+    a = b = -1
+  if not sep or a < 0 or b <= a:
+    raise UserError(f"log.profile_steps: expected 'A:B' with 0 <= A < B (the steps to trace), got {text!r}")
+  return a, b

@@ -45,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
   # float32 | bfloat16: the student's and teacher's convolutions and matmuls in bfloat16 (GPU/TPU); parameters,
   # BatchNorm statistics, heads, logits, losses, DIST's correlations and TGeo-KD's α machinery stay float32.
   c.compute_dtype = "float32"
+  # JAX's persistent compilation cache: '' = off (or JAX_COMPILATION_CACHE_DIR, which JAX reads itself); a
+  # directory = compiled steps are stored there and reused by the next run of the same program (compiles that
+  # take over jax_persistent_cache_min_compile_time_secs, 1 s by default). A failed write warns and continues.
+  c.compilation_cache_dir = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "fashion_mnist"
@@ -60,6 +64,20 @@ def base_config() -> ml_collections.ConfigDict:
   # Control for methods that learn on the validation labels (TGeo-KD, RW-KD): train on train + validation.
   c.data.train_with_val = False
   c.data.augment = "none"  # none | flip | crop_flip
+  # TFDS image datasets (cifar100, imagenet2012; tgeo_jax/data/tfds_sources.py). The TFDS name to read with that
+  # protocol ('' = data.name), e.g. a dataset prepared locally with tgeo_jax.data.tfds_build (features image, label).
+  c.data.tfds_name = ""
+  # Decode the whole split once into memory (uint8, cached on disk): auto = on for cifar100, off for imagenet2012
+  # | on | off. The batches are bit-identical either way.
+  c.data.in_memory = "auto"
+  # Processes decoding training batches (tgeo_jax.data.iterate): None = auto (0 for in-memory data, else
+  # min(16, os.cpu_count() - 1) when that is >= 2, else 0) | an integer >= 0 (0 = threads in this process).
+  c.data.workers = ml_collections.config_dict.placeholder(int)
+  # Where decoded in-memory splits are cached ('' = .tgeo_cache in data.dir, or in TFDS's default data directory).
+  c.data.cache_dir = ""
+  # imagenet2012: decode each JPEG at the largest DCT scale whose shorter side stays >= 256 before the resize to 256
+  # (PIL Image.draft): faster on large images, pixels differ slightly from a full decode (README, Data pipeline).
+  c.data.jpeg_draft = False
   # Outlier probe: append this many Gaussian-noise examples with random labels to the training part (the α
   # analytics then report their mean α against normal examples; paper: outliers < 0.3, normal 0.4-0.6).
   c.data.outliers = 0
@@ -100,8 +118,12 @@ def base_config() -> ml_collections.ConfigDict:
   for group, defaults in method_groups().items():
     c[group] = defaults
 
-  c.log = ml_collections.ConfigDict(dict(every_steps=50, progress=True, tensorboard=False))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, max_to_keep=2))
+  # every_steps: a 'kind: train' record (training averages, steps/s, examples/s) in metrics.jsonl/TensorBoard.
+  # profile_steps: '' or 'A:B', a jax.profiler trace of steps A <= step < B into <workdir>/profile.
+  c.log = ml_collections.ConfigDict(dict(every_steps=50, progress=True, tensorboard=False, profile_steps=""))
+  # async_save: the checkpoint is copied to host memory at the save point and written by a background thread
+  # while training continues (single-process runs; multi-host saves stay synchronous).
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, max_to_keep=2, async_save=True))
   return c
 
 

@@ -3,6 +3,9 @@ metrics the task declares (``TaskData.metrics``: e.g. AUC and log-loss for CTR).
 
 from __future__ import annotations
 
+import queue
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,8 +64,9 @@ def evaluate(eval_step, state, source, *, batch_size: int, mesh, teacher_logits=
   # A batch larger than the part would only pad it: clamp to the part's size rounded up to the device count.
   batch_size = min(batch_size, -(-len(source) // mesh.size) * mesh.size)
   totals, per_example = None, []
-  for i, batch in enumerate(data.eval_batches(source, batch_size=batch_size, process_index=jax.process_index(),
-                                              process_count=jax.process_count())):
+  batches = data.eval_batches(source, batch_size=batch_size, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  for i, batch in enumerate(prefetched(batches)):
     batch = parallel.shard_batch(batch, mesh)
     if teacher_logits is not None:
       batch["teacher_logits"] = teacher_logits(i, batch["inputs"])
@@ -87,3 +91,45 @@ def evaluate(eval_step, state, source, *, batch_size: int, mesh, teacher_logits=
     out["auc"] = binary_metrics.roc_auc(cols["labels"][keep], cols["positive_prob"][keep])
     out["log_loss"] = binary_metrics.log_loss(cols["labels"][keep], cols["positive_prob"][keep])
   return out
+
+
+_DONE = object()
+
+
+def prefetched(iterable, depth: int = 2):
+  """The items of ``iterable``, produced up to ``depth`` ahead by one background thread, in order.
+
+  Evaluation batches are gathered (and, for a decoding source, decoded) there while the device evaluates the
+  previous ones; numpy gathers and PIL decoding release the GIL for most of their work. An exception of the
+  producer is re-raised here; leaving the loop early stops the producer at its next item.
+  """
+  items: queue.Queue = queue.Queue(maxsize=depth)
+  stop = threading.Event()
+
+  def produce():
+    try:
+      for item in iterable:
+        while not stop.is_set():
+          try:
+            items.put((item, None), timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+      items.put((_DONE, None))
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer
+      items.put((_DONE, e))
+
+  thread = threading.Thread(target=produce, name="eval-prefetch", daemon=True)
+  thread.start()
+  try:
+    while True:
+      item, error = items.get()
+      if item is _DONE:
+        if error is not None:
+          raise error
+        return
+      yield item
+  finally:
+    stop.set()

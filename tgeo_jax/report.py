@@ -1,4 +1,10 @@
-"""Run outputs: ``metrics.jsonl`` (one JSON object per evaluation), optional TensorBoard, ``summary.json``."""
+"""Run outputs: ``metrics.jsonl``, optional TensorBoard, ``summary.json``.
+
+``metrics.jsonl`` holds one JSON object per line, in step order, of two kinds: ``"kind": "eval"`` at every epoch
+end (test metrics, the method's epoch report, the last training averages) and ``"kind": "train"`` every
+``log.every_steps`` (the training averages since the previous one, ``steps_per_second``, ``examples_per_second``,
+measured between host syncs and excluding evaluation). ``evaluation_records`` selects the first kind.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ def _jsonable(value):
 
 
 class MetricWriter:
-  """Appends evaluation records to ``workdir/metrics.jsonl`` (and TensorBoard when asked).
+  """Appends records to ``workdir/metrics.jsonl`` (and TensorBoard when asked).
 
   On resume from step ``s``, records of steps after ``s`` (written before a crash that lost their checkpoint) are
   dropped, and so is a last line torn by a kill during its write (with a warning), so the file always describes
@@ -55,6 +61,11 @@ class MetricWriter:
   def close(self):
     if self.tb is not None:
       self.tb.close()
+
+
+def evaluation_records(records: list[dict]) -> list[dict]:
+  """The epoch-end evaluation records of ``metrics.jsonl`` (written before the kinds existed: no ``kind``)."""
+  return [r for r in records if r.get("kind", "eval") == "eval"]
 
 
 def read_jsonl(path: str, *, torn_tail: str = "error") -> list[dict]:

@@ -39,6 +39,9 @@ RESUMABLE_FIELDS = {
     "log.tensorboard": "an extra copy of metrics.jsonl for TensorBoard",
     "checkpoint.every_steps": "when checkpoints are saved (resume is exact from any step)",
     "checkpoint.max_to_keep": "how many checkpoints stay on disk",
+    "checkpoint.async_save": "whether the checkpoint is written in the background (the same bytes either way)",
+    "log.profile_steps": "which steps a profiler trace records (observation only)",
+    "compilation_cache_dir": "where compiled programs are cached (the same programs either way)",
     "steps_per_run": "where this process stops; the same command continues",
     "eval_batch_size": "evaluation is a masked sum over every test example: the batch size changes only the order "
                        "of that sum (accuracy counts are exact)",
@@ -47,6 +50,9 @@ RESUMABLE_FIELDS = {
     "data.dir": "where the data lives: its content is in the fingerprint (data.digest)",
     "teacher.checkpoint": "where the teacher lives: its variables' digest is in the fingerprint",
     "trikd.anchor_checkpoint": "where the anchor lives: its variables' digest is in the fingerprint",
+    "data.workers": "how many processes decode batches: grain returns them in the same order for any count",
+    "data.in_memory": "decoded once into memory or per record: the batches are bit-identical (tests/test_tfds_local.py)",
+    "data.cache_dir": "where decoded splits are cached (verified by sha256, equal to decoding again)",
 }
 
 CONFIG_FILE, IDENTITY_FILE, MEMBERSHIP_FILE, LOCK_FILE = "config.json", "identity.json", "membership.npz", ".lock"

@@ -7,6 +7,11 @@
 * ``train`` runs the loop: one jitted, guarded ``train_step`` per batch; ``itstime`` decides every cadence (log,
   save); an epoch end saves, then evaluates; a signal or the ``steps_per_run`` budget raises ``StopTraining``,
   handled in one place (save, then return or raise ``Interrupted`` to the caller);
+
+  The training thread only dispatches steps: batches (with their validation batch, for methods that take one)
+  come out of the grain pipeline prepared ahead in its threads or worker processes (``data.iterate``); a
+  checkpoint is copied to host memory and written in the background (``checkpoint.async_save``); the host syncs
+  once per ``log.every_steps``, where the interval's steps/s and examples/s are recorded;
 * ``finish`` evaluates the final state on the test and validation parts and writes ``summary.json``.
 
 Everything method-specific happens behind ``method.init / train_step / predict / teacher_logits``. Nothing here
@@ -139,6 +144,42 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+# ------------------------------------------------------------------------------------------------ profiling
+
+
+class Profile:
+  """A ``jax.profiler`` trace of the steps ``log.profile_steps`` names, written to ``<workdir>/profile`` (open it
+  with TensorBoard's profile plugin or Perfetto). The trace stops after the device has finished the last traced
+  step, so it holds that step's device work, not only its dispatch."""
+
+  def __init__(self, profile_steps: str, workdir: str):
+    self.range = config_checks.parse_profile_steps(profile_steps)
+    self.directory = os.path.join(workdir, "profile")
+    self.active = False
+
+  def check(self, total_steps: int) -> None:
+    if self.range is not None and self.range[1] > total_steps:
+      raise UserError(f"log.profile_steps: {self.range[0]}:{self.range[1]} reaches past the run's {total_steps} "
+                      f"steps (expected B <= {total_steps})")
+
+  def before_step(self, step: int) -> None:
+    if self.range is not None and not self.active and self.range[0] <= step < self.range[1]:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+      _log(f"Profiling steps {step}:{self.range[1]} into {self.directory}.")
+
+  def after_step(self, step: int, state) -> None:
+    if self.active and step >= self.range[1]:
+      jax.block_until_ready(state)
+      self.stop()
+
+  def stop(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      self.range = None  # once per process
+
+
 # ------------------------------------------------------------------------------------------------ the run
 
 
@@ -157,8 +198,9 @@ class TrainLog:
     self.skipped_at_log = saved.get("skipped_at_log", skipped)
     self.last = saved.get("last_train", {})
 
-  def add(self, metrics) -> None:
-    self.running = metrics if self.running is None else jax.tree.map(jnp.add, self.running, metrics)
+  def add(self, running) -> None:
+    """Records the sums returned by a step (which added its metrics to ``sums``, on the device)."""
+    self.running = running
     self.count += 1
 
   def flush(self, host_running, skipped: int) -> dict:
@@ -199,7 +241,8 @@ class Run:
   resumed: bool
   meta: dict
   start_time: float
-  train_step: Any
+  train_step: Any  # jitted (state, frozen, batch, kind, health, running sums) -> (state, health, running sums)
+  metric_zeros: Any  # (state, frozen, batch, kind, health) -> zero running sums
   quantity_names: list
   eval_step: Any
   fixed_teacher: Any
@@ -208,6 +251,9 @@ class Run:
   log: TrainLog
   best_accuracy: float
   last_saved: int | None
+  profile: "Profile"
+  workers: int = 0  # input-pipeline worker processes (data.workers, resolved)
+  log_clock: tuple = (0, 0.0)  # (step, time.perf_counter()) where the current logging interval began
 
   @property
   def epoch(self) -> int:
@@ -217,8 +263,9 @@ class Run:
     return self.step > 0 and self.step % self.steps_per_epoch == 0
 
   def close(self) -> None:
+    self.profile.stop()
     self.writer.close()
-    self.ckpt.close()
+    wait_for_save(self, closing=True)
 
 
 def train_and_evaluate(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -> dict:
@@ -232,6 +279,7 @@ def train_and_evaluate(config, workdir: str, *, teacher: teacher_lib.Teacher | N
   given in code instead of ``teacher.checkpoint``.
   """
   config_checks.validate(config)
+  use_compilation_cache(config.compilation_cache_dir)
   run_identity.prepare_workdir(workdir)
   with run_identity.WorkdirLock(workdir).acquire(process_index=jax.process_index(),
                                                  process_count=jax.process_count()), _StopRequest() as stop:
@@ -251,6 +299,29 @@ def train_and_evaluate(config, workdir: str, *, teacher: teacher_lib.Teacher | N
       return finish(run)
     finally:
       run.close()
+
+
+def use_compilation_cache(directory: str) -> None:
+  """Points JAX's persistent compilation cache at ``directory`` (``compilation_cache_dir``; '' leaves JAX's own
+  setting, e.g. ``JAX_COMPILATION_CACHE_DIR``). A directory that cannot be created or written is a one-line
+  ``UserError``; a later failed write of one entry is JAX's warning, and the run continues."""
+  if not directory:
+    return
+  import tempfile
+  from jax.experimental.compilation_cache import compilation_cache
+  directory = os.path.abspath(os.path.expanduser(directory))
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe"):
+      pass
+  except OSError as e:
+    raise UserError(f"compilation_cache_dir: cannot write in {directory!r} ({_reason(e)}); expected a writable "
+                    "directory, or '' to turn the cache off") from None
+  if jax.config.jax_compilation_cache_dir != directory:
+    # The cache is opened once per process, at the first compilation: reset it, in case this process compiled
+    # with another (or no) cache before (tests, notebooks, bench/study.py).
+    compilation_cache.reset_cache()
+    compilation_cache.set_cache_dir(directory)
 
 
 def _checkpoint_steps_on_disk(ckpt_dir: str) -> list[int]:
@@ -296,7 +367,8 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
                       "examples (raise data.val_fraction or lower val_batch_size)")
 
   state, frozen = parallel.replicate(method.init(jax.random.PRNGKey(config.seed)), mesh)
-  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, max_to_keep=config.checkpoint.max_to_keep, cleanup_tmp=True)
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, max_to_keep=config.checkpoint.max_to_keep, cleanup_tmp=True,
+                                     async_save=config.checkpoint.async_save)
   try:
     return _restore_or_start(config, workdir, start_time=start_time, config_dict=config_dict, identity=identity,
                              mesh=mesh, task=task, method=method, state=state, frozen=frozen, ckpt=ckpt,
@@ -309,6 +381,7 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
 def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mesh, task, method, state, frozen,
                       ckpt, steps_per_epoch) -> Run:
   total_steps = steps_per_epoch * config.num_epochs
+  Profile(config.log.profile_steps, workdir).check(total_steps)
   meta = {"epoch": 0, "best_accuracy": 0.0, "seconds": 0.0, "skipped_steps": 0}
   existing = ckpt.steps()
   if existing:
@@ -334,7 +407,16 @@ def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mes
   writer = report.MetricWriter(workdir, resume_step=step0 if existing else None, tensorboard=config.log.tensorboard)
   best_accuracy = max([meta.get("best_accuracy", 0.0)] + [r["accuracy"] for r in writer.records
                                                           if isinstance(r.get("accuracy"), float)])
+  # The first epoch's order is computed while the step compiles.
+  data.prepare_epoch(task.train, batch_size=config.batch_size, seed=config.seed, epoch=step0 // steps_per_epoch)
   guarded_step, quantity_names = make_guarded_step(method, skip_nonfinite=config.nonfinite == "skip")
+
+  def loop_step(state, frozen, batch, kind, health, running):
+    # The running metric sums are added inside the step: one jnp.add per metric and step on the host costs
+    # ~40 us of dispatch each (bench/host_overhead.py), several times the dispatch of the step itself.
+    state, metrics, health = guarded_step(state, frozen, batch, kind, health)
+    return state, health, jax.tree.map(jnp.add, running, metrics)
+
   eval_fn = jax.jit(evaluation.make_eval_step(method, task.metrics))
   fixed_teacher = (evaluation.FixedTeacherLogits(method, frozen)
                    if method.teacher is not None and method.teacher_logits_fixed else None)
@@ -346,11 +428,13 @@ def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mes
       writer=writer, identity=identity, config_dict=config_dict, steps_per_epoch=steps_per_epoch,
       total_steps=total_steps, step=step0, step0=step0, resumed=bool(existing), meta=meta,
       start_time=start_time,
-      train_step=jax.jit(guarded_step, donate_argnums=(0,), static_argnums=(3,)), quantity_names=quantity_names,
+      train_step=jax.jit(loop_step, donate_argnums=(0, 5), static_argnums=(3,)),
+      metric_zeros=_MetricZeros(guarded_step), quantity_names=quantity_names,
       eval_step=lambda s, b: eval_fn(s, frozen, b), fixed_teacher=fixed_teacher, val_stream=val_stream,
       health=parallel.replicate(initial_health(step0, meta["skipped_steps"]), mesh),
       log=TrainLog(meta.get("train_log"), meta["skipped_steps"]), best_accuracy=best_accuracy,
-      last_saved=step0 if existing else None)
+      last_saved=step0 if existing else None, profile=Profile(config.log.profile_steps, workdir),
+      workers=data.resolve_workers(config.data, task.train), log_clock=(step0, time.perf_counter()))
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -359,24 +443,26 @@ def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mes
 def train(run: Run, stop: _StopRequest) -> None:
   """Steps until ``run.total_steps``; raises ``StopTraining`` for a signal or the ``steps_per_run`` budget."""
   config = run.config
-  if run.resumed and run.at_epoch_end() and not any(r.get("step") == run.step for r in run.writer.records):
+  if run.resumed and run.at_epoch_end() and not any(r.get("step") == run.step and r.get("kind") != "train"
+                                                    for r in run.writer.records):
     evaluate_epoch(run)  # killed after the epoch-end checkpoint, before its evaluation was recorded
   budget_end = run.step + config.steps_per_run if config.steps_per_run else None
   while run.step < run.total_steps:
     offset = run.step % run.steps_per_epoch
-    batches = data.train_batches(run.task.train, batch_size=config.batch_size, seed=config.seed, epoch=run.epoch,
-                                 augment=run.task.augment, process_index=jax.process_index(),
-                                 process_count=jax.process_count())[offset:]
+    if run.epoch + 1 < config.num_epochs:  # the next epoch's order, computed while this one trains
+      data.prepare_epoch(run.task.train, batch_size=config.batch_size, seed=config.seed, epoch=run.epoch + 1)
     bar = tqdm.tqdm(total=run.steps_per_epoch, initial=offset, desc=f"epoch {run.epoch + 1}/{config.num_epochs}",
                     disable=not config.log.progress or jax.process_index() != 0, leave=False, dynamic_ncols=True)
     try:
-      for batch in batches.to_iter_dataset():
-        if run.val_stream is not None:
-          batch["val"] = run.val_stream[run.step]
-        run.state, metrics, run.health = run.train_step(
-            run.state, run.frozen, parallel.shard_batch(batch, run.mesh), run.method.step_kind(run.step), run.health)
-        run.log.add(metrics)
+      for batch in data.iterate(epoch_batches(run)[offset:], workers=run.workers):
+        run.profile.before_step(run.step)
+        batch, kind = parallel.shard_batch(batch, run.mesh), run.method.step_kind(run.step)
+        sums = run.log.running if run.log.running is not None else run.metric_zeros(
+            run.state, run.frozen, batch, kind, run.health)
+        run.state, run.health, running = run.train_step(run.state, run.frozen, batch, kind, run.health, sums)
+        run.log.add(running)
         run.step += 1
+        run.profile.after_step(run.step, run.state)
         bar.update(1)
         epoch_end = run.at_epoch_end()
         if itstime(run.step, config.log.every_steps) or epoch_end:
@@ -393,6 +479,7 @@ def train(run: Run, stop: _StopRequest) -> None:
       bar.close()
     save(run)  # before evaluating: an evaluation that fails never costs the epoch's training
     evaluate_epoch(run)
+    run.log_clock = (run.step, time.perf_counter())  # throughput excludes the evaluation
     if run.step < run.total_steps:
       if stop.signum is not None:
         raise StopTraining(stop.signum)
@@ -400,12 +487,53 @@ def train(run: Run, stop: _StopRequest) -> None:
         raise StopTraining()
 
 
+class _MetricZeros:
+  """Fresh zeros of the step's metrics (the running sums a step adds to after each log point; donated to it).
+  The metrics' structure, shapes and dtypes come from one abstract evaluation per step kind (a trace, no
+  compilation)."""
+
+  def __init__(self, guarded_step):
+    self.guarded_step, self.shapes = guarded_step, {}
+
+  def __call__(self, state, frozen, batch, kind, health):
+    if kind not in self.shapes:
+      self.shapes[kind] = jax.eval_shape(lambda s, f, b, h: self.guarded_step(s, f, b, kind, h)[1],
+                                         state, frozen, batch, health)
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self.shapes[kind])
+
+
+def epoch_batches(run: Run):
+  """This epoch's training batches (a grain ``MapDataset``), each with its step's validation batch under ``"val"``
+  for methods that take one: composed into the input pipeline, so it is prepared off the training thread (in
+  grain's prefetch threads or worker processes) like the training batch itself."""
+  config = run.config
+  batches = data.train_batches(run.task.train, batch_size=config.batch_size, seed=config.seed, epoch=run.epoch,
+                               augment=run.task.augment, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+  if run.val_stream is None:
+    return batches
+  first_step, val_stream = run.epoch * run.steps_per_epoch, run.val_stream
+  return batches.map_with_index(lambda i, batch: dict(batch, val=val_stream[first_step + i]))
+
+
 def log_train_metrics(run: Run, bar) -> None:
-  """The loop's only host sync: the training-metric averages and the non-finite record."""
+  """The loop's only host sync: the training-metric averages and the non-finite record; a ``kind: train`` record
+  in metrics.jsonl (and TensorBoard) with the interval's throughput."""
   host_running, host_health = jax.device_get((run.log.running, run.health))
   host = run.log.flush(host_running, check_health(run, host_health))
-  if host:
-    bar.set_postfix(loss=f"{host['loss']:.4f}", acc=f"{host.get('accuracy', float('nan')):.3f}")
+  if not host:
+    return
+  bar.set_postfix(loss=f"{host['loss']:.4f}", acc=f"{host.get('accuracy', float('nan')):.3f}")
+  clock_step, clock_time = run.log_clock
+  now = time.perf_counter()
+  steps, seconds = run.step - clock_step, now - clock_time
+  run.log_clock = (run.step, now)
+  throughput = ({"steps_per_second": steps / seconds, "examples_per_second": steps * run.config.batch_size / seconds}
+                if steps > 0 and seconds > 0 else {})
+  record = dict(kind="train", step=run.step, epoch=run.epoch, **run.log.last, **throughput,
+                seconds=run.meta["seconds"] + time.time() - run.start_time)
+  if jax.process_index() == 0:
+    _write_or_fail(lambda: run.writer.write(record), run.workdir)
 
 
 def check_health(run: Run, host_health) -> int:
@@ -425,12 +553,26 @@ def save(run: Run) -> None:
                    num_classes=run.task.num_classes, config=run.config_dict, identity=run.identity,
                    best_accuracy=run.best_accuracy, skipped_steps=skipped, train_log=run.log.to_meta(),
                    seconds=run.meta["seconds"] + time.time() - run.start_time)
+  wait_for_save(run)
   try:
     run.ckpt.save(run.step, run.state, host_meta)
   except Exception as e:  # noqa: BLE001 - a full or failing disk: the previous checkpoints are intact
     raise RunFault(f"checkpoint: saving step {run.step} in {run.ckpt.directory} failed ({_reason(e)}); the "
                    "previous checkpoints are intact: free space and run the same command to resume") from None
   run.last_saved = run.step
+
+
+def wait_for_save(run: Run, *, closing: bool = False) -> None:
+  """Waits for a background checkpoint write (``checkpoint.async_save``); its failure is a one-line ``RunFault``.
+  ``closing``: also closes the checkpointer."""
+  try:
+    if closing:
+      run.ckpt.close()
+    else:
+      run.ckpt.wait()
+  except Exception as e:  # noqa: BLE001 - as in ``save``: the checkpoints before it are intact
+    raise RunFault(f"checkpoint: saving step {run.last_saved} in {run.ckpt.directory} failed ({_reason(e)}); the "
+                   "previous checkpoints are intact: free space and run the same command to resume") from None
 
 
 def evaluate_epoch(run: Run) -> None:
@@ -442,7 +584,7 @@ def evaluate_epoch(run: Run) -> None:
   run.best_accuracy = max(run.best_accuracy, results["accuracy"])
   if jax.process_index() == 0:
     results.update(run.method.epoch_report(run.state, run.frozen, run.workdir, run.epoch))
-  record = dict(step=run.step, epoch=run.epoch, **results, **run.log.last, skipped_steps=skipped,
+  record = dict(kind="eval", step=run.step, epoch=run.epoch, **results, **run.log.last, skipped_steps=skipped,
                 seconds=run.meta["seconds"] + time.time() - run.start_time)
   if jax.process_index() == 0:
     _write_or_fail(lambda: run.writer.write(record), run.workdir)
@@ -492,6 +634,7 @@ def finish(run: Run) -> dict:
       group_fingerprint=identity["group_fingerprint"], config=identity["config"],
       data={k: identity["data"][k] for k in ("name", "digest", "sizes")},
       teachers=[{k: t[k] for k in ("field", "model", "variables_sha256")} for t in identity["teachers"]])
+  wait_for_save(run)  # summary.json says "finished": the final checkpoint is on disk before it
   if jax.process_index() == 0:
     _write_or_fail(lambda: report.write_json(os.path.join(run.workdir, "summary.json"), summary), run.workdir)
   return summary

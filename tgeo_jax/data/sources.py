@@ -2,8 +2,8 @@
 
 A source is what the pipeline indexes: ``len(source)``, ``source.labels`` (``[N]`` int32, needed for stratified
 splits and the class-mean teacher without decoding inputs) and ``source.gather(indices [B]) -> inputs [B, ...]``.
-In-memory arrays (Fashion-MNIST, tabular tasks) implement ``gather`` with fancy indexing; a TFDS
-``data_source`` implements it by decoding records one at a time, so it slots in without changing the pipeline.
+In-memory arrays (Fashion-MNIST, tabular tasks, CIFAR-100 decoded once) implement ``gather`` with fancy indexing; a
+TFDS ``data_source`` implements it by decoding records one at a time, so it slots in without changing the pipeline.
 """
 
 from __future__ import annotations
@@ -29,11 +29,16 @@ class Source(Protocol):
 @dataclasses.dataclass
 class ArraySource:
   """In-memory examples. ``inputs`` is an array ``[N, ...]`` (or a dict of them); ``to_model`` maps a gathered
-  raw batch (e.g. uint8 pixels) to model inputs (e.g. normalised float32), so memory holds the compact form."""
+  raw batch (e.g. uint8 pixels) to model inputs (e.g. normalised float32), so memory holds the compact form.
+
+  ``pixelwise``: ``to_model`` maps each pixel on its own (e.g. a per-channel normalisation, possibly adding a channel
+  axis), so crops and flips commute with it and the pipeline may augment the raw pixels (``gather_raw``) first.
+  """
 
   inputs: Any
   labels: np.ndarray
   to_model: Callable[[Any], Any] | None = None
+  pixelwise: bool = False
 
   def __post_init__(self):
     self.labels = np.asarray(self.labels, dtype=np.int32)
@@ -52,11 +57,15 @@ class ArraySource:
       raw = self.inputs[indices]
     return self.to_model(raw) if self.to_model is not None else raw
 
+  def gather_raw(self, indices: np.ndarray) -> Any:
+    """The stored form of ``indices`` (before ``to_model``)."""
+    return {k: v[indices] for k, v in self.inputs.items()} if isinstance(self.inputs, dict) else self.inputs[indices]
+
   def subset(self, indices: np.ndarray) -> "ArraySource":
     indices = np.asarray(indices)
     inputs = ({k: v[indices] for k, v in self.inputs.items()} if isinstance(self.inputs, dict)
               else self.inputs[indices])
-    return ArraySource(inputs, self.labels[indices], self.to_model)
+    return ArraySource(inputs, self.labels[indices], self.to_model, self.pixelwise)
 
 
 @dataclasses.dataclass
@@ -176,7 +185,7 @@ def fashion_mnist(directory: str = FASHION_MNIST_DIR) -> dict[str, ArraySource]:
       raise UserError(f"{label_file}: expected {len(images)} labels, got shape {labels.shape}")
     if labels.max(initial=0) >= 10:
       raise UserError(f"{label_file}: labels must be in [0, 10), found {int(labels.max())}")
-    splits[split] = ArraySource(images, labels, normalize_fashion_mnist)
+    splits[split] = ArraySource(images, labels, normalize_fashion_mnist, pixelwise=True)
   return splits
 
 
