@@ -43,7 +43,7 @@ def fake_run(directory, model_name, *, num_classes=SPEC.num_classes, seed=3):
   return str(directory)
 
 
-def make_method(*, teacher="cnn_tiny", **atsc_overrides):
+def make_method(*, teacher="cnn_tiny", tx=None, **atsc_overrides):
   c = fashion_mnist.get_config("atsc")
   c.model.name, c.teacher.model = "cnn_tiny", teacher
   for k, v in atsc_overrides.items():
@@ -52,7 +52,7 @@ def make_method(*, teacher="cnn_tiny", **atsc_overrides):
   st = models.split(models.create("cnn_tiny", num_classes=SPEC.num_classes, input_shape=SPEC.input_shape, seed=0))
   t = models.split(models.create(teacher, num_classes=SPEC.num_classes, input_shape=SPEC.input_shape, seed=7))
   # Plain SGD: a parameter without gradient stays exactly where it was.
-  return atsc.ATSC(c, SPEC, student=st, tx=optax.sgd(0.1), teacher=base.Teacher(
+  return atsc.ATSC(c, SPEC, student=st, tx=tx or optax.sgd(0.1), teacher=base.Teacher(
       teacher, t.graphdef, {"params": t.params, "rest": t.rest}))
 
 
@@ -139,6 +139,40 @@ def test_classifier_step(update, single):
                             leaves(new["rest"]["teachers"][0])["['norms'][0]['mean'].value"])
   for key in ("loss", "mse", "omega", "teacher_ce", "accuracy", "teacher_accuracy"):
     assert np.isfinite(metrics[key]), key
+
+
+def test_classifier_bias_is_decayed_in_both_steps():
+  # The public code's two SGDs both hold the classifier bias: in the first its gradient is a zero tensor, so only
+  # the weight decay moves it; the second takes the CE step, decaying it again with a momentum buffer of its own.
+  lr, wd = 0.1, 0.5
+  m = make_method(tx=optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=0.9)))
+  state, frozen = m.init(jax.random.PRNGKey(0))
+  # A non-zero bias (it starts at 0, where decay is invisible); Omega does not cover biases, so theta_0 may differ.
+  teachers = [shift(state["params"]["teachers"][0], HEAD_BIAS, 1.0 + jnp.arange(SPEC.num_classes) / 10)]
+  state = dict(state, params=dict(state["params"], teachers=teachers))
+  batch = make_batch()
+  new, _ = jax.jit(m.train_step)(state, frozen, batch)
+  b0 = leaves(teachers[0])[HEAD_BIAS]
+  b1 = (1 - lr * wd) * b0  # step 1: gradient 0 + wd * b (a first momentum step is the gradient itself)
+  # Step 2: CE at b1 on the updated teacher (train-mode BatchNorm, as the step runs it); only the bias moves there.
+  t = new["params"]["teachers"][0]
+  at_b1 = shift(t, HEAD_BIAS, b1 - leaves(t)[HEAD_BIAS])
+
+  @jax.jit
+  def ce_grad(p):
+    def ce(p):
+      logits, _ = models.apply(m.teacher.graphdef, p, new["rest"]["teachers"][0], batch["inputs"], train=True)
+      return jnp.mean(atsc.losses.cross_entropy(logits, batch["labels"]))
+    return jax.grad(ce)(p)
+
+  g = leaves(ce_grad(at_b1))[HEAD_BIAS]
+  np.testing.assert_allclose(leaves(t)[HEAD_BIAS], b1 - lr * (g + wd * b1), rtol=1e-5, atol=1e-6)
+  # Two momentum buffers: the joint optimizer's holds wd * b0, the classifier optimizer's g + wd * b1.
+  traces = [leaves(s) for s in (new["opt_state"], new["head_opt_state"][0])]
+  joint = next(v for k, v in traces[0].items() if "teachers'][0]" in k and "['head']['bias']" in k)
+  head = next(v for k, v in traces[1].items() if "['head']['bias']" in k and v.shape == b0.shape)
+  np.testing.assert_allclose(joint, wd * b0, rtol=1e-6)
+  np.testing.assert_allclose(head, g + wd * b1, rtol=1e-5, atol=1e-6)
 
 
 def test_eval_mode_teacher_keeps_its_statistics():

@@ -8,6 +8,7 @@ cases that need another device count).
 import os
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -220,6 +221,21 @@ def test_a_stray_positional_argument_is_one_line(tmp_path):
 def test_missing_required_flags_are_one_line(capsys):
   rc, _, err = run_main(["--config=configs/fashion_mnist.py:ce"], capsys)
   assert rc == 2 and err.strip() == "error: --workdir: required, e.g. --workdir=runs/kd", err
+
+
+def test_wandb_without_the_package_is_one_line(tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError, installed or not
+  rc, _, err = run_main(["--config=configs/fashion_mnist.py:ce", f"--workdir={tmp_path / 'run'}", *TINY,
+                         "--config.log.wandb=True"], capsys)
+  _assert_one_line(rc, err, r"^error: log.wandb: True needs wandb: pip install 'tgeo_jax\[wandb\]' \(or set "
+                            r"log.wandb=False\)$")
+
+
+def test_data_mock_without_mock_data_is_one_line(tmp_path, capsys):
+  rc, _, err = run_main(["--config=configs/fashion_mnist.py:ce", f"--workdir={tmp_path / 'run'}", *TINY,
+                         "--config.data.mock=True"], capsys)
+  _assert_one_line(rc, err, r"^error: data.mock: True works for the TFDS datasets \['cifar100', 'imagenet2012'\] "
+                            r"only; data.name is 'synthetic'$")
 
 
 def test_csv_with_a_non_numeric_column(tmp_path, capsys):

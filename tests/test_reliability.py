@@ -247,7 +247,8 @@ UNSAFE = [
     (r"^\s*(import|from)\s+(c?pickle|dill|cloudpickle|joblib|shelve|marshal)\b", "a pickle-family import"),
     (r"\b(c?pickle|dill|cloudpickle|shelve|marshal)\.(load|loads|Unpickler)\b", "unpickling"),
     (r"allow_pickle\s*=\s*True", "np.load(allow_pickle=True)"),
-    (r"\btorch\.load\s*\(", "torch.load"),
+    # torch.load unpickles unless weights_only=True (then only tensors and plain containers are accepted).
+    (r"\btorch\.load\s*\((?![^)]*weights_only\s*=\s*True)", "torch.load without weights_only=True"),
     (r"\bread_pickle\s*\(", "pandas.read_pickle"),
     (r"\bjoblib\.load\s*\(", "joblib.load"),
 ]
@@ -259,6 +260,7 @@ def unsafe_loads(text):
 
 def test_no_pickle_anywhere():
   assert unsafe_loads("import pickle\nx = np.load(f, allow_pickle=True)\nstate = torch.load(p)\n")  # the check bites
+  assert len(unsafe_loads("a = torch.load(p, weights_only=False)\nb = torch.load(p, weights_only=True)\n")) == 1
   assert not unsafe_loads('"""nothing is unpickled"""\nx = np.load(f)\n')
   sources = glob.glob(os.path.join(ROOT, "tgeo_jax", "**", "*.py"), recursive=True)
   sources += [os.path.join(ROOT, "train.py")] + glob.glob(os.path.join(ROOT, "configs", "*.py"))

@@ -28,10 +28,12 @@ def make_teacher(name, seed=7):
   return base.Teacher(name, fn.graphdef, {"params": fn.params, "rest": fn.rest})
 
 
-def make_method(student="cnn_tiny", teacher="cnn_small"):
+def make_method(student="cnn_tiny", teacher="cnn_small", *, student_feature="pre_head", **student_kwargs):
   c = fashion_mnist.get_config("simkd")
   c.model.name, c.teacher.model = student, teacher
-  st = models.split(models.create(student, num_classes=SPEC.num_classes, input_shape=SPEC.input_shape, seed=0))
+  c.simkd.student_feature = student_feature
+  st = models.split(models.create(student, num_classes=SPEC.num_classes, input_shape=SPEC.input_shape, seed=0,
+                                  **student_kwargs))
   # Plain SGD: a parameter that gets no gradient stays exactly where it was.
   return simkd.SimKD(c, SPEC, student=st, tx=optax.sgd(0.1), teacher=make_teacher(teacher))
 
@@ -155,6 +157,85 @@ def test_predict_goes_through_projector_and_teacher_head():
                               rtol=1e-5, atol=1e-5)
   params = shift(state["params"], "['student']['head']['bias'].value", 100.0)
   chex.assert_trees_all_close(predict(dict(state, params=params), frozen, batch["inputs"]), logits)
+
+
+def abstract_model(name, spec):
+  """Model ``name`` as a ``Functional`` of ``ShapeDtypeStruct`` leaves: shapes only, nothing allocated."""
+  return models.split(nnx.eval_shape(lambda: models.create(name, num_classes=spec.num_classes,
+                                                           input_shape=spec.input_shape)))
+
+
+def projector_count(c_s, c_t):
+  """Parameters of ``Projector(c_s, c_t, factor=2)``: three bias-free convs and three BatchNorms (scale + shift;
+  the running statistics are not parameters)."""
+  mid = c_t // 2
+  return c_s * mid + 2 * mid + 9 * mid * mid + 2 * mid + mid * c_t + 2 * c_t
+
+
+# The official SimKD counts (docs/methods.md §4), by hand from the projector's structure:
+#   resnet50_cifar (C_t = 2048) <- mobilenetv2 (CIFAR, width 0.5; 'pre_head' C_s = 160):
+#     160*1024 + 2*1024 + 9*1024^2 + 2*1024 + 1024*2048 + 2*2048 = 163,840 + 2,048 + 9,437,184 + 2,048 + 2,097,152
+#     + 4,096 = 11,706,368; with 'last' (C_s = 1280) the first conv is 1,310,720: 12,853,248.
+#     The count depends on the channels only, and 11.71M is the CIFAR MobileNetV2's: torchvision's (320 channels
+#     before its head conv) would give 11,870,208.
+#   resnet32x4 (C_t = 256) <- shufflev2 ('pre_head' C_s = 464):
+#     464*128 + 2*128 + 9*128^2 + 2*128 + 128*256 + 2*256 = 59,392 + 256 + 147,456 + 256 + 32,768 + 512 = 240,640;
+#     with 'last' (C_s = 1024): 131,072 + 181,248 = 312,320.
+def test_projector_counts_of_the_official_student_maps(monkeypatch):
+  # Shapes only: the projectors are built abstractly (an eager 11.7M-parameter init costs seconds on CPU).
+  monkeypatch.setattr(simkd, "make_projector", lambda c_in, c_out, *, factor, seed: models.split(
+      nnx.eval_shape(lambda: simkd.Projector(c_in, c_out, factor=factor, rngs=nnx.Rngs(seed)))))
+  cifar = TaskSpec("cifar100", 100, (32, 32, 3), 64)
+  cases = {("resnet50_cifar", "mobilenetv2"): (2048, {"pre_head": (160, 11_706_368), "last": (1280, 12_853_248)}),
+           ("resnet32x4", "shufflev2"): (256, {"pre_head": (464, 240_640), "last": (1024, 312_320)})}
+  for (teacher, student), (c_t, stages) in cases.items():
+    t, st = abstract_model(teacher, cifar), abstract_model(student, cifar)
+    for stage, (c_s, count) in stages.items():
+      c = fashion_mnist.get_config("simkd")
+      c.model.name, c.teacher.model, c.simkd.student_feature = student, teacher, stage
+      m = simkd.SimKD(c, cifar, student=st, tx=optax.sgd(0.1),
+                      teacher=base.Teacher(teacher, t.graphdef, {"params": t.params, "rest": t.rest}))
+      assert projector_count(c_s, c_t) == count
+      assert models.num_params(m.projector.params) == count, (teacher, student, stage)
+      assert jax.tree.leaves(m.projector.params["conv1"]["kernel"])[0].shape == (1, 1, c_s, c_t // 2)
+
+
+def test_pre_head_student_map_trains_and_keeps_the_students_own_path():
+  # A small ShuffleNetV2 (stages of 8, 16, 32 channels, head conv to 64): on 8x8 inputs its maps are 1x1, and the
+  # teacher's 2x2 map is pooled to that. 'pre_head' projects the 32-channel map, 'last' the 64-channel one.
+  m = make_method("shufflev2", out_channels=(8, 16, 32, 64), num_blocks=(1, 1, 1))
+  assert m.size == (1, 1) and leaves(m.projector.params)["['conv1']['kernel'].value"].shape == (1, 1, 32, 32)
+  (state, frozen), batch = m.init(jax.random.PRNGKey(0)), make_batch()
+  new_state, metrics = jax.jit(m.train_step)(state, frozen, batch)
+
+  @jax.jit
+  def expected_loss(state, inputs):  # jitted: an eager ShuffleNet forward compiles op by op
+    _, pre_head, _ = models.apply_features(m.student.graphdef, state["params"]["student"], state["rest"]["student"],
+                                           inputs, train=True, stage="pre_head")
+    chex.assert_shape(pre_head, (6, 1, 1, 32))
+    projected, _ = models.apply(m.projector.graphdef, state["params"]["projector"], state["rest"]["projector"],
+                                pre_head, train=True)
+    t = m.teacher.variables
+    _, t_fmap, _ = models.apply_features(m.teacher.graphdef, t["params"], t["rest"], inputs, train=False)
+    return jnp.mean((projected - simkd.adaptive_avg_pool(t_fmap, (1, 1))) ** 2)
+
+  chex.assert_trees_all_close(metrics["loss"], expected_loss(state, batch["inputs"]), rtol=1e-5)
+  before, after = leaves(state["params"]["student"]), leaves(new_state["params"]["student"])
+  assert not np.array_equal(before["['stages'][2][0]['left_pw']['kernel'].value"],
+                            after["['stages'][2][0]['left_pw']['kernel'].value"])
+  # The head conv gets no gradient from the loss (plain SGD: unchanged), but it still runs in the student's train
+  # forward: its BatchNorm statistics move, so the student's own head stays usable, as in the official code.
+  assert np.array_equal(before["['head_conv']['kernel'].value"], after["['head_conv']['kernel'].value"])
+  bn = "['head_bn']['mean'].value"
+  assert not np.array_equal(leaves(state["rest"]["student"])[bn], leaves(new_state["rest"]["student"])[bn])
+  assert np.isfinite(np.asarray(jax.jit(m.predict)(new_state, frozen, batch["inputs"]))).all()
+
+
+def test_student_feature_is_checked():
+  c = fashion_mnist.get_config("simkd")
+  c.simkd.student_feature = "penultimate"
+  with pytest.raises(UserError, match=r"^simkd.student_feature: expected one of \['pre_head', 'last'\]"):
+    simkd.SimKD.validate_config(c)
 
 
 def test_cli_run(tiny_teacher, tmp_path):

@@ -11,6 +11,7 @@ from conftest import ROOT, run_cli
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
+from tgeo_jax import config_checks, run_identity  # noqa: E402
 from tgeo_jax import data as data_lib  # noqa: E402
 from tgeo_jax.data import augment, tfds_sources  # noqa: E402
 from tgeo_jax.errors import UserError  # noqa: E402
@@ -92,34 +93,48 @@ def test_cifar100_configs():
     module.get_config("resnet50_mobilenetv2:kd")
 
 
-def test_cifar100_end_to_end_on_mock_data(tmp_path):
-  """A few CE steps of the real trainer on mock CIFAR-100 (in-process, so the mock is active)."""
-  from tgeo_jax import cli
+def test_cifar100_config_smoke_test_with_data_mock(tmp_path):
+  """The paper configs from the CLI on ``data.mock=True`` (no data anywhere): a CE teacher, then KD from it with the
+  teacher re-run on every augmented batch (teacher.cache_logits='off'); both labelled as mock data."""
+  tiny = ["--config.data.mock=True", "--config.data.mock_examples=64", "--config.num_epochs=1",
+          "--config.batch_size=16", "--config.val_batch_size=8", "--config.eval_batch_size=64",
+          "--config.log.progress=False", "--config.optimizer.schedule=constant"]
+  teacher = str(tmp_path / "teacher")
+  proc = run_cli(["--config=configs/cifar100.py:teacher:resnet8", f"--workdir={teacher}", *tiny])
+  assert "warning: data.mock=True: 'cifar100' is TFDS MOCK data (64 random examples per split)" in proc.stderr
+  kd = str(tmp_path / "kd")
+  proc = run_cli(["--config=configs/cifar100.py:resnet32x4_resnet8x4:kd", f"--workdir={kd}", *tiny,
+                  "--config.model.name=resnet8", "--config.teacher.model=resnet8",
+                  f"--config.teacher.checkpoint={teacher}"])
+  assert "NOT the real dataset" in proc.stderr.splitlines()[0]  # the first thing the run says
+  for workdir, method in ((teacher, "ce"), (kd, "kd")):
+    with open(os.path.join(workdir, "summary.json")) as f:
+      summary = json.load(f)
+    assert summary["method"] == method and summary["finished"] and 0.0 <= summary["accuracy"] <= 1.0
+    assert summary["data_mock"] is True and summary["config"]["data.mock"] is True and summary["data"]["digest"].startswith("mock-")
+    assert summary["data"]["sizes"]["train"] + summary["data"]["sizes"]["val"] == 64
+  assert summary["teachers"][0]["model"] == "resnet8" and "teacher_accuracy" in summary
+  # Never the fingerprint of a real-data run: the config part differs (data.mock), and so does the data digest.
+  real = _config_module("cifar100").get_config("resnet32x4_resnet8x4:kd")
+  assert run_identity.config_fingerprint(real) != summary["config_fingerprint"]
+
+
+def test_mock_data_is_for_tfds_datasets_only():
   config = _config_module("cifar100").get_config("teacher:resnet8")
-  config.num_epochs = 1
-  config.batch_size = 16
-  config.val_batch_size = 8
-  config.eval_batch_size = 32
-  config.log.progress = False
-  config.log.every_steps = 2
-  config.optimizer.decay_epochs = ()
-  config.optimizer.schedule = "constant"
-  workdir = str(tmp_path / "run")
-  with _mock(96):
-    assert cli.run(config, workdir) == 0
-  assert os.path.exists(os.path.join(workdir, "summary.json"))
-  # KD from that run with the teacher re-run on every augmented batch (teacher.cache_logits='off').
-  kd = _config_module("cifar100").get_config("resnet32x4_resnet8x4:kd")
-  for key in ("num_epochs", "batch_size", "val_batch_size", "eval_batch_size", "log", "optimizer"):
-    kd[key] = config[key]
-  kd.model.name = kd.teacher.model = "resnet8"
-  kd.teacher.checkpoint = workdir
-  kd_dir = str(tmp_path / "kd")
-  with _mock(96):
-    assert cli.run(kd, kd_dir) == 0
-  with open(os.path.join(kd_dir, "summary.json")) as f:
-    summary = json.load(f)
-  assert summary["method"] == "kd" and 0.0 <= summary["accuracy"] <= 1.0
+  config.data.mock = True
+  config.data.name = "fashion_mnist"
+  with pytest.raises(UserError, match=r"^data.mock: True works for the TFDS datasets \['cifar100', "
+                                      r"'imagenet2012'\] only; data.name is 'fashion_mnist'$"):
+    config_checks.validate(config)
+
+
+def test_imagenet_config_opens_on_data_mock(capsys):
+  config = _config_module("imagenet").get_config("kd")
+  config.data.mock, config.data.mock_examples = True, 4
+  raw = tfds_sources.imagenet2012(config.data)
+  assert "warning: data.mock=True: 'imagenet2012' is TFDS MOCK data" in capsys.readouterr().err
+  assert len(raw.train) == len(raw.test) == 4 and raw.digest.startswith("mock-")
+  assert raw.test.gather(np.arange(2)).shape == (2, 224, 224, 3)  # records still readable after the mock context
 
 
 def test_missing_dataset_is_one_line(tmp_path):

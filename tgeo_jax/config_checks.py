@@ -79,6 +79,15 @@ def validate(config) -> None:
     cache = _field(config, "data.cache_dir")
     if cache and os.path.exists(cache) and not os.path.isdir(cache):
       raise UserError(f"data.cache_dir: {cache!r} is a file, expected a directory")
+  if "mock" in config.data:  # TFDS mock data (tgeo_jax/data/tfds_sources.py)
+    require(config, "data.mock", lambda v: isinstance(v, bool), "True or False")
+    if config.data.mock:
+      from tgeo_jax.data import LOADERS
+      tfds_names = sorted(k for k, v in LOADERS.items() if isinstance(v, str) and ".tfds_sources:" in v)
+      if config.data.name not in tfds_names:
+        raise UserError(f"data.mock: True works for the TFDS datasets {tfds_names} only; data.name is "
+                        f"{config.data.name!r}")
+      positive_int(config, "data.mock_examples")
   positive_number(config, "optimizer.learning_rate")
   nonnegative_number(config, "optimizer.weight_decay")
   nonnegative_number(config, "optimizer.clip_norm")
@@ -102,6 +111,12 @@ def validate(config) -> None:
     except ImportError:
       raise UserError("log.tensorboard: True needs tensorboardX: pip install 'tgeo_jax[tensorboard]' (or set "
                       "log.tensorboard=False)") from None
+  require(config, "log.wandb", lambda v: isinstance(v, bool), "True or False")
+  if _field(config, "log.wandb"):
+    try:
+      import wandb  # noqa: F401
+    except ImportError:
+      raise UserError("log.wandb: True needs wandb: pip install 'tgeo_jax[wandb]' (or set log.wandb=False)") from None
   cache_dir = _field(config, "teacher.logits_cache_dir")
   if cache_dir and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
     raise UserError(f"teacher.logits_cache_dir: {cache_dir!r} is a file, expected a directory")

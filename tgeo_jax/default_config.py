@@ -78,6 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
   # imagenet2012: decode each JPEG at the largest DCT scale whose shorter side stays >= 256 before the resize to 256
   # (PIL Image.draft): faster on large images, pixels differ slightly from a full decode (README, Data pipeline).
   c.data.jpeg_draft = False
+  # Smoke-test a TFDS config (cifar100, imagenet2012) without its data: tfds.testing.mock_data, mock_examples random
+  # examples per split, labelled as not real (a warning line, data.mock in summary.json, a mock- data digest).
+  c.data.mock = False
+  c.data.mock_examples = 128
   # Outlier probe: append this many Gaussian-noise examples with random labels to the training part (the α
   # analytics then report their mean α against normal examples; paper: outliers < 0.3, normal 0.4-0.6).
   c.data.outliers = 0
@@ -120,7 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # every_steps: a 'kind: train' record (training averages, steps/s, examples/s) in metrics.jsonl/TensorBoard.
   # profile_steps: '' or 'A:B', a jax.profiler trace of steps A <= step < B into <workdir>/profile.
-  c.log = ml_collections.ConfigDict(dict(every_steps=50, progress=True, tensorboard=False, profile_steps=""))
+  # wandb: the same records to Weights & Biases (pip install 'tgeo_jax[wandb]'; WANDB_MODE respected; report.py).
+  c.log = ml_collections.ConfigDict(dict(every_steps=50, progress=True, tensorboard=False, wandb=False,
+                                         profile_steps=""))
   # async_save: the checkpoint is copied to host memory at the save point and written by a background thread
   # while training continues (single-process runs; multi-host saves stay synchronous).
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, max_to_keep=2, async_save=True))

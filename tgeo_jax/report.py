@@ -1,16 +1,29 @@
-"""Run outputs: ``metrics.jsonl``, optional TensorBoard, ``summary.json``.
+"""Run outputs: ``metrics.jsonl``, optional TensorBoard and Weights & Biases, ``summary.json``.
 
 ``metrics.jsonl`` holds one JSON object per line, in step order, of two kinds: ``"kind": "eval"`` at every epoch
 end (test metrics, the method's epoch report, the last training averages) and ``"kind": "train"`` every
 ``log.every_steps`` (the training averages since the previous one, ``steps_per_second``, ``examples_per_second``,
 measured between host syncs and excluding evaluation). ``evaluation_records`` selects the first kind.
+
+Weights & Biases (``log.wandb=True``, optional extra ``pip install 'tgeo_jax[wandb]'``): the same records, their
+numbers logged as ``eval/NAME`` / ``train/NAME`` at the record's step, under a W&B run named after the work
+directory whose config is the run's resolved config. Its id is kept in ``WORKDIR/wandb_run_id``, so a resumed run
+continues the same W&B run (``resume="allow"``) and a fresh start in the directory begins a new one. W&B's own
+files go to ``WORKDIR/wandb``; the project is ``$WANDB_PROJECT`` or ``tgeo_jax``; ``WANDB_MODE`` (online, offline,
+disabled) is respected, and without it and without an API key (``WANDB_API_KEY`` or ``wandb login``) the run logs
+offline with a one-line warning instead of stopping at a login prompt (upload later with ``wandb sync``). W&B cannot
+rewind a run: points logged after the checkpoint a crashed run resumes from stay in its history (W&B drops the
+resumed run's re-logged steps below its last one with a warning); ``metrics.jsonl`` is the exact record.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import netrc
 import os
+import secrets
+import sys
 
 import numpy as np
 
@@ -23,15 +36,72 @@ def _jsonable(value):
   return value
 
 
+WANDB_ID_FILE = "wandb_run_id"
+WANDB_DEFAULT_PROJECT = "tgeo_jax"
+
+
+def _has_wandb_credentials() -> bool:
+  """An API key in the environment or in ``~/.netrc`` (where ``wandb login`` stores it)."""
+  if os.environ.get("WANDB_API_KEY"):
+    return True
+  host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
+  try:
+    return netrc.netrc().authenticators(host) is not None
+  except (OSError, netrc.NetrcParseError):
+    return False
+
+
+def start_wandb(workdir: str, config: dict | None, *, resume: bool):
+  """``wandb.init`` for the run in ``workdir`` (see the module docstring); returns the W&B run object.
+
+  ``resume``: continue the run whose id ``WORKDIR/wandb_run_id`` holds (a fresh start writes a new id first, so a
+  crash at any point later still resumes into it). A failing ``wandb.init`` is a one-line ``UserError``.
+  """
+  from tgeo_jax.errors import UserError
+  try:
+    import wandb  # optional extra: pip install 'tgeo_jax[wandb]'
+  except ImportError:
+    raise UserError("log.wandb: True needs wandb: pip install 'tgeo_jax[wandb]' (or set log.wandb=False)") from None
+  id_path = os.path.join(workdir, WANDB_ID_FILE)
+  run_id = None
+  if resume and os.path.exists(id_path):
+    with open(id_path) as f:
+      run_id = f.read().strip() or None
+  if run_id is None:
+    run_id = secrets.token_hex(8)
+    _atomic_write(id_path, run_id + "\n")
+  kwargs = {}
+  if "WANDB_MODE" not in os.environ and not _has_wandb_credentials():
+    kwargs["mode"] = "offline"
+    print(f"warning: log.wandb: no W&B API key (WANDB_API_KEY or `wandb login`) and no WANDB_MODE: logging offline "
+          f"to {os.path.join(workdir, 'wandb')} (upload with `wandb sync`)", file=sys.stderr, flush=True)
+  os.makedirs(os.path.join(workdir, "wandb"), exist_ok=True)
+  try:
+    return wandb.init(project=os.environ.get("WANDB_PROJECT") or WANDB_DEFAULT_PROJECT,
+                      name=os.path.basename(os.path.normpath(os.path.abspath(workdir))), id=run_id, resume="allow",
+                      config=config or {}, dir=workdir, **kwargs)
+  except Exception as e:  # noqa: BLE001 - wandb raises its own types (CommError, UsageError, ...)
+    message = " ".join(str(e).split())[:200]
+    raise UserError(f"log.wandb: wandb.init failed ({type(e).__name__}: {message}); set WANDB_MODE=offline to log "
+                    "locally, or log.wandb=False") from None
+
+
+def _is_primary_process() -> bool:
+  import jax
+  return jax.process_index() == 0
+
+
 class MetricWriter:
-  """Appends records to ``workdir/metrics.jsonl`` (and TensorBoard when asked).
+  """Appends records to ``workdir/metrics.jsonl`` (and TensorBoard / Weights & Biases when asked).
 
   On resume from step ``s``, records of steps after ``s`` (written before a crash that lost their checkpoint) are
   dropped, and so is a last line torn by a kill during its write (with a warning), so the file always describes
-  exactly the run that continues. ``records``: the records kept.
+  exactly the run that continues. ``records``: the records kept. ``wandb``: log to W&B as well (process 0 only;
+  ``config``, the resolved config as a JSON dict, becomes the W&B run's config).
   """
 
-  def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard: bool = False):
+  def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard: bool = False,
+               wandb: bool = False, config: dict | None = None):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.records: list[dict] = []
     if resume_step is not None and os.path.exists(self.path):
@@ -46,6 +116,9 @@ class MetricWriter:
       except ImportError:
         raise ImportError("log.tensorboard=True needs tensorboardX: pip install 'tgeo_jax[tensorboard]'") from None
       self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.wandb_run = None
+    if wandb and _is_primary_process():
+      self.wandb_run = start_wandb(workdir, config, resume=resume_step is not None)
 
   def write(self, record: dict) -> None:
     record = {k: _jsonable(v) for k, v in record.items()}
@@ -57,10 +130,18 @@ class MetricWriter:
         if isinstance(v, (int, float)) and k != "step":
           self.tb.add_scalar(k, v, record["step"])
       self.tb.flush()
+    if self.wandb_run is not None:
+      kind = record.get("kind", "eval")
+      numbers = {f"{kind}/{k}": v for k, v in record.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+      self.wandb_run.log(numbers, step=record["step"])
 
   def close(self):
     if self.tb is not None:
       self.tb.close()
+    if self.wandb_run is not None:
+      self.wandb_run.finish()
+      self.wandb_run = None
 
 
 def evaluation_records(records: list[dict]) -> list[dict]:

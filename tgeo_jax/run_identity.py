@@ -15,7 +15,8 @@ compute without loading data, e.g. ``bench/study.py``), and ``group_fingerprint`
 Resuming compares the saved record with the current one and refuses any difference, naming every differing field
 (old -> new), before anything is restored or written. ``membership.npz`` beside them lists the example ids of the
 training / validation / test parts: a student reads its teacher's to refuse a teacher whose training data overlaps
-its own validation or test part (``check_teacher_provenance``).
+its own validation or test part (``check_teacher_provenance``). A teacher imported from a PyTorch checkpoint
+(``tgeo_jax.import_teacher``) has the same files, with its publisher's claim in place of a recorded training run.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ RESUMABLE_FIELDS = {
     "log.every_steps": "how often training metrics are averaged and printed (reporting only)",
     "log.progress": "the progress bar",
     "log.tensorboard": "an extra copy of metrics.jsonl for TensorBoard",
+    "log.wandb": "an extra copy of metrics.jsonl for Weights & Biases",
     "checkpoint.every_steps": "when checkpoints are saved (resume is exact from any step)",
     "checkpoint.max_to_keep": "how many checkpoints stay on disk",
     "checkpoint.async_save": "whether the checkpoint is written in the background (the same bytes either way)",
@@ -206,7 +208,9 @@ def check_teacher_provenance(teacher, task, *, verify: bool) -> None:
 
   ``teacher.identity`` carries the teacher run's data identity (from its checkpoint) and its work directory, where
   ``membership.npz`` lists its training examples (checked against the digest its checkpoint recorded).
-  ``verify=False`` (``teacher.verify_provenance``) turns each refusal into a warning line.
+  ``verify=False`` (``teacher.verify_provenance``) turns each refusal into a warning line. A teacher imported from
+  a published checkpoint (its data identity has ``imported_from``) has no content digest to compare and a claimed
+  membership; ``_imported_teacher`` says what follows.
   """
   ident = teacher.identity or {}
   field, path = ident.get("field", "teacher.checkpoint"), ident.get("path", "?")
@@ -222,7 +226,9 @@ def check_teacher_provenance(teacher, task, *, verify: bool) -> None:
     return refuse(f"{path!r} records no data provenance (a run written before tgeo_jax recorded it, or not a "
                   "tgeo_jax run); retrain it")
   mine = task.identity
-  if data.get("name") != mine.get("name") or data.get("digest") != mine.get("digest"):
+  imported = data.get("imported_from")
+  # An imported teacher's record names its dataset but holds no content digest: the import never saw the data.
+  if data.get("name") != mine.get("name") or (not imported and data.get("digest") != mine.get("digest")):
     return refuse(f"{path!r} was trained on dataset {data.get('name')!r} (content {str(data.get('digest'))[:12]}), "
                   f"this run reads {mine.get('name')!r} (content {str(mine.get('digest'))[:12]})")
   membership_path = os.path.join(ident.get("run_dir", ""), MEMBERSHIP_FILE)
@@ -236,10 +242,37 @@ def check_teacher_provenance(teacher, task, *, verify: bool) -> None:
     return refuse(f"{membership_path!r} does not match the training membership its checkpoint recorded")
   leaks = {part: int(np.intersect1d(teacher_train, task.membership[part], assume_unique=True).size)
            for part in ("val", "test")}
+  if imported:
+    return _imported_teacher(field, path, imported, leaks, task, verify=verify)
   if any(leaks.values()):
     return refuse(f"the teacher in {path!r} trained on {leaks['val']} of this run's {len(task.membership['val'])} "
                   f"validation and {leaks['test']} of its {len(task.membership['test'])} test examples (leakage: "
                   "train the teacher with this run's data.* split fields)")
+  return None
+
+
+def _imported_teacher(field: str, path: str, source: dict, leaks: dict, task, *, verify: bool) -> None:
+  """The provenance verdict on a teacher imported from a published checkpoint (``tgeo_jax.import_teacher``).
+
+  Its training membership is its publisher's claim (the whole published training split), which this run can count
+  against its own parts but cannot verify. With the claim, the teacher has seen every example of the validation
+  part (a slice of that split) and none of the test split. Test accuracy is then as clean as with a teacher of
+  this library; validation metrics, and whatever is tuned or learned on them (TGeo-KD's fusion ratio, early
+  selection), are optimistic. That is leakage by this library's rule, so it is refused like any other unless
+  ``teacher.verify_provenance=False``; accepted, it is still named in a warning line on every run, because
+  nothing about its data was checked. Without overlap (a claim that covers neither part) it is accepted with the
+  same warning.
+  """
+  claim = (f"{path!r} holds weights imported from {source.get('file')!r} ({source.get('format')}, sha256 "
+           f"{str(source.get('sha256'))[:12]}), trained by their publisher on {source.get('training_data')}: by that "
+           f"claim it has seen {leaks['val']} of this run's {len(task.membership['val'])} validation and "
+           f"{leaks['test']} of its {len(task.membership['test'])} test examples")
+  consequence = ("test accuracy is unaffected; validation metrics and what is tuned or learned on them are "
+                 "optimistic" if not leaks["test"] else "test accuracy would be optimistic too")
+  if any(leaks.values()) and verify:
+    raise UserError(f"{field}: {claim} ({consequence}); set teacher.verify_provenance=False to accept it")
+  print(f"warning: {field}: {claim} ({consequence}); accepted"
+        f"{' (teacher.verify_provenance=False)' if any(leaks.values()) else ''}", file=sys.stderr, flush=True)
   return None
 
 

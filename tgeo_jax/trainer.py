@@ -404,7 +404,8 @@ def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mes
                                                                                    run_identity.IDENTITY_FILE))):
     _write_or_fail(lambda: run_identity.write_run_files(workdir, config_dict, identity, task.membership), workdir)
 
-  writer = report.MetricWriter(workdir, resume_step=step0 if existing else None, tensorboard=config.log.tensorboard)
+  writer = report.MetricWriter(workdir, resume_step=step0 if existing else None, tensorboard=config.log.tensorboard,
+                               wandb=config.log.get("wandb", False), config=config_dict)
   best_accuracy = max([meta.get("best_accuracy", 0.0)] + [r["accuracy"] for r in writer.records
                                                           if isinstance(r.get("accuracy"), float)])
   # The first epoch's order is computed while the step compiles.
@@ -429,7 +430,7 @@ def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mes
       total_steps=total_steps, step=step0, step0=step0, resumed=bool(existing), meta=meta,
       start_time=start_time,
       train_step=jax.jit(loop_step, donate_argnums=(0, 5), static_argnums=(3,)),
-      metric_zeros=_MetricZeros(guarded_step), quantity_names=quantity_names,
+      metric_zeros=_MetricZeros(guarded_step, mesh), quantity_names=quantity_names,
       eval_step=lambda s, b: eval_fn(s, frozen, b), fixed_teacher=fixed_teacher, val_stream=val_stream,
       health=parallel.replicate(initial_health(step0, meta["skipped_steps"]), mesh),
       log=TrainLog(meta.get("train_log"), meta["skipped_steps"]), best_accuracy=best_accuracy,
@@ -492,14 +493,16 @@ class _MetricZeros:
   The metrics' structure, shapes and dtypes come from one abstract evaluation per step kind (a trace, no
   compilation)."""
 
-  def __init__(self, guarded_step):
-    self.guarded_step, self.shapes = guarded_step, {}
+  def __init__(self, guarded_step, mesh):
+    self.guarded_step, self.mesh, self.shapes = guarded_step, mesh, {}
 
   def __call__(self, state, frozen, batch, kind, health):
     if kind not in self.shapes:
       self.shapes[kind] = jax.eval_shape(lambda s, f, b, h: self.guarded_step(s, f, b, kind, h)[1],
                                          state, frozen, batch, health)
-    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self.shapes[kind])
+    # Replicated like the sums the step returns: zeros placed otherwise are another input signature, and the
+    # step would be compiled a second time.
+    return parallel.replicate(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), self.shapes[kind]), self.mesh)
 
 
 def epoch_batches(run: Run):
@@ -621,6 +624,8 @@ def finish(run: Run) -> dict:
       "num_devices": jax.device_count(),
       "finished": True,
   }
+  if config.data.get("mock"):  # TFDS mock data (data.mock): never to be read as a result
+    summary["data_mock"] = True
   for key in ("teacher_accuracy", "agreement", "teacher_kl", *run.task.metrics):
     if key in final:
       summary[key] = final[key]

@@ -367,8 +367,8 @@ def prepare_epoch(source, *, batch_size: int, seed: int, epoch: int) -> None:
     return
   n = len(source)
   count = (n // batch_size) * batch_size
-  threading.Thread(target=epoch_order, args=(n, _epoch_seed(seed, epoch), count), name=f"epoch-order-{epoch}",
-                   daemon=True).start()
+  # Not a daemon: the interpreter lets it finish (under a second) at exit instead of killing it inside grain's C++.
+  threading.Thread(target=epoch_order, args=(n, _epoch_seed(seed, epoch), count), name=f"epoch-order-{epoch}").start()
 
 
 class _EpochOrder:

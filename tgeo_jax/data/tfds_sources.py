@@ -30,6 +30,14 @@ CIFAR-100: images are normalised with the CIFAR-100 mean/std; the training augme
 with the normalised value of a black pixel, i.e. exactly RepDistiller's zero padding of the raw image before
 ``Normalize`` (the generic ``crop_flip`` pads with zeros in normalised space: the mean colour).
 
+Smoke tests without the data (``data.mock=True``): the splits come from ``tfds.testing.mock_data`` (the builder's
+feature spec, ``USE_CODE`` policy: no download, no prepared files), ``data.mock_examples`` random examples per split
+(the same examples in both), through the same protocol, augmentation and model. It is labelled as not real
+everywhere: a ``warning:`` line when the data is opened, ``data.mock: true`` in the run's config (and so in
+``summary.json``'s ``config`` and the fingerprint), and a data digest ``mock-<sha256>`` (``summary.json``'s
+``data.digest``), so a run on mock data never shares a fingerprint with a real one, and a teacher trained on mock
+data is refused as the teacher of a real-data run by the provenance check (another data digest).
+
 ImageNet: the usual torchvision transforms, with one approximation. Training images come out of ``gather`` resized
 (shorter side 256, bilinear) and centre-cropped to 256x256; the ``imagenet_crop_flip`` augmentation then takes a
 random-resized crop (scale 0.08-1, ratio 3/4-4/3) of that 256x256 image to 224x224 and flips it. torchvision crops
@@ -42,6 +50,7 @@ fingerprint.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -75,15 +84,19 @@ def _setting(data_config, name: str, default):
   return data_config[name] if name in data_config else default
 
 
-def open_split(name: str, split: str, data_dir: str | None):
+def open_split(name: str, split: str, data_dir: str | None, *, encoded: bool = True):
   """``tfds.data_source(name, split)`` with the image feature left encoded (``record["image"]`` is the file's
-  bytes; mock data may still give arrays); a dataset that is not prepared (or not as array_record) -> UserError."""
+  bytes; mock data may still give arrays); a dataset that is not prepared (or not as array_record) -> UserError.
+  ``encoded=False`` opens it decoded (``mock_context``: mock records cannot be encoded without TensorFlow, and the
+  failed attempt prints TFDS's "Failed to import TensorFlow" banner)."""
   import tensorflow_datasets as tfds
   shown = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
   from absl import logging
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)  # tfds warns about the missing dataset_info.json before raising
   try:
+    if not encoded:
+      return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     src = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                            decoders={"image": tfds.decode.SkipDecoding()})
     try:
@@ -103,6 +116,36 @@ def open_split(name: str, split: str, data_dir: str | None):
     raise UserError(message) from None
   finally:
     logging.set_verbosity(verbosity)
+
+
+MOCK_DIGEST_PREFIX = "mock-"
+
+
+def _is_mock(data_config) -> bool:
+  return bool(_setting(data_config, "mock", False))
+
+
+def mock_context(data_config, name: str):
+  """``tfds.testing.mock_data`` for ``data.mock=True`` (with its warning line), else a no-op context.
+
+  The sources opened inside stay usable after it exits (and pickle into worker processes): each record is generated
+  from its index, the same in every process.
+  """
+  if not _is_mock(data_config):
+    return contextlib.nullcontext()
+  import tensorflow_datasets as tfds
+  n = _setting(data_config, "mock_examples", 128)
+  print(f"warning: data.mock=True: {name!r} is TFDS MOCK data ({n} random examples per split), NOT the real "
+        "dataset: a smoke test whose accuracies mean nothing (summary.json: config data.mock, data digest mock-...)",
+        file=sys.stderr, flush=True)
+  return tfds.testing.mock_data(num_examples=n, policy=tfds.testing.MockPolicy.USE_CODE)
+
+
+def _digest(data_config, *parts) -> str:
+  """``content_digest`` of the per-record sources, ``mock-`` prefixed on mock data (module docstring)."""
+  from tgeo_jax.data import content_digest
+  digest = content_digest(*parts)
+  return MOCK_DIGEST_PREFIX + digest if _is_mock(data_config) else digest
 
 
 def decode_image(data, draft_size: int | None = None) -> np.ndarray:
@@ -374,17 +417,18 @@ def _num_classes(src, default: int) -> int:
 
 def cifar100(data_config):
   """CIFAR-100 (50k train / 10k test, 32x32x3, 100 fine labels; another dataset with ``data.tfds_name``)."""
-  from tgeo_jax.data import RawTask, content_digest
+  from tgeo_jax.data import RawTask
   name = _tfds_name(data_config, "cifar100")
   splits = {}
-  for split in ("train", "test"):
-    src = open_split(name, split, _data_dir(data_config))
-    splits[split] = TfdsImageSource(src, read_labels(src, _labels_cache(data_config, name, split)),
-                                    CIFAR100_MEAN, CIFAR100_STD)
+  with mock_context(data_config, name):
+    for split in ("train", "test"):
+      src = open_split(name, split, _data_dir(data_config), encoded=not _is_mock(data_config))
+      splits[split] = TfdsImageSource(src, read_labels(src, _labels_cache(data_config, name, split)),
+                                      CIFAR100_MEAN, CIFAR100_STD)
   num_classes = _num_classes(splits["train"].src, 100)
   shape = splits["train"].gather_raw(np.arange(1)).shape[1:]
   # The digest of the per-record sources (labels and sizes), so that data.in_memory never changes a fingerprint.
-  digest = content_digest(splits["train"], splits["test"])
+  digest = _digest(data_config, splits["train"], splits["test"])
   if _in_memory(data_config, True):
     splits = {split: to_memory(s, data_config, f"{name}_{split}") for split, s in splits.items()}
   return RawTask(splits["train"], splits["test"], num_classes, tuple(shape), digest=digest)
@@ -422,7 +466,7 @@ def imagenet2012(data_config):
   Training requires ``data.augment='imagenet_crop_flip'`` (it makes the 224 crops); the held-out validation part is
   re-pointed to the evaluation transform in ``finalize``.
   """
-  from tgeo_jax.data import RawTask, content_digest
+  from tgeo_jax.data import RawTask
   if data_config.augment != "imagenet_crop_flip":
     raise UserError("data.augment: imagenet2012 needs 'imagenet_crop_flip' (training images come out of the source "
                     f"at 256x256 and the augmentation crops them to 224), got {data_config.augment!r}")
@@ -432,13 +476,14 @@ def imagenet2012(data_config):
     raise UserError(f"data.jpeg_draft: expected True or False, got {draft!r}")
   draft_size = IMAGENET_RESIZE if draft else None
   data_dir = _data_dir(data_config)
-  train_src = open_split(name, "train", data_dir)
-  test_src = open_split(name, "validation", data_dir)
+  with mock_context(data_config, name):
+    train_src = open_split(name, "train", data_dir, encoded=not _is_mock(data_config))
+    test_src = open_split(name, "validation", data_dir, encoded=not _is_mock(data_config))
   train = TfdsImageSource(train_src, read_labels(train_src, _labels_cache(data_config, name, "train")),
                           IMAGENET_MEAN, IMAGENET_STD, imagenet_train_transform, draft_size)
   test = TfdsImageSource(test_src, read_labels(test_src, _labels_cache(data_config, name, "validation")),
                          IMAGENET_MEAN, IMAGENET_STD, imagenet_eval_transform, draft_size)
-  digest = content_digest(train, test)
+  digest = _digest(data_config, train, test)
   in_memory = _in_memory(data_config, False)
   if in_memory:
     tag = f"{name}_{{split}}{'_draft' if draft else ''}"

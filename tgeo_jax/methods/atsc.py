@@ -2,7 +2,7 @@
 
 SimKD whose pretrained teacher adapts to the student. Each step has two updates:
 
-1. **Joint step** (the trainer's optimizer, over student, projector and teacher together):
+1. **Joint step** (the trainer's optimizer, over student, projector and the whole teacher together):
    ``L = MSE(P(F_s), F_t) + w * Omega(theta_T)``, ``Omega = sum ||theta_T - theta_T0||^2`` (a raw sum) over the
    teacher's convolution kernels and its classifier's weight matrix, i.e. every parameter with two or more axes
    (BatchNorm scale/shift and biases are free, as in the public code's ``param.ndim > 1`` rule). The MSE's
@@ -11,8 +11,19 @@ SimKD whose pretrained teacher adapts to the student. Each step has two updates:
 2. **Classifier step** (its own optimizer: the same optax recipe, its own state): CE of the teacher's own logits,
    recomputed with the updated teacher, on the batch's labels, updating the classifier's bias
    (``atsc.classifier_update = "bias"``, the public code) or its bias and weight matrix (``"all"``; the matrix
-   then also stays under Omega's pull in step 1). The classifier bias is masked out of step 1 (no loss term
-   reaches it there, and the public code's step-1 optimizer skips it, so no weight decay either).
+   then also stays under Omega's pull in step 1).
+
+**The classifier bias is in both optimizers**, as in the public code: its first SGD holds every teacher parameter,
+the bias included, and the bias's gradient there is a zero tensor, not ``None`` (the loss carries
+``0.0 * KL(student logits, teacher logits)``, which reaches the teacher's logits), so PyTorch's SGD applies the
+weight decay ``lambda * b`` to it through step 1's momentum buffer; its second SGD then takes the CE step with
+weight decay again through a buffer of its own. Here the same: step 1's zero gradient goes through the trainer's
+optax chain (clipping is unaffected, ``add_decayed_weights`` adds ``lambda * b``, momentum its own trace) and step 2
+through ``optax.masked(tx, classifier)`` with its own state, so per step the bias is decayed twice, with two
+momentum buffers. With ``optimizer.weight_decay = 0`` step 1 leaves it in place (its buffer only ever sees zeros).
+
+The student map is ``atsc.student_feature`` (default ``'pre_head'``: the public code's ``feat_s[-2]``, as SimKD's,
+see ``tgeo_jax.methods.simkd``).
 
 The student never sees a label: its only loss is the MSE. **Evaluation** goes student -> projector -> GAP -> the
 *adapted* teacher classifier (the public code evaluates the student's own, untrained head: a bug not copied).
@@ -139,6 +150,7 @@ class ATSC(base.Method):
     # SimKD whose teacher adapts (MSE + w * Omega), its classifier then takes a CE step (docs/methods.md §4).
     c = ml_collections.ConfigDict()
     c.factor = 2  # projector bottleneck r, as simkd.factor
+    c.student_feature = "pre_head"  # the student map projected, as simkd.student_feature (public code: feat_s[-2])
     # Weight of Omega = sum ||theta_T - theta_T0||^2 over the teacher's conv kernels and classifier matrix
     # (1 on CIFAR-100, 10 on ImageNet).
     c.w = 1.0
@@ -155,6 +167,7 @@ class ATSC(base.Method):
   @classmethod
   def validate_config(cls, config) -> None:
     config_checks.positive_int(config, "atsc.factor")
+    simkd.validate_student_feature(config, "atsc.student_feature")
     config_checks.nonnegative_number(config, "atsc.w")
     config_checks.require(config, "atsc.classifier_update", lambda v: v in CLASSIFIER_UPDATES,
                           f"one of {list(CLASSIFIER_UPDATES)}")
@@ -172,8 +185,9 @@ class ATSC(base.Method):
                                                          model_field=f"{field} model",
                                                          dtype=models.compute_dtype(config)))
       fields.append(field)
-    s_shape = simkd.feature_map_shape(*self.student, spec.input_shape)
-    self.sizes, self.projectors, joint_masks, self.head_masks = [], [], [], []
+    self.student_stage = cfg.student_feature
+    s_shape = simkd.feature_map_shape(*self.student, spec.input_shape, stage=self.student_stage)
+    self.sizes, self.projectors, self.head_masks = [], [], []
     for j, (t, field) in enumerate(zip(self.teachers, fields)):
       params = t.variables["params"]
       t_shape = simkd.feature_map_shape(t.graphdef, params, t.variables["rest"], spec.input_shape)
@@ -181,16 +195,10 @@ class ATSC(base.Method):
                                           teacher_model=t.name, teacher_field=field))
       c_s, c_t = simkd.projector_channels(s_shape, t_shape, factor=cfg.factor, factor_field="atsc.factor")
       self.projectors.append(simkd.make_projector(c_s, c_t, factor=cfg.factor, seed=config.seed + 1 + j))
-      bias = classifier_mask(params, spec.num_classes, what=t.name, include_kernel=False, field=field)
-      joint_masks.append(jax.tree.map(lambda m: not m, bias))
       self.head_masks.append(classifier_mask(params, spec.num_classes, what=t.name,
                                              include_kernel=cfg.classifier_update == "all", field=field))
-    everything = lambda tree: jax.tree.map(lambda _: True, tree)  # noqa: E731
-    self.joint_tx = optax.masked(self.tx, {
-        "student": everything(self.student.params),
-        "projectors": [everything(p.params) for p in self.projectors],
-        "teachers": joint_masks,
-    })
+    # Step 1 updates everything, the classifier bias included (zero gradient, weight decay: module docstring).
+    self.joint_tx = self.tx
     self.head_txs = [optax.masked(self.tx, mask) for mask in self.head_masks]
 
   def init(self, rng):
@@ -210,7 +218,7 @@ class ATSC(base.Method):
   def project(self, params, rest, inputs, *, train: bool):
     """``([P_j(F_s)], new student rest, [new projector rest])``: one student pass, one projection per teacher."""
     _, fmap, student_rest = models.apply_features(self.student.graphdef, params["student"], rest["student"], inputs,
-                                                  train=train)
+                                                  train=train, stage=self.student_stage)
     projected, projector_rests = [], []
     for proj, size, p, r in zip(self.projectors, self.sizes, params["projectors"], rest["projectors"]):
       out, new_r = models.apply(proj.graphdef, p, r, simkd.adaptive_avg_pool(fmap, size), train=train)

@@ -11,6 +11,14 @@ in training and at test time: the student's own head is never used. When the spa
 is average-pooled to the smaller (PyTorch's ``adaptive_avg_pool2d``, implemented here for integer size ratios).
 The labels are not used either: the teacher's classifier carries the class knowledge.
 
+Which student map (``simkd.student_feature``; docs/methods.md §4): ``'pre_head'`` (default) is the
+official code's ``feat_s[-2]``, the last stage's output *before* a final 1x1 head conv where the student has one
+(MobileNetV2: 160 channels instead of 1280, ShuffleNetV2: 464 instead of 1024; every other zoo model has no such
+conv and gives the same map both ways); ``'last'`` is the map the student's own head pools (``features(x)``). The
+student's forward is unchanged either way (its head conv still runs and its BatchNorm statistics still update, as
+in the official full forward; only the loss ignores it). The teacher's map is always its ``"last"`` one: its
+classifier must read the projected map, and for the teachers of the benchmarks (ResNets, WRNs, VGGs) the two agree.
+
 State: ``params``/``rest``/``opt_state`` hold ``{"student", "projector"}``, trained together by the one optimizer
 the trainer builds; the frozen teacher (backbone and classifier) stays in ``frozen["teacher"]``.
 This module also holds the pieces ATSC reuses (projector, alignment, feature MSE, shape checks).
@@ -78,11 +86,19 @@ def feature_mse(projected: jax.Array, target: jax.Array) -> jax.Array:
   return jnp.mean(diff * diff)
 
 
-def feature_map_shape(graphdef, params, rest, input_shape) -> tuple[int, ...]:
-  """The shape of ``features(x)`` for one example (``(H, W, C)`` for conv models, ``(D,)`` for MLPs); no FLOPs."""
+def feature_map_shape(graphdef, params, rest, input_shape, *, stage: str = "last") -> tuple[int, ...]:
+  """The shape of feature map ``stage`` (``models.FEATURE_STAGES``) for one example (``(H, W, C)`` for conv
+  models, ``(D,)`` for MLPs); no FLOPs (``params``/``rest`` may be abstract)."""
   x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-  fmap = jax.eval_shape(lambda p, r, x: models.apply_features(graphdef, p, r, x, train=False)[1], params, rest, x)
+  fmap = jax.eval_shape(lambda p, r, x: models.apply_features(graphdef, p, r, x, train=False, stage=stage)[1],
+                        params, rest, x)
   return tuple(fmap.shape[1:])
+
+
+def validate_student_feature(config, field: str) -> None:
+  """``field`` (``simkd.student_feature`` / ``atsc.student_feature``) is one of ``models.FEATURE_STAGES``."""
+  config_checks.require(config, field, lambda v: v in models.FEATURE_STAGES,
+                        f"one of {list(models.FEATURE_STAGES)} ('pre_head': the official SimKD/ATSC code's map)")
 
 
 def common_size(student_shape, teacher_shape, *, method: str, student_model: str, teacher_model: str,
@@ -123,15 +139,22 @@ class SimKD(base.Method):
   @classmethod
   def defaults(cls):
     # Projector + MSE to the frozen teacher's last feature map; predicts through its head (docs/methods.md §4).
-    return ml_collections.ConfigDict(dict(factor=2))  # projector bottleneck r: C_s -> C_t / r -> C_t / r -> C_t
+    c = ml_collections.ConfigDict()
+    c.factor = 2  # projector bottleneck r: C_s -> C_t / r -> C_t / r -> C_t
+    # The student map projected: 'pre_head' = the official code's feat_s[-2] (before MobileNetV2's / ShuffleNetV2's
+    # final 1x1 conv: 160 / 464 channels), 'last' = the map its own head pools (1280 / 1024). Other models: the same.
+    c.student_feature = "pre_head"
+    return c
 
   @classmethod
   def validate_config(cls, config) -> None:
     config_checks.positive_int(config, "simkd.factor")
+    validate_student_feature(config, "simkd.student_feature")
 
   def __init__(self, config, spec, **kwargs):
     super().__init__(config, spec, **kwargs)
-    s_shape = feature_map_shape(*self.student, spec.input_shape)
+    self.student_stage = config.simkd.student_feature
+    s_shape = feature_map_shape(*self.student, spec.input_shape, stage=self.student_stage)
     t = self.teacher
     t_shape = feature_map_shape(t.graphdef, t.variables["params"], t.variables["rest"], spec.input_shape)
     self.size = common_size(s_shape, t_shape, method=self.name, student_model=config.model.name,
@@ -149,7 +172,7 @@ class SimKD(base.Method):
   def project(self, params, rest, inputs, *, train: bool):
     """``(P(F_s) [B, h, w, C_t], new_rest)``: student features, pooled to the common size, through the projector."""
     _, fmap, student_rest = models.apply_features(self.student.graphdef, params["student"], rest["student"], inputs,
-                                                  train=train)
+                                                  train=train, stage=self.student_stage)
     projected, projector_rest = models.apply(self.projector.graphdef, params["projector"], rest["projector"],
                                              adaptive_avg_pool(fmap, self.size), train=train)
     return projected, {"student": student_rest, "projector": projector_rest}

@@ -3,9 +3,14 @@
 Every registered model is an ``nnx.Module`` with
 
 * ``features(x, *, train) -> fmap``: the last-stage representation, ``[B, H, W, C]`` for
-  convolutional models (what SimKD/ATSC project) or ``[B, D]`` for MLPs;
+  convolutional models or ``[B, D]`` for MLPs;
 * ``classify(fmap) -> logits [B, K]``: global average pooling (conv models) + the linear head;
-* ``__call__(x, *, train=False) -> logits``: ``classify(features(x))``.
+* ``__call__(x, *, train=False) -> logits``: ``classify(features(x))``;
+* optionally ``feature_maps(x, *, train) -> {"pre_head": ..., "last": ...}`` (``FEATURE_STAGES``), for a model
+  whose last stage is followed by a 1x1 head conv (MobileNetV2, ShuffleNetV2): ``"last"`` is ``features(x)``,
+  ``"pre_head"`` the last stage's output before that conv (``[B, H, W, 160]`` / ``[B, H, W, 464]`` instead of
+  1280 / 1024 channels), the map the official SimKD code projects (its ``feat[-2]``). For every other model both
+  are ``features(x)`` (``feature_maps`` below).
 
 BatchNorm runs on batch statistics when ``train=True`` and on its running averages otherwise; the mode is a
 call argument (static under jit), never module state, so one graphdef serves both.
@@ -130,12 +135,29 @@ def apply(graphdef, params, rest, x: jax.Array, *, train: bool) -> tuple[jax.Arr
   return logits, (_new_rest(model) if train else rest)
 
 
-def apply_features(graphdef, params, rest, x: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array, Any]:
-  """``(logits, fmap, new_rest)``: one forward pass giving both the head output and the last-stage features."""
-  model = _merge(graphdef, params, rest)
+# The feature maps a model exposes (see the module docstring): "last" is what its own head pools, "pre_head" the
+# last stage's output before a final 1x1 head conv (the same map for models without one).
+FEATURE_STAGES = ("pre_head", "last")
+
+
+def feature_maps(model: nnx.Module, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+  """``{"pre_head": [B, H, W, C'], "last": [B, H, W, C]}`` of one forward pass (``[B, D]`` twice for MLPs)."""
+  if hasattr(model, "feature_maps"):
+    return model.feature_maps(x, train=train)
   fmap = model.features(x, train=train)
-  logits = model.classify(fmap)
-  return logits, fmap, (_new_rest(model) if train else rest)
+  return {"pre_head": fmap, "last": fmap}
+
+
+def apply_features(graphdef, params, rest, x: jax.Array, *, train: bool,
+                   stage: str = "last") -> tuple[jax.Array, jax.Array, Any]:
+  """``(logits, fmap, new_rest)``: one forward pass giving both the head output and the feature map ``stage``
+  (one of ``FEATURE_STAGES``). The logits always come from the model's own path (``classify`` of the "last"
+  map): with ``stage="pre_head"`` the head conv still runs, and in train mode its BatchNorm statistics still
+  update, as in the official SimKD code's full student forward."""
+  model = _merge(graphdef, params, rest)
+  maps = feature_maps(model, x, train=train)
+  logits = model.classify(maps["last"])
+  return logits, maps[stage], (_new_rest(model) if train else rest)
 
 
 def apply_classifier(graphdef, params, rest, fmap: jax.Array) -> jax.Array:

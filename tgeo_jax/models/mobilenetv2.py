@@ -78,7 +78,9 @@ class InvertedResidual(nnx.Module):
 class MobileNetV2(nnx.Module):
   """3x3/2 stem conv, inverted-residual stages ``setting``, 1x1 conv to ``last_channels``, GAP, linear.
 
-  ``features`` returns the last 1x1 conv's map ``[B, H / output_stride, W / output_stride, last_channels]``.
+  ``features`` returns the last 1x1 conv's map ``[B, H / output_stride, W / output_stride, last_channels]``;
+  ``feature_maps`` also the last inverted-residual stage's output before it (``"pre_head"``, 160 channels for the
+  CIFAR network, 320 for torchvision's: SimKD's student map, see ``tgeo_jax.models``).
   """
 
   def __init__(self, *, setting, stem_channels: int, last_channels: int, width_mult: float,
@@ -104,12 +106,16 @@ class MobileNetV2(nnx.Module):
     self.fc = torch_linear(last_channels, num_classes, kernel_init=nnx.initializers.normal(0.01),
                            bias_init=nnx.initializers.zeros, rngs=rngs)
 
-  def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+  def feature_maps(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+    """``{"pre_head": [B, h, w, C_stage], "last": [B, h, w, last_channels]}`` (the same ``h x w``)."""
     h = self.stem(x, train=train)
     for stage in self.stages:
       for block in stage:
         h = block(h, train=train)
-    return self.head_conv(h, train=train)
+    return {"pre_head": h, "last": self.head_conv(h, train=train)}
+
+  def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    return self.feature_maps(x, train=train)["last"]
 
   def classify(self, fmap: jax.Array) -> jax.Array:
     return self.fc(global_avg_pool(fmap))
@@ -121,7 +127,7 @@ class MobileNetV2(nnx.Module):
 @register("mobilenetv2")
 def mobilenetv2(*, expand_ratio: int = 6, width_mult: float = 0.5, **kw):
   """CIFAR MobileNetV2 (RepDistiller ``mobile_half``): 0.81M parameters (100 classes); fmap ``[B, 2, 2, 1280]``
-  at 32x32."""
+  at 32x32 (``"pre_head"``: ``[B, 2, 2, 160]``)."""
   last_channels = int(1280 * width_mult) if width_mult > 1.0 else 1280
   return MobileNetV2(setting=_cifar_setting(expand_ratio), stem_channels=32, last_channels=last_channels,
                      width_mult=width_mult, round_channels=int, always_expand=True, act=nnx.relu, **kw)

@@ -1,7 +1,9 @@
 """CIFAR ShuffleNets of the KD benchmarks (RepDistiller / mdistiller ``ShuffleNetv1.py``, ``ShuffleNetv2.py``).
 
 Both keep the reference's CIFAR stem (a 1x1 conv to 24 channels, no max-pool) and its PyTorch default init.
-``features``: ``[B, 32, 32, C] -> [B, 4, 4, 960]`` (V1) and ``[B, 4, 4, 1024]`` (V2).
+``features``: ``[B, 32, 32, C] -> [B, 4, 4, 960]`` (V1) and ``[B, 4, 4, 1024]`` (V2). V2's ``feature_maps`` also
+gives its last stage's output before the final 1x1 conv (``"pre_head"``, ``[B, 4, 4, 464]``: SimKD's student map,
+see ``tgeo_jax.models``); V1 has no such conv (both maps are ``features``).
 """
 
 from __future__ import annotations
@@ -171,12 +173,16 @@ class ShuffleNetV2(nnx.Module):
     self.head_bn = batch_norm(out_channels[3], dtype=dtype, rngs=rngs)
     self.fc = torch_linear(out_channels[3], num_classes, rngs=rngs)
 
-  def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+  def feature_maps(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+    """``{"pre_head": [B, h, w, out_channels[2]], "last": [B, h, w, out_channels[3]]}``."""
     h = nnx.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
     for stage in self.stages:
       for unit in stage:
         h = unit(h, train=train)
-    return nnx.relu(self.head_bn(self.head_conv(h), use_running_average=not train))
+    return {"pre_head": h, "last": nnx.relu(self.head_bn(self.head_conv(h), use_running_average=not train))}
+
+  def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    return self.feature_maps(x, train=train)["last"]
 
   def classify(self, fmap: jax.Array) -> jax.Array:
     return self.fc(global_avg_pool(fmap))
@@ -193,5 +199,6 @@ def shufflev1(**kw):
 
 @register("shufflev2")
 def shufflev2(**kw):
-  """RepDistiller ``ShuffleV2`` (net size 1): 1.36M parameters (100 classes); fmap ``[B, 4, 4, 1024]`` at 32x32."""
+  """RepDistiller ``ShuffleV2`` (net size 1): 1.36M parameters (100 classes); fmap ``[B, 4, 4, 1024]`` at 32x32
+  (``"pre_head"``: ``[B, 4, 4, 464]``)."""
   return ShuffleNetV2(**kw)
