@@ -243,6 +243,39 @@ def test_provenance_check_unit(tmp_path, capsys):
     run_identity.check_teacher_provenance(teacher_like(task.identity, run_dir), task, verify=True)
 
 
+def test_imported_teacher_provenance_unit(tmp_path, capsys):
+  """A teacher imported from a PyTorch checkpoint (tgeo_jax.import_teacher): no content digest, a claimed training
+  membership. Claimed on the whole training split, it overlaps the validation part: refused, or accepted with a
+  warning under verify_provenance=False. A claim that overlaps neither part is accepted, still with a warning.
+  Another dataset is refused as for any teacher."""
+  from tgeo_jax import import_teacher
+  config = tiny_config("ce")
+  task = data.load(config.data, seed=0)
+  run_dir, n_train = str(tmp_path), config.data.synthetic.num_train
+  dataset = import_teacher.Dataset("synthetic", 10, n_train, (28, 28, 1), "the synthetic training split")
+  source = import_teacher.source_record("repdistiller", "/x/ckpt.pth", "ab" * 32, "model", dataset)
+  claimed = import_teacher.data_identity(dataset, source)
+  np.savez(os.path.join(run_dir, "membership.npz"), train=np.arange(n_train))
+  n_val, n_test = len(task.membership["val"]), len(task.membership["test"])
+  with pytest.raises(UserError, match=rf"imported from '/x/ckpt.pth' \(repdistiller, sha256 abababababab\), trained "
+                                      rf"by their publisher on the synthetic training split: by that claim it has seen "
+                                      rf"{n_val} of this run's {n_val} validation and 0 of its {n_test} test examples "
+                                      r"\(test accuracy is unaffected; .*set teacher.verify_provenance=False"):
+    run_identity.check_teacher_provenance(teacher_like(claimed, run_dir), task, verify=True)
+  capsys.readouterr()
+  run_identity.check_teacher_provenance(teacher_like(claimed, run_dir), task, verify=False)
+  err = capsys.readouterr().err
+  assert err.startswith("warning: teacher.checkpoint: ") and err.rstrip().endswith(
+      "accepted (teacher.verify_provenance=False)")
+  np.savez(os.path.join(run_dir, "membership.npz"), train=task.membership["train"])
+  disjoint = dict(claimed, membership={"train": run_identity.ids_digest(task.membership["train"])})
+  run_identity.check_teacher_provenance(teacher_like(disjoint, run_dir), task, verify=True)
+  err = capsys.readouterr().err
+  assert "it has seen 0 of this run's" in err and err.rstrip().endswith("; accepted")
+  with pytest.raises(UserError, match="trained on dataset 'cifar100'"):
+    run_identity.check_teacher_provenance(teacher_like(dict(claimed, name="cifar100"), run_dir), task, verify=True)
+
+
 def test_teacher_with_overlapping_or_foreign_data_is_refused(tiny_teacher, tmp_path, capsys):
   from tgeo_jax import trainer
   leaky_teacher = str(tmp_path / "leaky_teacher")  # another validation split: it trained on the student's

@@ -257,7 +257,7 @@ def _imported_teacher(field: str, path: str, source: dict, leaks: dict, task, *,
   Its training membership is its publisher's claim (the whole published training split), which this run can count
   against its own parts but cannot verify. With the claim, the teacher has seen every example of the validation
   part (a slice of that split) and none of the test split. Test accuracy is then as clean as with a teacher of
-  this library; validation metrics, and whatever is tuned or learned on them (TGeo-KD's fusion ratio, early
+  this library; validation metrics, and whatever is tuned or learned on them (TGeo-KD's fusion ratio, model
   selection), are optimistic. That is leakage by this library's rule, so it is refused like any other unless
   ``teacher.verify_provenance=False``; accepted, it is still named in a warning line on every run, because
   nothing about its data was checked. Without overlap (a claim that covers neither part) it is accepted with the
@@ -267,8 +267,12 @@ def _imported_teacher(field: str, path: str, source: dict, leaks: dict, task, *,
            f"{str(source.get('sha256'))[:12]}), trained by their publisher on {source.get('training_data')}: by that "
            f"claim it has seen {leaks['val']} of this run's {len(task.membership['val'])} validation and "
            f"{leaks['test']} of its {len(task.membership['test'])} test examples")
-  consequence = ("test accuracy is unaffected; validation metrics and what is tuned or learned on them are "
-                 "optimistic" if not leaks["test"] else "test accuracy would be optimistic too")
+  if leaks["test"]:
+    consequence = "its test accuracy and the student's are optimistic"
+  elif leaks["val"]:
+    consequence = "test accuracy is unaffected; validation metrics and what is tuned or learned on them are optimistic"
+  else:
+    consequence = "a claim no data of this run contradicts, but one that was not checked"
   if any(leaks.values()) and verify:
     raise UserError(f"{field}: {claim} ({consequence}); set teacher.verify_provenance=False to accept it")
   print(f"warning: {field}: {claim} ({consequence}); accepted"
