@@ -133,3 +133,25 @@ def test_prefetched_keeps_order_and_forwards_errors():
   import time
   time.sleep(0.3)
   assert len(consumed) <= 3 + 2 + 2  # the producer stopped soon after the consumer left
+
+
+def test_the_step_compiles_once_also_after_a_resume(tmp_path):
+  """The running metric sums enter the jitted step replicated, as it returns them: fresh zeros after a log point
+  and sums restored from a checkpoint are the same input signature as the step's own output (else a second
+  compilation of the whole step)."""
+  from tgeo_jax import trainer
+
+  class NoStop:
+    signum = None
+
+  workdir = str(tmp_path / "run")
+  for budget in (7, 5):  # 7 steps (a log point at 5), then a resume from step 7 with restored sums
+    config = tiny_config("ce", **{"steps_per_run": budget})
+    run = trainer.setup(config, workdir)
+    try:
+      with pytest.raises(trainer.StopTraining):
+        trainer.train(run, NoStop())
+      trainer.save(run)
+      assert run.train_step._cache_size() == 1
+    finally:
+      run.close()

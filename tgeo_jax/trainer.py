@@ -418,6 +418,9 @@ def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mes
     state, metrics, health = guarded_step(state, frozen, batch, kind, health)
     return state, health, jax.tree.map(jnp.add, running, metrics)
 
+  train_log = TrainLog(meta.get("train_log"), meta["skipped_steps"])
+  if train_log.running is not None:  # restored sums, placed as the step returns them (one compilation, not two)
+    train_log.running = parallel.replicate(train_log.running, mesh)
   eval_fn = jax.jit(evaluation.make_eval_step(method, task.metrics))
   fixed_teacher = (evaluation.FixedTeacherLogits(method, frozen)
                    if method.teacher is not None and method.teacher_logits_fixed else None)
@@ -433,7 +436,7 @@ def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mes
       metric_zeros=_MetricZeros(guarded_step, mesh), quantity_names=quantity_names,
       eval_step=lambda s, b: eval_fn(s, frozen, b), fixed_teacher=fixed_teacher, val_stream=val_stream,
       health=parallel.replicate(initial_health(step0, meta["skipped_steps"]), mesh),
-      log=TrainLog(meta.get("train_log"), meta["skipped_steps"]), best_accuracy=best_accuracy,
+      log=train_log, best_accuracy=best_accuracy,
       last_saved=step0 if existing else None, profile=Profile(config.log.profile_steps, workdir),
       workers=data.resolve_workers(config.data, task.train), log_clock=(step0, time.perf_counter()))
 
