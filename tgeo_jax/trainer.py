@@ -381,7 +381,8 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
 def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mesh, task, method, state, frozen,
                       ckpt, steps_per_epoch) -> Run:
   total_steps = steps_per_epoch * config.num_epochs
-  Profile(config.log.profile_steps, workdir).check(total_steps)
+  profile = Profile(config.log.profile_steps, workdir)
+  profile.check(total_steps)
   meta = {"epoch": 0, "best_accuracy": 0.0, "seconds": 0.0, "skipped_steps": 0}
   existing = ckpt.steps()
   if existing:
@@ -437,7 +438,7 @@ def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mes
       eval_step=lambda s, b: eval_fn(s, frozen, b), fixed_teacher=fixed_teacher, val_stream=val_stream,
       health=parallel.replicate(initial_health(step0, meta["skipped_steps"]), mesh),
       log=train_log, best_accuracy=best_accuracy,
-      last_saved=step0 if existing else None, profile=Profile(config.log.profile_steps, workdir),
+      last_saved=step0 if existing else None, profile=profile,
       workers=data.resolve_workers(config.data, task.train), log_clock=(step0, time.perf_counter()))
 
 
