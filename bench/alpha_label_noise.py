@@ -30,7 +30,8 @@ from tgeo_jax import checkpoint, data, metrics, trainer
 
 
 def alpha_over_train(workdir: str):
-  """``(alpha [N], flipped [N] bool, teacher_correct_on_given_label [N] bool)`` from the run's final checkpoint."""
+  """``(alpha [N], flipped [N] bool, teacher_correct_on_given_label [N] bool, teacher's probability of the given
+  label [N])`` from the run's final checkpoint."""
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   step = ckpt.steps()[-1]
   config = ml_collections.ConfigDict(ckpt.read_meta(step)["config"])
@@ -50,15 +51,17 @@ def alpha_over_train(workdir: str):
     teacher_logits = method.teacher_logits(state, frozen, inputs)
     batch = {"inputs": inputs, "labels": labels, "index": index}
     alpha = method.alpha(state["meta_params"], frozen, batch, logits, teacher_logits)
-    return alpha, jax.numpy.argmax(teacher_logits, -1) == labels
+    teacher_p = jax.nn.softmax(teacher_logits.astype(jax.numpy.float32), -1)
+    p_label = jax.numpy.take_along_axis(teacher_p, labels[:, None], -1)[:, 0]
+    return alpha, jax.numpy.argmax(teacher_logits, -1) == labels, p_label
 
   source = task.train
   parts = []
   for start in range(0, len(source), 1000):
     idx = np.arange(start, min(start + 1000, len(source)))
     parts.append(jax.device_get(alpha_fn(state, source.gather(idx), source.labels[idx], idx.astype(np.int32))))
-  alpha, teacher_correct = (np.concatenate(x) for x in zip(*parts))
-  return alpha, source.labels != clean_labels, teacher_correct
+  alpha, teacher_correct, teacher_p_label = (np.concatenate(x) for x in zip(*parts))
+  return alpha, source.labels != clean_labels, teacher_correct, teacher_p_label
 
 
 def main(argv=None) -> int:
@@ -82,10 +85,12 @@ def main(argv=None) -> int:
       continue
     if not os.path.exists(os.path.join(workdir, "summary.json")):
       continue
-    alpha, flipped, teacher_correct = alpha_over_train(workdir)
+    alpha, flipped, teacher_correct, teacher_p_label = alpha_over_train(workdir)
     row = dict(run=name, n=int(len(alpha)), flipped=int(flipped.sum()),
                alpha_flipped=float(alpha[flipped].mean()), alpha_clean=float(alpha[~flipped].mean()),
                auc_flipped=metrics.roc_auc(flipped.astype(np.int32), alpha),
+               # The trivial detector: how little the teacher believes the given label (1 - p_T(y)).
+               auc_teacher=metrics.roc_auc(flipped.astype(np.int32), 1.0 - teacher_p_label),
                # What the teacher alone tells: its disagreement with the given label as a flipped-label detector.
                teacher_disagrees_on_flipped=float((~teacher_correct[flipped]).mean()),
                teacher_disagrees_on_clean=float((~teacher_correct[~flipped]).mean()),
@@ -98,13 +103,15 @@ def main(argv=None) -> int:
   for r in rows:
     groups.setdefault(os.path.dirname(r["run"]), []).append(r)
   summary = []
-  print("\n| run | seeds | mean α, flipped labels | mean α, clean labels | AUC of α for a flipped label |")
-  print("|---|---|---|---|---|")
+  print("\n| run | seeds | mean α, flipped labels | mean α, clean labels | AUC of α for a flipped label | "
+        "AUC of 1 - p_T(label) |")
+  print("|---|---|---|---|---|---|")
   for key, rs in groups.items():
-    mean = {k: statistics.mean(r[k] for r in rs) for k in ("alpha_flipped", "alpha_clean", "auc_flipped")}
+    mean = {k: statistics.mean(r[k] for r in rs)
+            for k in ("alpha_flipped", "alpha_clean", "auc_flipped", "auc_teacher")}
     summary.append(dict(run=key, seeds=len(rs), **mean))
     print(f"| {key} | {len(rs)} | {mean['alpha_flipped']:.3f} | {mean['alpha_clean']:.3f} | "
-          f"{mean['auc_flipped']:.3f} |")
+          f"{mean['auc_flipped']:.3f} | {mean['auc_teacher']:.3f} |")
   if args.out:
     from tgeo_jax import report
     report.write_json(args.out, dict(setting=args.setting, runs=rows, summary=summary))

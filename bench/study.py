@@ -1,34 +1,39 @@
-"""The Fashion-MNIST study: every method, several seeds, three data settings, controls and α analytics.
+"""The Fashion-MNIST study: a strong teacher, every method, several seeds, three data settings, α analytics.
 
-    python bench/study.py --workdir runs/study --out bench/results/study_cpu.json \
-        [--settings full,subset10,noise20] [--students mlp,cnn_small] [--seeds 5] [--methods ...] \
-        [--variants ...] [--variant_seeds 2] [--worker 0]
+    python bench/study.py --workdir runs/study2 --out bench/results/study2_X.json \
+        [--settings full,subset10,noise20] [--students mlp,cnn_small] [--seeds 3] [--methods ...] \
+        [--teacher teachers/fmnist_cnn_medium_fc] [--worker 0]
 
 What runs, in order (each run is an ordinary ``train.py`` run in its own work directory, so the study resumes:
-finished runs are read back, an interrupted one continues from its checkpoint):
+finished runs are read back after their config fingerprint and teacher digest are checked, an interrupted one
+continues from its checkpoint):
 
-1. **Teacher**: ``configs/fashion_mnist.py:teacher`` (cnn_medium, CE on the full training part, clean labels).
+1. **Teacher**: the committed ``--teacher`` directory (``configs/fashion_mnist.py:strong_teacher``, exported with
+   ``python -m tgeo_jax.export_teacher``); its variables' sha256 must equal ``--teacher_sha256``.
 2. **Learning rate** per (setting, student): CE at seed 0 for every rate of ``--lr_grid``; the rate with the best
    *validation* accuracy is used for every method. A method that diverges at that rate (a non-finite step, or a
-   validation accuracy below half of CE's) is re-run at the next smaller rate of the grid until one is stable;
-   the table then marks it.
-3. **Methods** x seeds: CE, KD (fixed α = 0.9: ``0.1 CE + 0.9 τ² KL``), the fixed-α controls KD α = 0.5 and 1.0,
-   ANL-KD, ADA-KD, WLS-KD, RW-KD, DIST, TGeo-KD and its ablations (intra-only layout, without the S-T edge), and KD
-   on train + validation (TGeo-KD and RW-KD are the only methods that see the validation labels).
-4. **KD at TGeo-KD's mean α**: a constant α equal to the mean α TGeo-KD learned (averaged over its epochs and
-   seeds) in the same setting: separates "a better constant" from per-sample adaptivity.
-5. **α variants** (``--variants``, fewer seeds): TGeo-KD with other fusion-net learning rates, α initialisation,
-   per-batch centring of α, meta intervals and validation batch sizes; each reports its α-by-group table.
+   validation accuracy below half of CE's) is re-run at the next smaller rate of the grid until one is stable.
+3. **Methods** x seeds: CE, KD with α (the weight of the teacher term) in {0.1, 0.3, 0.5, 0.7, 0.9}, ANL-, ADA-,
+   WLS-, RW-KD, DIST, DKD, TGeo-KD with each hypergradient (``one_step``, ``unroll`` K = 4, ``implicit``,
+   ``head_only``).
+4. **Derived** (after 3): ``kd_best`` = the α of the grid with the best mean *validation* accuracy over the seeds
+   (the main control; no new runs), ``kd_trainval`` = KD at that α on train + validation (the labels TGeo-KD
+   learns from, used as training data), ``kd_tgeo_mean_alpha`` = KD at the mean α TGeo-KD (one_step) learned over
+   its epochs and seeds, ``tgeo_center`` = TGeo-KD whose α is centred per batch on the best constant α (mean α
+   fixed to the control's, only the per-sample spread learned).
 
 Settings: ``full`` (the 54,000-example training part), ``subset10`` (a 10% stratified subset: 5,400 training
 and 600 validation examples), ``noise20`` (the full training part with 20% symmetric label noise on the
 student's training labels; the teacher, validation and test labels are clean).
 
 Statistics: test accuracy at the last epoch and the best epoch, mean ± std over seeds; Welch's t-test of each
-method's last-epoch accuracy against KD's (scipy). The JSON has every run's summary, the chosen rates, the
-α-by-group records and the total wall time. Several processes may share one ``--workdir`` (start each with its
-own ``--worker i``): a run is claimed by creating its ``.claim`` file, a claim of a dead process is taken over,
-and each process waits for the others' runs it needs.
+method's last-epoch accuracy against ``kd_best``'s (scipy). The JSON has every run's summary, the chosen rates and
+α, the α-by-group records per epoch and the wall time. Several processes may share one ``--workdir`` (start each
+with its own ``--worker i``): a run is claimed by creating its ``.claim`` file, a claim of a dead process is taken
+over, and each process waits for the others' runs it needs.
+
+The first study (a 3-epoch ``cnn_medium`` teacher at 88.8%, weaker than the CNN student) is docs/history/study_v1.md,
+produced by this script as of commit e97d303 (`git show e97d303:bench/study.py`).
 """
 
 from __future__ import annotations
@@ -59,40 +64,44 @@ SETTINGS = {
     "noise20": dict(overrides={"data.train_subset": 0, "data.label_noise": 0.2}, batch_size=128, num_epochs=5),
 }
 
+# α: the weight of the teacher term, KD = (1 - α) CE + α τ² KL (the library's kd.w_ce / kd.w_kd).
+ALPHA_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def kd_at(alpha: float) -> dict:
+  return {"method": "kd", "kd.w_kd": alpha, "kd.w_ce": round(1 - alpha, 6)}
+
+
 # name -> config overrides (on configs/fashion_mnist.py:<method>).
 METHODS = {
     "ce": {"method": "ce"},
-    "kd": {"method": "kd"},  # α = 0.9 (w_ce 0.1, w_kd 0.9): the config default
-    "kd_a0.5": {"method": "kd", "kd.w_ce": 0.5, "kd.w_kd": 0.5},
-    "kd_a1.0": {"method": "kd", "kd.w_ce": 0.0, "kd.w_kd": 1.0},
+    **{f"kd_a{a:g}": kd_at(a) for a in ALPHA_GRID},
     "anl_kd": {"method": "anl_kd"},
     "ada_kd": {"method": "ada_kd"},
     "wls_kd": {"method": "wls_kd"},
     "rw_kd": {"method": "rw_kd"},
     "dist": {"method": "dist"},
-    "tgeo": {"method": "tgeo"},
-    "tgeo_intra": {"method": "tgeo", "tgeo.layout": "intra"},
-    "tgeo_no_st": {"method": "tgeo", "tgeo.layout": "no_st"},
-    "kd_trainval": {"method": "kd", "data.train_with_val": True},
-}
-DERIVED = ("kd_tgeo_mean_alpha",)
-
-# α investigation: TGeo-KD variants (research options kept in the library).
-VARIANTS = {
-    "tgeo_flr1e-2": {"tgeo.fusion_lr": 1e-2},
-    "tgeo_flr1e-4": {"tgeo.fusion_lr": 1e-4},
-    "tgeo_init0.9": {"tgeo.alpha_init": 0.9},
-    "tgeo_center0.5": {"tgeo.alpha_normalization": "center", "tgeo.alpha_init": 0.5},
-    "tgeo_center0.9": {"tgeo.alpha_normalization": "center", "tgeo.alpha_init": 0.9},
-    "tgeo_mi5": {"tgeo.meta_interval": 5},
-    "tgeo_mi20": {"tgeo.meta_interval": 20},
-    "tgeo_val32": {"val_batch_size": 32},
-    "tgeo_val512": {"val_batch_size": 512},
+    "dkd": {"method": "dkd"},
+    "tgeo": {"method": "tgeo"},  # hypergrad one_step (the default)
+    "tgeo_unroll4": {"method": "tgeo", "tgeo.hypergrad": "unroll", "tgeo.unroll_steps": 4},
+    "tgeo_unroll8": {"method": "tgeo", "tgeo.hypergrad": "unroll", "tgeo.unroll_steps": 8},
+    "tgeo_implicit": {"method": "tgeo", "tgeo.hypergrad": "implicit"},
+    "tgeo_head_only": {"method": "tgeo", "tgeo.hypergrad": "head_only"},
     # The paper's outlier probe: Gaussian-noise images with random labels appended to the training part.
-    "tgeo_outliers": {"data.outliers": 500},
+    "tgeo_outliers": {"method": "tgeo", "data.outliers": 500},
 }
+DERIVED = ("kd_best", "kd_trainval", "kd_tgeo_mean_alpha", "tgeo_center")
+# What the study runs by default, in this order (a derived control after what it is derived from).
+DEFAULT_ORDER = ("ce", *(f"kd_a{a:g}" for a in ALPHA_GRID), "kd_best", "tgeo", "tgeo_unroll4", "tgeo_implicit",
+                 "tgeo_head_only", "tgeo_center", "kd_tgeo_mean_alpha", "kd_trainval", "dist", "dkd", "anl_kd",
+                 "rw_kd", "ada_kd", "wls_kd")
+LEARNED = ("tgeo", "tgeo_unroll4", "tgeo_unroll8", "tgeo_implicit", "tgeo_head_only", "tgeo_center",
+           "tgeo_outliers", "rw_kd")
 
-LR_GRID = (0.025, 0.05, 0.1, 0.2)
+LR_GRID = (0.05, 0.1, 0.2)
+TEACHER_DIR = "teachers/fmnist_cnn_medium_fc"
+# sha256 of the committed teacher's variables (teacher.variables_digest: paths, shapes, dtypes, each array's sha256).
+TEACHER_SHA256 = "TO_BE_SET"
 
 
 def load_fashion_mnist_config(arg: str):
@@ -108,8 +117,8 @@ apply_overrides = default_config.override
 class Runner:
   """Runs (or reads back) one training run per work directory, sharing the runs among worker processes."""
 
-  def __init__(self, root: str, log):
-    self.root, self.log = root, log
+  def __init__(self, root: str, log, teacher_sha256: str | None = None):
+    self.root, self.log, self.teacher_sha256 = root, log, teacher_sha256
 
   def summary(self, workdir: str):
     path = os.path.join(workdir, "summary.json")
@@ -154,7 +163,7 @@ class Runner:
     while True:
       done = self.summary(workdir)
       if done is not None and done.get("finished", True):
-        check_same_config(done, config, workdir)
+        check_same_config(done, config, workdir, self.teacher_sha256)
         return done
       check_same_config(run_identity.read_json_file(os.path.join(workdir, run_identity.IDENTITY_FILE)), config,
                         workdir)
@@ -183,17 +192,21 @@ class StudyMismatch(RuntimeError):
   """A work directory of the study holds a run of another configuration than the study asks for."""
 
 
-def check_same_config(record: dict | None, config, workdir: str) -> None:
+def check_same_config(record: dict | None, config, workdir: str, teacher_sha256: str | None = None) -> None:
   """Runs are keyed by their config fingerprint, never by path: a summary, failure record or identity of another
-  configuration (e.g. the study re-run with other --epochs) stops the study naming the differing fields."""
+  configuration (e.g. the study re-run with other --epochs) stops the study naming the differing fields, and so
+  does a finished run taught by other teacher variables than ``teacher_sha256``."""
   if record is None:
     return
-  if record.get("config_fingerprint") == run_identity.config_fingerprint(config):
-    return
-  current = run_identity.config_record(json.loads(config.to_json_best_effort()))
-  diffs = run_identity.identity_differences({"config": record.get("config", {})}, {"config": current})
-  raise StudyMismatch(f"{workdir}: holds a run of another configuration ({'; '.join(diffs) or 'no fingerprint'}); "
-                      "use another --workdir for this protocol")
+  if record.get("config_fingerprint") != run_identity.config_fingerprint(config):
+    current = run_identity.config_record(json.loads(config.to_json_best_effort()))
+    diffs = run_identity.identity_differences({"config": record.get("config", {})}, {"config": current})
+    raise StudyMismatch(f"{workdir}: holds a run of another configuration ({'; '.join(diffs) or 'no fingerprint'});"
+                        " use another --workdir for this protocol")
+  taught_by = [t.get("variables_sha256") for t in record.get("teachers") or []]
+  if teacher_sha256 and taught_by and taught_by[0] != teacher_sha256:
+    raise StudyMismatch(f"{workdir}: was taught by other teacher variables (sha256 {taught_by[0][:12]}, this study's "
+                        f"{teacher_sha256[:12]}); use another --workdir for this teacher")
 
 
 def _brief(summary: dict) -> str:
@@ -230,7 +243,7 @@ def welch(a: list[float], b: list[float]) -> float | None:
   return None if math.isnan(p) else p
 
 
-def aggregate(runs: dict[str, list[dict]], reference: str = "kd") -> list[dict]:
+def aggregate(runs: dict[str, list[dict]], reference: str = "kd_best") -> list[dict]:
   """Rows ``method, n, last mean/std, best mean/std, p vs reference, mean α`` over the finished runs."""
   ref = [r["accuracy"] for r in runs.get(reference, []) if "accuracy" in r]
   rows = []
@@ -251,8 +264,9 @@ def aggregate(runs: dict[str, list[dict]], reference: str = "kd") -> list[dict]:
   return rows
 
 
-# TGeo-KD against the controls that separate its parts: label-only, fixed α, its own mean α, more data.
-KEY_COMPARISONS = ("ce", "kd", "kd_a0.5", "kd_a1.0", "kd_tgeo_mean_alpha", "kd_trainval", "anl_kd", "rw_kd", "dist")
+# TGeo-KD against the controls that separate its parts: label-only, the tuned and untuned constant α, its own
+# mean α, more data, and the strongest other methods.
+KEY_COMPARISONS = ("ce", "kd_best", "kd_a0.9", "kd_tgeo_mean_alpha", "kd_trainval", "anl_kd", "rw_kd", "dist", "dkd")
 
 
 def key_comparisons(runs: dict[str, list[dict]], method: str = "tgeo") -> list[dict]:
@@ -272,7 +286,8 @@ def _fmt(v, spec=".4f"):
 
 
 def markdown_table(rows: list[dict]) -> str:
-  lines = ["| method | n | test acc %, last (mean ± std) | best epoch | p vs KD (Welch) | val acc % | s/run | lr |",
+  lines = ["| method | n | test acc %, last (mean ± std) | best epoch | p vs best constant α (Welch) | val acc % | s/run "
+           "| lr |",
            "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     last = f"{100 * r['last_mean']:.2f} ± {100 * (r['last_std'] or 0):.2f}" if r["last_mean"] is not None else "-"
@@ -294,7 +309,7 @@ def alpha_table(records_by_seed: list[list[dict]]) -> list[dict]:
   table = []
   for epoch in sorted(by_epoch):
     rs = by_epoch[epoch]
-    row = {"epoch": epoch}
+    row = {"epoch": epoch, "seeds": len(rs)}
     for key in ("alpha_mean", "alpha_std", *(f"alpha_{g}" for g in GROUPS), "alpha_outlier", "alpha_normal"):
       values = [r[key] for r in rs if r.get(key) is not None]
       row[key] = statistics.mean(values) if values else None
@@ -356,26 +371,100 @@ def alpha_figure(path: str, title: str, tables: dict) -> None:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def teacher_digest(teacher_dir: str) -> tuple[str, str, dict]:
+  """``(model name, variables sha256, summary)`` of the teacher directory (a finished run or an export)."""
+  import ml_collections
+
+  from tgeo_jax import data, teacher
+  config = run_identity.read_json_file(os.path.join(teacher_dir, run_identity.CONFIG_FILE))
+  if config is None:
+    raise StudyMismatch(
+        f"--teacher: no teacher in {teacher_dir!r}; produce it with: python train.py "
+        "--config=configs/fashion_mnist.py:strong_teacher --workdir=runs/strong_teacher && python -m "
+        f"tgeo_jax.export_teacher --workdir=runs/strong_teacher --out={teacher_dir}")
+  spec = data.load(ml_collections.ConfigDict(config["data"]), seed=config.get("seed", 0)).spec
+  loaded = teacher.load_teacher_from(config["model"]["name"], teacher_dir, spec, field="--teacher")
+  summary = run_identity.read_json_file(os.path.join(teacher_dir, "summary.json")) or {}
+  return config["model"]["name"], loaded.identity["variables_sha256"], summary
+
+
+def best_alpha(run_lists: dict) -> tuple[float | None, list[dict]]:
+  """The α of the KD grid with the best mean validation accuracy over its seeds (the first on a tie), and the
+  grid's ``[{alpha, val_mean, test_mean, n}]``."""
+  grid = []
+  for a in ALPHA_GRID:
+    ok = [r for r in run_lists.get(f"kd_a{a:g}", []) if "val_accuracy" in r]
+    if ok:
+      grid.append(dict(alpha=a, n=len(ok), val_mean=statistics.mean(r["val_accuracy"] for r in ok),
+                       test_mean=statistics.mean(r["accuracy"] for r in ok)))
+  if not grid:
+    return None, grid
+  return max(grid, key=lambda g: g["val_mean"])["alpha"], grid
+
+
+def alpha_summary(table: list[dict]) -> dict:
+  """Q1/Q2 in numbers: first- and last-epoch mean α, its spread, and the separation of the paper's groups."""
+  if not table:
+    return {}
+  first, last = table[0], table[-1]
+
+  def gap(r, a, b):
+    return None if r.get(f"alpha_{a}") is None or r.get(f"alpha_{b}") is None else r[f"alpha_{a}"] - r[f"alpha_{b}"]
+
+  return dict(first_mean=first["alpha_mean"], last_mean=last["alpha_mean"], last_std=last["alpha_std"],
+              drift=last["alpha_mean"] - first["alpha_mean"], trajectory=[r["alpha_mean"] for r in table],
+              tc_large_minus_tc_small_first=gap(first, "tc_large", "tc_small"),
+              tc_large_minus_tc_small_last=gap(last, "tc_large", "tc_small"),
+              tc_minus_ti_large_last=gap(last, "tc_large", "ti_large"),
+              outlier=last.get("alpha_outlier"), normal=last.get("alpha_normal"))
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", default="runs/study")
+  parser.add_argument("--workdir", default="runs/study2")
   parser.add_argument("--out", default="", help="write the results JSON here")
   parser.add_argument("--settings", default="full,subset10,noise20")
   parser.add_argument("--students", default="mlp,cnn_small")
-  parser.add_argument("--seeds", type=int, default=5)
-  parser.add_argument("--methods", default=",".join([*METHODS, *DERIVED]))
-  parser.add_argument("--variants", default="", help=f"comma-separated subset of {list(VARIANTS)}")
-  parser.add_argument("--variant_settings", default="", help="settings for the variants (default: --settings)")
-  parser.add_argument("--variant_students", default="", help="students for the variants (default: --students)")
-  parser.add_argument("--variant_seeds", type=int, default=2)
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--method_seeds", default="",
+                      help="fewer (or more) seeds for some methods, e.g. tgeo_implicit=2,tgeo_unroll4=2")
+  parser.add_argument("--grid_seeds", type=int, default=0,
+                      help="seeds of each KD α of the grid (0 = --seeds); kd_best then runs the rest at the chosen α")
+  parser.add_argument("--methods", default=",".join(DEFAULT_ORDER))
   parser.add_argument("--lr_grid", default=",".join(map(str, LR_GRID)))
   parser.add_argument("--epochs", default="", help="override num_epochs per setting, e.g. full=3,subset10=10")
   parser.add_argument("--override", action="append", default=[],
                       help="extra config override for every student, KEY=VALUE (repeatable)")
+  parser.add_argument("--teacher", default=os.path.join(ROOT, TEACHER_DIR))
+  parser.add_argument("--teacher_sha256", default=TEACHER_SHA256,
+                      help="the teacher variables' expected sha256 ('' = do not check)")
   parser.add_argument("--figures", default="", help="write the α-by-group figures (PNG) into this directory")
   parser.add_argument("--worker", type=int, default=0,
                       help="this process's number when several share --workdir (names its log only)")
   args = parser.parse_args(argv)
+
+  settings = [s for s in args.settings.split(",") if s]
+  students = [s for s in args.students.split(",") if s]
+  methods = [m for m in args.methods.split(",") if m]
+  for name in settings:
+    if name not in SETTINGS:
+      parser.error(f"--settings: unknown setting {name!r}; expected some of {list(SETTINGS)}")
+  for name in methods:
+    if name not in METHODS and name not in DERIVED:
+      parser.error(f"--methods: unknown method {name!r}; expected some of {[*METHODS, *DERIVED]}")
+  seeds_of = {}
+  for item in (i for i in args.method_seeds.split(",") if i):
+    name, _, n = item.partition("=")
+    if name not in METHODS and name not in DERIVED or not n.isdigit() or int(n) < 1:
+      parser.error(f"--method_seeds: expected NAME=N with a known method and N >= 1, got {item!r}")
+    seeds_of[name] = int(n)
+
+  def n_seeds(name):
+    if name in seeds_of:
+      return seeds_of[name]
+    if args.grid_seeds and name.startswith("kd_a") and name in METHODS:
+      return args.grid_seeds
+    return args.seeds
 
   import jax
   from absl import logging as absl_logging
@@ -395,20 +484,6 @@ def main(argv=None) -> int:
     with open(log_path, "a") as f:
       f.write(line + "\n")
 
-  runner = Runner(root, log)
-  settings = [s for s in args.settings.split(",") if s]
-  students = [s for s in args.students.split(",") if s]
-  methods = [m for m in args.methods.split(",") if m]
-  variants = [v for v in args.variants.split(",") if v]
-  for name in settings:
-    if name not in SETTINGS:
-      parser.error(f"--settings: unknown setting {name!r}; expected some of {list(SETTINGS)}")
-  for name in methods:
-    if name not in METHODS and name not in DERIVED:
-      parser.error(f"--methods: unknown method {name!r}; expected some of {[*METHODS, *DERIVED]}")
-  for name in variants:
-    if name not in VARIANTS:
-      parser.error(f"--variants: unknown variant {name!r}; expected some of {list(VARIANTS)}")
   lr_grid = sorted(float(x) for x in args.lr_grid.split(","))
   epochs = {k: int(v) for k, v in (item.split("=") for item in args.epochs.split(",") if item)}
   extra = {}
@@ -419,16 +494,20 @@ def main(argv=None) -> int:
     except (ValueError, SyntaxError):
       extra[key] = value
 
-  # 1. The teacher (every worker needs it: the first to claim trains it, the others wait).
-  teacher_dir = os.path.join(root, "teacher")
-  teacher = runner.run(load_fashion_mnist_config("teacher"), teacher_dir)
-  if "failed" in teacher:
-    log(f"the teacher failed: {teacher['failed']}")
-    return 1
+  # 1. The teacher: the committed directory, checked by the digest of its variables.
+  teacher_dir = os.path.abspath(args.teacher)
+  teacher_model, digest, teacher_summary = teacher_digest(teacher_dir)
+  if args.teacher_sha256 and digest != args.teacher_sha256:
+    raise StudyMismatch(f"--teacher: {teacher_dir!r} holds other variables (sha256 {digest[:12]}) than the study's "
+                        f"teacher ({args.teacher_sha256[:12]}); pass --teacher_sha256='' to study this one")
+  log(f"teacher {teacher_model} from {teacher_dir}: test accuracy {teacher_summary.get('accuracy')}, "
+      f"variables sha256 {digest[:12]}")
+  runner = Runner(root, log, digest)
 
   def student_config(setting, student, overrides, seed, lr):
     spec = SETTINGS[setting]
     c = load_fashion_mnist_config(overrides.get("method", "tgeo"))
+    c.teacher.model = teacher_model
     c.teacher.checkpoint = teacher_dir
     # Every run on the same training part shares one teacher-logit table (computed by the first run).
     c.teacher.logits_cache_dir = os.path.join(root, "teacher_logits")
@@ -482,29 +561,32 @@ def main(argv=None) -> int:
   def diverged(s, setting, student):
     return "failed" in s or s.get("val_accuracy", 0) < 0.5 * lr_search[f"{setting}/{student}"]["ce_val_accuracy"]
 
-  # 3. Methods x seeds at the chosen rate; a method whose seed 0 diverges moves down the grid.
-  plain = [m for m in methods if m in METHODS]
-  main_runs = run_all({(setting, student, name, seed): job(setting, student, name, METHODS[name], seed,
-                                                           chosen_lr[(setting, student)])
-                       for setting, student in pairs for name in plain for seed in range(args.seeds)})
-  runs = {(setting, student): {name: [main_runs[(setting, student, name, seed)] for seed in range(args.seeds)]
-                               for name in plain} for setting, student in pairs}
-  notes = {pair: {} for pair in pairs}
-  for setting, student in pairs:
-    for name in plain:
-      if not diverged(runs[(setting, student)][name][0], setting, student):
+  def run_method(name, overrides, run_name=None):
+    """Every pair's seeds of one method; a method whose seed 0 diverges moves down the learning-rate grid."""
+    run_name = run_name or name
+    jobs = {(setting, student, seed): job(setting, student, run_name, overrides, seed, chosen_lr[(setting, student)])
+            for setting, student in pairs for seed in range(n_seeds(name))}
+    if name == "ce":  # CE's seed 0 at the chosen rate is the learning-rate search's run: read back, not re-run
+      for setting, student in pairs:
+        lr = chosen_lr[(setting, student)]
+        jobs[(setting, student, 0)] = (student_config(setting, student, METHODS["ce"], 0, lr),
+                                       os.path.join(root, setting, student, "lr_search", f"ce_lr{lr:g}"), lr)
+    got = run_all(jobs)
+    for setting, student in pairs:
+      rs = [got[(setting, student, seed)] for seed in range(n_seeds(name))]
+      runs[(setting, student)][name] = rs
+      if not diverged(rs[0], setting, student):
         continue
       log(f"{setting}/{student}/{name}: diverged at learning rate {chosen_lr[(setting, student)]:g}")
-      smaller = [lr for lr in sorted(lr_grid, reverse=True) if lr < chosen_lr[(setting, student)]]
       runs[(setting, student)][name], notes[(setting, student)][name] = [], "diverged at every rate of the grid"
-      for lr in smaller:
-        first = run_all({0: job(setting, student, f"{name}_lr{lr:g}", METHODS[name], 0, lr)})[0]
+      for lr in [lr for lr in sorted(lr_grid, reverse=True) if lr < chosen_lr[(setting, student)]]:
+        first = run_all({0: job(setting, student, f"{run_name}_lr{lr:g}", overrides, 0, lr)})[0]
         if diverged(first, setting, student):
           log(f"{setting}/{student}/{name}: diverged at learning rate {lr:g}")
           continue
-        rest = run_all({seed: job(setting, student, f"{name}_lr{lr:g}", METHODS[name], seed, lr)
-                        for seed in range(1, args.seeds)})
-        runs[(setting, student)][name] = [first, *(rest[s] for s in range(1, args.seeds))]
+        rest = run_all({seed: job(setting, student, f"{run_name}_lr{lr:g}", overrides, seed, lr)
+                        for seed in range(1, n_seeds(name))})
+        runs[(setting, student)][name] = [first, *(rest[s] for s in range(1, n_seeds(name)))]
         notes[(setting, student)][name] = (f"diverged at the chosen rate {chosen_lr[(setting, student)]:g}; "
                                            f"run at {lr:g}")
         break
@@ -518,76 +600,94 @@ def main(argv=None) -> int:
         out[name] = alpha_table(records)
     return out
 
-  # 4. KD at the mean α TGeo-KD learned (over its epochs and seeds), per setting and student.
-  if "kd_tgeo_mean_alpha" in methods:
-    derived_jobs, mean_alphas = {}, {}
-    for setting, student in pairs:
-      table = alpha_tables({"tgeo": runs[(setting, student)].get("tgeo", [])}).get("tgeo")
-      if not table:
-        continue
-      mean_alpha = round(statistics.mean(r["alpha_mean"] for r in table), 3)
-      mean_alphas[(setting, student)] = mean_alpha
-      overrides = {"method": "kd", "kd.w_kd": mean_alpha, "kd.w_ce": round(1 - mean_alpha, 3)}
-      for seed in range(args.seeds):
-        derived_jobs[(setting, student, seed)] = job(setting, student, f"kd_a{mean_alpha:g}", overrides, seed,
-                                                     chosen_lr[(setting, student)])
-    derived = run_all(derived_jobs)
-    for (setting, student), mean_alpha in mean_alphas.items():
-      runs[(setting, student)]["kd_tgeo_mean_alpha"] = [derived[(setting, student, seed)]
-                                                        for seed in range(args.seeds)]
-      notes[(setting, student)]["kd_tgeo_mean_alpha"] = (f"KD with α = {mean_alpha:g}, TGeo-KD's mean α over its "
-                                                         "epochs and seeds")
+  # 3./4. Methods x seeds at the chosen rate, in the order of --methods; a derived control runs where it is named,
+  # from the runs named before it (kd_best after the α grid; kd_trainval, tgeo_center after kd_best;
+  # kd_tgeo_mean_alpha after tgeo).
+  runs = {pair: {} for pair in pairs}
+  notes = {pair: {} for pair in pairs}
+  chosen_alpha = {}
+
+  def run_derived(name, specs):
+    """``specs``: ``[(pair, overrides, run name, note)]``; every seed of each."""
+    got = run_all({(pair, seed): job(*pair, run_name, overrides, seed, chosen_lr[pair])
+                   for pair, overrides, run_name, _ in specs for seed in range(n_seeds(name))})
+    for pair, _, _, note in specs:
+      runs[pair][name] = [got[(pair, seed)] for seed in range(n_seeds(name))]
+      notes[pair][name] = note
+
+  def needs(name, before):
+    if not all(b in done for b in before):
+      parser.error(f"--methods: {name} is derived from {' and '.join(before)}: name it after them")
+
+  done = []
+  for name in methods:
+    if name in METHODS:
+      run_method(name, METHODS[name])
+    elif name == "kd_best":
+      needs(name, [f"kd_a{a:g}" for a in ALPHA_GRID])
+      specs = []
+      for pair in pairs:
+        alpha, grid = best_alpha(runs[pair])
+        chosen_alpha[pair] = dict(alpha=alpha, grid=grid, seeds=n_seeds("kd_a0.1"))
+        specs.append((pair, kd_at(alpha), f"kd_a{alpha:g}",
+                      f"KD at α = {alpha:g}: the grid's best validation accuracy (grid at "
+                      f"{min(g['n'] for g in grid)} seed(s), then {n_seeds(name)} seeds at the chosen α)"))
+      run_derived(name, specs)
+    elif name in ("kd_trainval", "tgeo_center"):
+      needs(name, ["kd_best"])
+      specs = []
+      for pair in pairs:
+        alpha = chosen_alpha[pair]["alpha"]
+        if name == "kd_trainval":
+          specs.append((pair, dict(kd_at(alpha), **{"data.train_with_val": True}), f"kd_trainval_a{alpha:g}",
+                        f"KD at the best constant α = {alpha:g} on train + val"))
+        else:
+          specs.append((pair, {"method": "tgeo", "tgeo.alpha_normalization": "center", "tgeo.alpha_init": alpha},
+                        f"tgeo_center_a{alpha:g}", f"TGeo-KD, α centred per batch on the best constant {alpha:g}"))
+      run_derived(name, specs)
+    elif name == "kd_tgeo_mean_alpha":
+      needs(name, ["tgeo"])
+      specs = []
+      for pair in pairs:
+        table = alpha_tables({"tgeo": runs[pair]["tgeo"]}).get("tgeo")
+        if table:
+          mean_alpha = round(statistics.mean(r["alpha_mean"] for r in table), 3)
+          specs.append((pair, kd_at(mean_alpha), f"kd_a{mean_alpha:g}",
+                        f"KD with α = {mean_alpha:g}, TGeo-KD's mean α over its epochs and seeds"))
+      run_derived(name, specs)
+    done.append(name)
 
   results = {}
-  for setting, student in pairs:
-    rs = runs[(setting, student)]
-    learned = {k: v for k, v in rs.items() if k.startswith("tgeo") or k == "rw_kd"}
-    results[f"{setting}/{student}"] = dict(rows=aggregate(rs), runs=rs, alpha=alpha_tables(learned),
-                                           tgeo_vs=key_comparisons(rs),
-                                           notes=notes[(setting, student)],
-                                           learning_rate=chosen_lr[(setting, student)])
-
-  # 5. α variants of TGeo-KD (fewer seeds).
-  v_settings = [s for s in (args.variant_settings or args.settings).split(",") if s]
-  v_students = [s for s in (args.variant_students or args.students).split(",") if s]
-  v_pairs = [(a, b) for a in v_settings for b in v_students if (a, b) in chosen_lr] if variants else []
-  variant_runs = run_all({(setting, student, name, seed): job(setting, student, name,
-                                                              dict(METHODS["tgeo"], **VARIANTS[name]), seed,
-                                                              chosen_lr[(setting, student)])
-                          for setting, student in v_pairs for name in variants
-                          for seed in range(args.variant_seeds)})
-  variant_results = {}
-  for setting, student in v_pairs:
-    rs = {name: [variant_runs[(setting, student, name, seed)] for seed in range(args.variant_seeds)]
-          for name in variants}
-    if "tgeo" in runs[(setting, student)]:
-      rs = {"tgeo": runs[(setting, student)]["tgeo"][:args.variant_seeds], **rs}
-    variant_results[f"{setting}/{student}"] = dict(rows=aggregate(rs, reference="__none__"), runs=rs,
-                                                   alpha=alpha_tables(rs))
+  for pair in pairs:
+    rs = runs[pair]
+    learned = {k: v for k, v in rs.items() if k in LEARNED}
+    tables = alpha_tables(learned)
+    results["/".join(pair)] = dict(
+        rows=aggregate(rs), runs=rs, alpha=tables, alpha_summary={k: alpha_summary(t) for k, t in tables.items()},
+        tgeo_vs={m: key_comparisons(rs, m) for m in rs if m.startswith("tgeo")},
+        notes=notes[pair], learning_rate=chosen_lr[pair], best_alpha=chosen_alpha.get(pair),
+        seeds={k: len(v) for k, v in rs.items()})
 
   total = time.time() - start
   print()
-  print(f"Teacher (cnn_medium, full training part): test accuracy {teacher['accuracy']:.4f}")
+  print(f"Teacher ({teacher_model}, {teacher_dir}): test accuracy {teacher_summary.get('accuracy')}, "
+        f"variables sha256 {digest}")
   for key, res in results.items():
-    print(f"\n## {key} (learning rate {res['learning_rate']:g})\n")
+    extra_note = f", best constant α {res['best_alpha']['alpha']:g}" if res["best_alpha"] else ""
+    print(f"\n## {key} (learning rate {res['learning_rate']:g}{extra_note})\n")
     print(markdown_table(res["rows"]))
     for name, note in res["notes"].items():
       print(f"- {name}: {note}")
-    if res["tgeo_vs"]:
-      print("\nTGeo-KD minus control (test accuracy, percentage points; Welch p): " + ", ".join(
-          f"{c['against']} {100 * c['difference']:+.2f} (p {_fmt(c['p'], '.3f')})" for c in res["tgeo_vs"]))
+    for m, comps in res["tgeo_vs"].items():
+      if comps:
+        print(f"\n{m} minus control (test accuracy, percentage points; Welch p): " + ", ".join(
+            f"{c['against']} {100 * c['difference']:+.2f} (p {_fmt(c['p'], '.3f')})" for c in comps))
     for name, table in res["alpha"].items():
       print(f"\nα by group, {name} ({key}):\n")
       print(alpha_markdown(table))
-  for key, res in variant_results.items():
-    print(f"\n## α variants, {key}\n")
-    print(markdown_table(res["rows"]))
-    for name, table in res["alpha"].items():
-      if table:
-        print(f"\nα by group, {name} ({key}), last epoch: " + alpha_markdown(table[-1:]).splitlines()[-1])
   if args.figures:
-    for key, res in [*results.items(), *((k + " variants", v) for k, v in variant_results.items())]:
-      name = key.replace("/", "_").replace(" ", "_")
+    for key, res in results.items():
+      name = key.replace("/", "_")
       alpha_figure(os.path.join(args.figures, f"alpha_{name}.png"), f"Fashion-MNIST {key}: mean α by group",
                    res["alpha"])
   print(f"\nworker {args.worker}: {total:.0f} s wall (finished runs are read back, not re-run)")
@@ -597,8 +697,9 @@ def main(argv=None) -> int:
         date=datetime.date.today().isoformat(), machine=platform.platform(), processor=platform.processor(),
         cpu_count=os.cpu_count(), jax=jax.__version__, devices=[str(d) for d in jax.devices()],
         command=" ".join(["python", "bench/study.py", *(argv if argv is not None else sys.argv[1:])]),
-        teacher=teacher, learning_rates=lr_search, settings={k: SETTINGS[k] for k in settings},
-        epochs_override=epochs, results=results, variants=variant_results, worker_wall_seconds=total))
+        teacher=dict(teacher_summary, dir=os.path.relpath(teacher_dir, ROOT), variables_sha256=digest),
+        learning_rates=lr_search, settings={k: SETTINGS[k] for k in settings}, epochs_override=epochs,
+        seeds=args.seeds, method_seeds=seeds_of, results=results, worker_wall_seconds=total))
     print(f"wrote {args.out}")
   return 0
 

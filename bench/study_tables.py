@@ -1,92 +1,131 @@
-"""The README's compact study tables from the JSON files ``bench/study.py --out`` wrote.
+"""The README's study tables from the JSON files ``bench/study.py --out`` wrote.
 
-    python bench/study_tables.py bench/results/study_mlp.json bench/results/study_cnn_subset10.json ...
+    python bench/study_tables.py bench/results/study2_*.json [--markdown_out FILE]
 
-Prints, for every (setting, student) found: one accuracy table (rows: methods; cell: last-epoch test accuracy,
-mean ± std over seeds, with † where Welch's p < 0.05 against KD), the TGeo-KD-minus-control line, and the final
-epoch of each learned-α method's α-by-group table; then the α variants.
+Prints, for every (setting, student) found:
+
+1. accuracy: rows = methods, cell = last-epoch test accuracy, mean ± std over seeds (n in brackets when it is not
+   the study's seed count), † where Welch's p < 0.05 against the best validation-chosen constant α (``kd_best``);
+2. TGeo-KD variants against ``kd_best``: difference and p, and how many pairs each wins (p < 0.05, higher);
+3. α: first → last epoch mean, spread, the paper's groups (teacher correct, large / small S–T gap) first → last;
+4. cost: mean wall seconds per run relative to ``kd_best``'s (two worker processes shared the 2 cores).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
-ORDER = ("ce", "kd", "kd_a0.5", "kd_a1.0", "kd_tgeo_mean_alpha", "kd_trainval", "anl_kd", "ada_kd", "wls_kd",
-         "rw_kd", "dist", "tgeo", "tgeo_intra", "tgeo_no_st")
-LABELS = {"kd": "kd (α = 0.9)", "kd_a0.5": "kd α = 0.5", "kd_a1.0": "kd α = 1.0",
-          "kd_tgeo_mean_alpha": "kd α = TGeo-KD's mean α", "kd_trainval": "kd on train + val",
-          "tgeo_intra": "tgeo, intra-only layout", "tgeo_no_st": "tgeo, without the S–T edge"}
+ORDER = ("ce", "kd_a0.1", "kd_a0.3", "kd_a0.5", "kd_a0.7", "kd_a0.9", "kd_best", "kd_tgeo_mean_alpha",
+         "kd_trainval", "anl_kd", "ada_kd", "wls_kd", "rw_kd", "dist", "dkd", "tgeo", "tgeo_unroll4", "tgeo_unroll8",
+         "tgeo_implicit", "tgeo_head_only", "tgeo_center", "tgeo_outliers")
+LABELS = {"kd_best": "**kd, best constant α (validation)**", "kd_tgeo_mean_alpha": "kd α = TGeo-KD's mean α",
+          "kd_trainval": "kd (best α) on train + val", "tgeo": "tgeo one_step", "tgeo_unroll4": "tgeo unroll K=4",
+          "tgeo_unroll8": "tgeo unroll K=8", "tgeo_implicit": "tgeo implicit (Neumann)",
+          "tgeo_head_only": "tgeo head_only", "tgeo_center": "tgeo centred on the best α",
+          "tgeo_outliers": "tgeo + 500 outliers", **{f"kd_a{a}": f"kd α = {a}" for a in ("0.1", "0.3", "0.5", "0.7",
+                                                                                          "0.9")}}
+TGEO = ("tgeo", "tgeo_unroll4", "tgeo_unroll8", "tgeo_implicit", "tgeo_head_only", "tgeo_center")
 
 
-def cell(row) -> str:
+def _row(res, name):
+  return next((r for r in res["rows"] if r["method"] == name), None)
+
+
+def cell(row, seeds) -> str:
   if row is None or row["last_mean"] is None:
     return "–"
   mark = "†" if row.get("p_vs_kd") is not None and row["p_vs_kd"] < 0.05 else ""
-  return f"{100 * row['last_mean']:.2f} ± {100 * (row['last_std'] or 0):.2f}{mark}"
+  n = "" if row["n"] == seeds else f" ({row['n']})"
+  return f"{100 * row['last_mean']:.2f} ± {100 * (row['last_std'] or 0):.2f}{mark}{n}"
 
 
-def main(paths) -> int:
-  results, variants = {}, {}
-  for path in paths:
+def _f(v, spec=".2f"):
+  return "–" if v is None else format(v, spec)
+
+
+def tables(results: dict, seeds: int) -> str:
+  keys = list(results)
+  out = ["| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+  for name in ORDER:
+    rows = [_row(results[k], name) for k in keys]
+    if all(r is None for r in rows):
+      continue
+    out.append(f"| {LABELS.get(name, name)} | " + " | ".join(cell(r, seeds) for r in rows) + " |")
+  out.append("| best constant α (validation) | " + " | ".join(
+      _f((results[k].get("best_alpha") or {}).get("alpha"), "g") for k in keys) + " |")
+  out.append("| learning rate (CE, validation) | " + " | ".join(f"{results[k]['learning_rate']:g}" for k in keys)
+             + " |")
+
+  out += ["", "TGeo-KD variants minus the best constant α (last-epoch test accuracy, pp; Welch p):", "",
+          "| variant | " + " | ".join(keys) + " | pairs won (p < 0.05) |", "|---|" + "---|" * (len(keys) + 1)]
+  for name in TGEO:
+    cells, won, ran = [], 0, 0
+    for k in keys:
+      comp = next((c for c in results[k].get("tgeo_vs", {}).get(name, []) if c["against"] == "kd_best"), None)
+      if comp is None:
+        cells.append("–")
+        continue
+      ran += 1
+      win = comp["p"] is not None and comp["p"] < 0.05 and comp["difference"] > 0
+      won += win
+      cells.append(f"{100 * comp['difference']:+.2f} (p {_f(comp['p'], '.3f')})")
+    if ran:
+      out.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {won} of {ran} |")
+
+  out += ["", "α (seed means; first → last epoch): mean, spread (std over examples) at the last epoch, the paper's "
+          "groups (teacher correct, large / small S–T gap), outliers when injected:", "",
+          "| pair | variant | mean α | std α (last) | tc, large gap | tc, small gap | large − small | outliers / "
+          "normal |", "|---|---|---|---|---|---|---|---|"]
+  for k in keys:
+    for name, table in results[k].get("alpha", {}).items():
+      if not table:
+        continue
+      first, last = table[0], table[-1]
+      outl = (f"{_f(last.get('alpha_outlier'))} / {_f(last.get('alpha_normal'))}"
+              if last.get("alpha_outlier") is not None else "–")
+      s = results[k]["alpha_summary"][name]
+      out.append(f"| {k} | {LABELS.get(name, name)} | {_f(first['alpha_mean'])} → {_f(last['alpha_mean'])} | "
+                 f"{_f(last['alpha_std'])} | {_f(first['alpha_tc_large'])} → {_f(last['alpha_tc_large'])} | "
+                 f"{_f(first['alpha_tc_small'])} → {_f(last['alpha_tc_small'])} | "
+                 f"{_f(s.get('tc_large_minus_tc_small_first'), '+.2f')} → "
+                 f"{_f(s.get('tc_large_minus_tc_small_last'), '+.2f')} | {outl} |")
+
+  out += ["", "Wall seconds per run, mean over seeds, and relative to KD at the best constant α (same pair; two "
+          "worker processes shared the 2 cores):", "",
+          "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+  for name in ("kd_best", "dist", "dkd", "rw_kd", *TGEO):
+    cells = []
+    for k in keys:
+      r, ref = _row(results[k], name), _row(results[k], "kd_best")
+      if r is None or r["seconds"] is None or ref is None or not ref["seconds"]:
+        cells.append("–")
+      else:
+        cells.append(f"{r['seconds']:.0f} s ({r['seconds'] / ref['seconds']:.1f}×)")
+    if any(c != "–" for c in cells):
+      out.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("paths", nargs="+")
+  parser.add_argument("--markdown_out", default="")
+  args = parser.parse_args(argv)
+  results, seeds = {}, 0
+  for path in args.paths:
     with open(path) as f:
       d = json.load(f)
     results.update(d["results"])
-    variants.update(d.get("variants", {}))
-  keys = list(results)
-  print("| method | " + " | ".join(keys) + " |")
-  print("|---|" + "---|" * len(keys))
-  for name in ORDER:
-    rows = [next((r for r in results[k]["rows"] if r["method"] == name), None) for k in keys]
-    if all(r is None for r in rows):
-      continue
-    print(f"| {LABELS.get(name, name)} | " + " | ".join(cell(r) for r in rows) + " |")
-  print("| learning rate (CE, validation) | " + " | ".join(f"{results[k]['learning_rate']:g}" for k in keys) + " |")
-  print("| seeds | " + " | ".join(str(max(r["n"] for r in results[k]["rows"])) for k in keys) + " |")
-  print()
-  for k in keys:
-    comps = results[k].get("tgeo_vs") or []
-    if comps:
-      print(f"- {k}: TGeo-KD minus " + ", ".join(
-          f"{c['against']} {100 * c['difference']:+.2f} pp (p = {c['p']:.3f})" if c["p"] is not None
-          else f"{c['against']} {100 * c['difference']:+.2f} pp" for c in comps))
-  print("\nα at the last epoch (seed mean): overall mean (std) | teacher correct, large / small S–T gap | "
-        "teacher wrong, large / small gap\n")
-  print("| run | mean α (std) | tc large | tc small | ti large | ti small | outliers / normal |")
-  print("|---|---|---|---|---|---|---|")
-
-  def alpha_row(label, table):
-    last = table[-1]
-    f = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
-    out = f"{f(last.get('alpha_outlier'))} / {f(last.get('alpha_normal'))}" if last.get("alpha_outlier") else "–"
-    first = table[0]
-    print(f"| {label} | {f(last['alpha_mean'])} ({f(last['alpha_std'])}); epoch 1: {f(first['alpha_mean'])} | "
-          f"{f(last['alpha_tc_large'])} | {f(last['alpha_tc_small'])} | {f(last['alpha_ti_large'])} | "
-          f"{f(last['alpha_ti_small'])} | {out} |")
-
-  for k in keys:
-    for name, table in results[k]["alpha"].items():
-      if table:
-        alpha_row(f"{k} {name}", table)
-  for k, res in variants.items():
-    for name, table in res["alpha"].items():
-      if table and name != "tgeo":
-        alpha_row(f"{k} {name}", table)
-  if variants:
-    print("\nα variants (TGeo-KD, fewer seeds): test accuracy (validation accuracy)\n")
-    vkeys = list(variants)
-    names = list(dict.fromkeys(r["method"] for k in vkeys for r in variants[k]["rows"]))
-    print("| variant | " + " | ".join(vkeys) + " |")
-    print("|---|" + "---|" * len(vkeys))
-    for name in names:
-      cells = []
-      for k in vkeys:
-        r = next((r for r in variants[k]["rows"] if r["method"] == name), None)
-        cells.append("–" if r is None or r["last_mean"] is None else
-                     f"{100 * r['last_mean']:.2f} ± {100 * (r['last_std'] or 0):.2f} ({100 * r['val_mean']:.2f})")
-      print(f"| {name} | " + " | ".join(cells) + " |")
+    seeds = max(seeds, d.get("seeds", 0))
+  text = tables(results, seeds)
+  print(text)
+  if args.markdown_out:
+    with open(args.markdown_out, "w") as f:
+      f.write(text + "\n")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+  sys.exit(main())

@@ -9,7 +9,8 @@ from tgeo_jax import models
 
 
 @pytest.mark.parametrize("name,fmap_shape", [("mlp", (2, 128)), ("cnn_small", (2, 7, 7, 64)),
-                                             ("cnn_teacher", (2, 7, 7, 128)), ("cnn_tiny", (2, 14, 14, 8))])
+                                             ("cnn_teacher", (2, 7, 7, 128)), ("cnn_tiny", (2, 14, 14, 8)),
+                                             ("cnn_medium_fc", (2, 7, 7, 128))])
 def test_shapes_and_features(name, fmap_shape):
   fn = models.split(models.create(name, num_classes=10, input_shape=(28, 28, 1)))
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 28, 28, 1))
@@ -18,6 +19,17 @@ def test_shapes_and_features(name, fmap_shape):
   chex.assert_shape(fmap, fmap_shape)
   chex.assert_trees_all_close(models.apply_classifier(*fn, fmap), logits, atol=1e-6)
   chex.assert_trees_all_close(models.apply(*fn, x, train=False)[0], logits, atol=1e-6)
+
+
+def test_dense_head_parameter_count_and_classifier():
+  # Counted by hand: convs 1*32*9 + 32*64*9 + 64*128*9, BatchNorm scale+bias 2*(32+64+128), the hidden layer
+  # (7*7*128) * 256 + 256, the head 256 * 10 + 10.
+  model = models.create("cnn_medium_fc", num_classes=10, input_shape=(28, 28, 1))
+  assert models.num_params(models.split(model).params) == 92448 + 448 + 1605888 + 2570
+  fmap = jax.random.normal(jax.random.PRNGKey(1), (3, 7, 7, 128))
+  expected = jnp.maximum(fmap.reshape(3, -1) @ model.hidden.kernel.value + model.hidden.bias.value, 0)
+  expected = expected @ model.head.kernel.value + model.head.bias.value
+  chex.assert_trees_all_close(model.classify(fmap), expected, atol=1e-5)
 
 
 def test_batchnorm_train_mode_updates_statistics_eval_mode_does_not():

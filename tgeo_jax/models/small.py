@@ -85,6 +85,28 @@ class CNN(nnx.Module):
     return self.classify(self.features(x, train=train))
 
 
+class CNNDenseHead(CNN):
+  """``CNN`` whose head is flatten -> Linear(hidden) -> ReLU -> Linear(K) instead of global average pooling:
+  the spatial layout of the last map reaches the classifier, which on 28x28 clothing images is worth ~1.5 points
+  of accuracy for ~7% more compute per step (the head is ~0.2% of the FLOPs but most of the parameters).
+
+  ``features`` is ``CNN``'s (the last stage's map); ``classify(fmap [B, h, w, c]) -> [B, K]``.
+  """
+
+  def __init__(self, *, num_classes: int, input_shape, widths=(32, 64, 128), hidden: int = 256, dtype=None,
+               rngs: nnx.Rngs, **kw):
+    super().__init__(num_classes=num_classes, input_shape=input_shape, widths=widths, dtype=dtype, rngs=rngs, **kw)
+    side_h, side_w = input_shape[0], input_shape[1]
+    for _ in range(len(widths) - 1):  # the 2x2 pools between stages floor odd sides
+      side_h, side_w = side_h // 2, side_w // 2
+    self.hidden = nnx.Linear(side_h * side_w * widths[-1], hidden, rngs=rngs)
+    self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
+
+  def classify(self, fmap):
+    h = at_least_float32(fmap).reshape(fmap.shape[0], -1)
+    return self.head(nnx.relu(self.hidden(h)))
+
+
 @register("mlp")
 def mlp(**kw):
   """Student MLP (Fashion-MNIST: 784 -> 256 -> 128 -> K, ~0.235M parameters)."""
@@ -114,6 +136,13 @@ def cnn_medium(*, widths=(32, 64, 128), convs_per_stage=1, **kw):
   """The demo's teacher CNN (~94k parameters, three 3x3 convs with BatchNorm): on a 2-core CPU a training step
   costs ~0.4x of ``cnn_teacher``'s, whose doubled convs at 28x28 dominate."""
   return CNN(widths=widths, convs_per_stage=convs_per_stage, **kw)
+
+
+@register("cnn_medium_fc")
+def cnn_medium_fc(*, widths=(32, 64, 128), hidden=256, **kw):
+  """The study's strong Fashion-MNIST teacher: ``cnn_medium``'s three convs with a dense head (flatten 7x7x128 ->
+  256 -> K; ~1.70M parameters, ~1.07x ``cnn_medium``'s step time on a 2-core CPU)."""
+  return CNNDenseHead(widths=widths, hidden=hidden, **kw)
 
 
 @register("cnn_tiny")

@@ -1,0 +1,56 @@
+"""The weights-only teacher export: same variables, same students, smaller directory, clear refusals."""
+
+import json
+import os
+
+import pytest
+
+from conftest import run_inprocess, tiny_config
+
+
+def _size(path):
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_exported_teacher_teaches_like_its_run(tiny_teacher, tmp_path, capsys):
+  from tgeo_jax import export_teacher
+  out = str(tmp_path / "exported")
+  digest = export_teacher.export_teacher(tiny_teacher, out, log=lambda m: None)
+  assert _size(os.path.join(out, "checkpoints")) < _size(os.path.join(tiny_teacher, "checkpoints"))
+  assert export_teacher.export_teacher(tiny_teacher, out, log=lambda m: None) == digest  # idempotent
+
+  summaries = []
+  for i, teacher_dir in enumerate((tiny_teacher, out)):
+    config = tiny_config("kd", **{"teacher.checkpoint": teacher_dir, "num_epochs": 1})
+    rc, _, err = run_inprocess(config, tmp_path / f"kd{i}", capsys)
+    assert rc == 0, err
+    with open(tmp_path / f"kd{i}" / "summary.json") as f:
+      summaries.append(json.load(f))
+  assert [t["variables_sha256"] for s in summaries for t in s["teachers"]] == [digest, digest]
+  assert summaries[0]["accuracy"] == summaries[1]["accuracy"]
+  assert summaries[0]["loss"] == summaries[1]["loss"]
+
+
+def test_export_refuses_directories_without_a_run(tiny_teacher, tmp_path):
+  from tgeo_jax import export_teacher
+  from tgeo_jax.errors import UserError
+  with pytest.raises(UserError, match=r"--workdir: .* holds no config.json"):
+    export_teacher.export_teacher(str(tmp_path), str(tmp_path / "out"), log=lambda m: None)
+  meta_free = tmp_path / "no_checkpoint"
+  os.makedirs(meta_free)
+  for name in ("config.json",):
+    with open(os.path.join(tiny_teacher, name)) as src, open(meta_free / name, "w") as dst:
+      dst.write(src.read())
+  with pytest.raises(UserError, match=r"--workdir: .* holds no checkpoint"):
+    export_teacher.export_teacher(str(meta_free), str(tmp_path / "out2"), log=lambda m: None)
+
+
+def test_cli_one_line_error(tmp_path):
+  from conftest import error_lines
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-m", "tgeo_jax.export_teacher", f"--workdir={tmp_path}",
+                         f"--out={tmp_path / 'o'}"], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert error_lines(proc.stderr) == [f"error: --workdir: {str(tmp_path)!r} holds no config.json (not a run's work "
+                                      "directory)"]
