@@ -13,11 +13,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 W=${1:-runs/study2}
 OUT=bench/results
-mkdir -p "$W" "$OUT/figures"
+mkdir -p "$W" "$OUT/figures/study2"
 run2() {  # NAME, study arguments...
   name=$1; shift
   $PY bench/study.py --workdir "$W" --worker 1 "$@" > "$W/w1_$name.log" 2>&1 &
-  $PY bench/study.py --workdir "$W" --worker 0 --out "$OUT/$name.json" --figures "$OUT/figures" "$@" \
+  $PY bench/study.py --workdir "$W" --worker 0 --out "$OUT/$name.json" --figures "$OUT/figures/study2" "$@" \
       > "$W/w0_$name.log" 2>&1
   wait
   sed -n '/^Teacher/,$p' "$W/w0_$name.log"

@@ -101,7 +101,7 @@ LEARNED = ("tgeo", "tgeo_unroll4", "tgeo_unroll8", "tgeo_implicit", "tgeo_head_o
 LR_GRID = (0.05, 0.1, 0.2)
 TEACHER_DIR = "teachers/fmnist_cnn_medium_fc"
 # sha256 of the committed teacher's variables (teacher.variables_digest: paths, shapes, dtypes, each array's sha256).
-TEACHER_SHA256 = "TO_BE_SET"
+TEACHER_SHA256 = "08bc95440c2ab989d10979c791ceb77208bd652a8b559500f334abdcb3333d94"
 
 
 def load_fashion_mnist_config(arg: str):
