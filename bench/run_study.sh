@@ -25,16 +25,20 @@ run2() {  # NAME, study arguments...
 GRID=kd_a0.1,kd_a0.3,kd_a0.5,kd_a0.7,kd_a0.9
 MLP_CORE=ce,$GRID,kd_best,tgeo,tgeo_unroll4,tgeo_implicit,tgeo_head_only
 CNN_CORE=ce,$GRID,kd_best,tgeo,tgeo_head_only
-CNN=(--students cnn_small --settings subset10,noise20,full --epochs full=3,noise20=3 --lr_grid 0.1,0.2)
-# First the main comparison on all six pairs (3 seeds; the α grid at seed 0, then 3 seeds at the chosen α): CE, the
-# α grid, the best constant α, the hypergradients. unroll and implicit cost ~17x and ~60-100x a KD step on XLA:CPU
-# for a CNN (docs/benchmarks.md): on the CNN only on subset10, 2 seeds, last.
-run2 study2_mlp --students mlp --settings subset10,noise20,full --seeds 3 --grid_seeds 1 --methods $MLP_CORE
-run2 study2_cnn "${CNN[@]}" --seeds 3 --grid_seeds 1 --methods $CNN_CORE
+MLP=(--students mlp --settings subset10,noise20,full --seeds 3 --grid_seeds 1)
+CNN_SUB=(--students cnn_small --settings subset10 --lr_grid 0.1,0.2 --seeds 3 --grid_seeds 1)
+CNN_FULL=(--students cnn_small --settings noise20,full --epochs full=3,noise20=3 --lr_grid 0.1,0.2 --seeds 2 --grid_seeds 1)
+# First the main comparison on all six pairs (the α grid at seed 0, then every seed at the chosen α): CE, the α
+# grid, the best constant α, the hypergradients; 3 seeds, 2 for the CNN on the full training part (compute).
+# unroll and implicit cost ~17x and ~60-100x a KD step on XLA:CPU for a CNN (docs/benchmarks.md): on the CNN only
+# on subset10, 2 seeds, last.
+run2 study2_mlp "${MLP[@]}" --methods $MLP_CORE
+run2 study2_cnn_subset10 "${CNN_SUB[@]}" --methods $CNN_CORE
+run2 study2_cnn_full_noise "${CNN_FULL[@]}" --methods $CNN_CORE
 # Then the other controls and methods (the runs above are read back into the same tables).
-run2 study2_mlp --students mlp --settings subset10,noise20,full --seeds 3 --grid_seeds 1 \
-  --methods $MLP_CORE,tgeo_center,kd_tgeo_mean_alpha,kd_trainval,dist,dkd,anl_kd,rw_kd
-run2 study2_cnn "${CNN[@]}" --seeds 3 --grid_seeds 1 --methods $CNN_CORE,dist,dkd,tgeo_center,kd_tgeo_mean_alpha
+run2 study2_mlp "${MLP[@]}" --methods $MLP_CORE,tgeo_center,kd_tgeo_mean_alpha,kd_trainval,dist,dkd,anl_kd,rw_kd
+run2 study2_cnn_subset10 "${CNN_SUB[@]}" --methods $CNN_CORE,dist,dkd,tgeo_center,kd_tgeo_mean_alpha
+run2 study2_cnn_full_noise "${CNN_FULL[@]}" --methods $CNN_CORE,dist,dkd
 # The paper's outlier probe (500 Gaussian-noise images with random labels appended), MLP on subset10.
 run2 study2_outliers --students mlp --settings subset10 --seeds 2 --methods tgeo_outliers
 # The long-horizon hypergradients on the CNN student, subset10 (2 seeds).

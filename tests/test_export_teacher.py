@@ -54,3 +54,16 @@ def test_cli_one_line_error(tmp_path):
   assert proc.returncode == 2
   assert error_lines(proc.stderr) == [f"error: --workdir: {str(tmp_path)!r} holds no config.json (not a run's work "
                                       "directory)"]
+
+
+def test_committed_study_teacher_matches_the_studys_digest():
+  # The study's teacher is committed (teachers/); bench/study.py refuses any other variables. A changed file in
+  # that directory fails here before it fails a three-hour study.
+  import sys
+  from tgeo_jax import data, teacher
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, os.path.join(root, "bench"))
+  import study
+  spec = data.TaskSpec("fashion_mnist", 10, (28, 28, 1), 54000)
+  loaded = teacher.load_teacher_from("cnn_medium_fc", os.path.join(root, study.TEACHER_DIR), spec, field="teacher")
+  assert loaded.identity["variables_sha256"] == study.TEACHER_SHA256
