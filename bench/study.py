@@ -86,6 +86,8 @@ METHODS = {
     "tgeo_unroll4": {"method": "tgeo", "tgeo.hypergrad": "unroll", "tgeo.unroll_steps": 4},
     "tgeo_unroll8": {"method": "tgeo", "tgeo.hypergrad": "unroll", "tgeo.unroll_steps": 8},
     "tgeo_implicit": {"method": "tgeo", "tgeo.hypergrad": "implicit"},
+    # The default Neumann step η = 0.1 diverges on the MLP (η λ_max(H) > 2); a smaller step keeps the series bounded.
+    "tgeo_implicit_eta0.01": {"method": "tgeo", "tgeo.hypergrad": "implicit", "tgeo.implicit_lr": 0.01},
     "tgeo_head_only": {"method": "tgeo", "tgeo.hypergrad": "head_only"},
     # The paper's outlier probe: Gaussian-noise images with random labels appended to the training part.
     "tgeo_outliers": {"method": "tgeo", "data.outliers": 500},
@@ -95,7 +97,7 @@ DERIVED = ("kd_best", "kd_trainval", "kd_tgeo_mean_alpha", "tgeo_center")
 DEFAULT_ORDER = ("ce", *(f"kd_a{a:g}" for a in ALPHA_GRID), "kd_best", "tgeo", "tgeo_unroll4", "tgeo_implicit",
                  "tgeo_head_only", "tgeo_center", "kd_tgeo_mean_alpha", "kd_trainval", "dist", "dkd", "anl_kd",
                  "rw_kd", "ada_kd", "wls_kd")
-LEARNED = ("tgeo", "tgeo_unroll4", "tgeo_unroll8", "tgeo_implicit", "tgeo_head_only", "tgeo_center",
+LEARNED = ("tgeo", "tgeo_unroll4", "tgeo_unroll8", "tgeo_implicit", "tgeo_implicit_eta0.01", "tgeo_head_only", "tgeo_center",
            "tgeo_outliers", "rw_kd")
 
 LR_GRID = (0.05, 0.1, 0.2)
@@ -117,8 +119,8 @@ apply_overrides = default_config.override
 class Runner:
   """Runs (or reads back) one training run per work directory, sharing the runs among worker processes."""
 
-  def __init__(self, root: str, log, teacher_sha256: str | None = None):
-    self.root, self.log, self.teacher_sha256 = root, log, teacher_sha256
+  def __init__(self, root: str, log, teacher_sha256: str | None = None, read_only: bool = False):
+    self.root, self.log, self.teacher_sha256, self.read_only = root, log, teacher_sha256, read_only
 
   def summary(self, workdir: str):
     path = os.path.join(workdir, "summary.json")
@@ -165,6 +167,8 @@ class Runner:
       if done is not None and done.get("finished", True):
         check_same_config(done, config, workdir, self.teacher_sha256)
         return done
+      if self.read_only:  # --tables_only: an unfinished run is missing from the tables, never run
+        return None
       check_same_config(run_identity.read_json_file(os.path.join(workdir, run_identity.IDENTITY_FILE)), config,
                         workdir)
       if self._claim(workdir):
@@ -439,6 +443,8 @@ def main(argv=None) -> int:
   parser.add_argument("--teacher_sha256", default=TEACHER_SHA256,
                       help="the teacher variables' expected sha256 ('' = do not check)")
   parser.add_argument("--figures", default="", help="write the α-by-group figures (PNG) into this directory")
+  parser.add_argument("--tables_only", action="store_true",
+                      help="run nothing: tabulate the finished runs (unfinished ones are left out of the tables)")
   parser.add_argument("--worker", type=int, default=0,
                       help="this process's number when several share --workdir (names its log only)")
   args = parser.parse_args(argv)
@@ -502,7 +508,7 @@ def main(argv=None) -> int:
                         f"teacher ({args.teacher_sha256[:12]}); pass --teacher_sha256='' to study this one")
   log(f"teacher {teacher_model} from {teacher_dir}: test accuracy {teacher_summary.get('accuracy')}, "
       f"variables sha256 {digest[:12]}")
-  runner = Runner(root, log, digest)
+  runner = Runner(root, log, digest, read_only=args.tables_only)
 
   def student_config(setting, student, overrides, seed, lr):
     spec = SETTINGS[setting]
@@ -530,7 +536,7 @@ def main(argv=None) -> int:
   def run_all(jobs: dict) -> dict:
     """Runs every job (``key -> (config, workdir, lr)``): first each free one, then waits for the others'."""
     out = {}
-    for wait in (False, True):
+    for wait in (False,) if args.tables_only else (False, True):
       for key, (config, workdir, lr) in jobs.items():
         if key in out:
           continue
@@ -573,9 +579,11 @@ def main(argv=None) -> int:
                                        os.path.join(root, setting, student, "lr_search", f"ce_lr{lr:g}"), lr)
     got = run_all(jobs)
     for setting, student in pairs:
-      rs = [got[(setting, student, seed)] for seed in range(n_seeds(name))]
+      rs = [got[key] for key in ((setting, student, seed) for seed in range(n_seeds(name))) if key in got]
+      if not rs:  # --tables_only and not run
+        continue
       runs[(setting, student)][name] = rs
-      if not diverged(rs[0], setting, student):
+      if args.tables_only or not diverged(rs[0], setting, student):
         continue
       log(f"{setting}/{student}/{name}: diverged at learning rate {chosen_lr[(setting, student)]:g}")
       runs[(setting, student)][name], notes[(setting, student)][name] = [], "diverged at every rate of the grid"
@@ -612,8 +620,10 @@ def main(argv=None) -> int:
     got = run_all({(pair, seed): job(*pair, run_name, overrides, seed, chosen_lr[pair])
                    for pair, overrides, run_name, _ in specs for seed in range(n_seeds(name))})
     for pair, _, _, note in specs:
-      runs[pair][name] = [got[(pair, seed)] for seed in range(n_seeds(name))]
-      notes[pair][name] = note
+      rs = [got[(pair, seed)] for seed in range(n_seeds(name)) if (pair, seed) in got]
+      if rs:
+        runs[pair][name] = rs
+        notes[pair][name] = note
 
   def needs(name, before):
     if not all(b in done for b in before):
@@ -628,6 +638,8 @@ def main(argv=None) -> int:
       specs = []
       for pair in pairs:
         alpha, grid = best_alpha(runs[pair])
+        if alpha is None:  # --tables_only and the grid not run
+          continue
         chosen_alpha[pair] = dict(alpha=alpha, grid=grid, seeds=n_seeds("kd_a0.1"))
         specs.append((pair, kd_at(alpha), f"kd_a{alpha:g}",
                       f"KD at α = {alpha:g}: the grid's best validation accuracy (grid at "
@@ -636,7 +648,7 @@ def main(argv=None) -> int:
     elif name in ("kd_trainval", "tgeo_center"):
       needs(name, ["kd_best"])
       specs = []
-      for pair in pairs:
+      for pair in (p for p in pairs if p in chosen_alpha):
         alpha = chosen_alpha[pair]["alpha"]
         if name == "kd_trainval":
           specs.append((pair, dict(kd_at(alpha), **{"data.train_with_val": True}), f"kd_trainval_a{alpha:g}",
@@ -649,7 +661,7 @@ def main(argv=None) -> int:
       needs(name, ["tgeo"])
       specs = []
       for pair in pairs:
-        table = alpha_tables({"tgeo": runs[pair]["tgeo"]}).get("tgeo")
+        table = alpha_tables({"tgeo": runs[pair].get("tgeo", [])}).get("tgeo")
         if table:
           mean_alpha = round(statistics.mean(r["alpha_mean"] for r in table), 3)
           specs.append((pair, kd_at(mean_alpha), f"kd_a{mean_alpha:g}",
