@@ -119,7 +119,15 @@ def main(argv=None) -> int:
   for path in args.paths:
     with open(path) as f:
       d = json.load(f)
-    results.update(d["results"])
+    for key, res in d["results"].items():  # one pair in several files (e.g. a probe beside the main runs): merged
+      if key not in results:
+        results[key] = res
+        continue
+      have = {r["method"] for r in results[key]["rows"]}
+      results[key]["rows"] = results[key]["rows"] + [r for r in res["rows"] if r["method"] not in have]
+      for part in ("alpha", "alpha_summary", "tgeo_vs"):
+        results[key][part] = {**res.get(part, {}), **results[key].get(part, {})}
+      results[key]["best_alpha"] = results[key].get("best_alpha") or res.get("best_alpha")
     seeds = max(seeds, d.get("seeds", 0))
   text = tables(results, seeds)
   print(text)
