@@ -27,8 +27,8 @@ def test_dense_head_parameter_count_and_classifier():
   model = models.create("cnn_medium_fc", num_classes=10, input_shape=(28, 28, 1))
   assert models.num_params(models.split(model).params) == 92448 + 448 + 1605888 + 2570
   fmap = jax.random.normal(jax.random.PRNGKey(1), (3, 7, 7, 128))
-  expected = jnp.maximum(fmap.reshape(3, -1) @ model.hidden.kernel.value + model.hidden.bias.value, 0)
-  expected = expected @ model.head.kernel.value + model.head.bias.value
+  expected = jnp.maximum(fmap.reshape(3, -1) @ model.hidden.kernel[...] + model.hidden.bias[...], 0)
+  expected = expected @ model.head.kernel[...] + model.head.bias[...]
   chex.assert_trees_all_close(model.classify(fmap), expected, atol=1e-5)
 
 
