@@ -30,7 +30,8 @@ Statistics: test accuracy at the last epoch and the best epoch, mean ± std over
 method's last-epoch accuracy against ``kd_best``'s (scipy). The JSON has every run's summary, the chosen rates and
 α, the α-by-group records per epoch and the wall time. Several processes may share one ``--workdir`` (start each
 with its own ``--worker i``): a run is claimed by creating its ``.claim`` file, a claim of a dead process is taken
-over, and each process waits for the others' runs it needs.
+over; each process first takes every free run of the named methods (a job queue across methods), then waits
+for the others' runs it needs.
 
 The first study (a 3-epoch ``cnn_medium`` teacher at 88.8%, weaker than the CNN student) is docs/history/study_v1.md,
 produced by this script as of commit e97d303 (`git show e97d303:bench/study.py`).
@@ -533,10 +534,11 @@ def main(argv=None) -> int:
     workdir = os.path.join(root, setting, student, name, f"seed{seed}")
     return (student_config(setting, student, overrides, seed, lr), workdir, lr)
 
-  def run_all(jobs: dict) -> dict:
-    """Runs every job (``key -> (config, workdir, lr)``): first each free one, then waits for the others'."""
+  def run_all(jobs: dict, *, wait_for_others: bool = True) -> dict:
+    """Runs every job (``key -> (config, workdir, lr)``): first each free one, then (``wait_for_others``) waits
+    for the other workers' runs."""
     out = {}
-    for wait in (False,) if args.tables_only else (False, True):
+    for wait in (False, True) if wait_for_others and not args.tables_only else (False,):
       for key, (config, workdir, lr) in jobs.items():
         if key in out:
           continue
@@ -628,6 +630,17 @@ def main(argv=None) -> int:
   def needs(name, before):
     if not all(b in done for b in before):
       parser.error(f"--methods: {name} is derived from {' and '.join(before)}: name it after them")
+
+  # A job queue across methods: every worker first takes each free run of the named methods (not the derived
+  # controls, which need finished runs), in the order of --methods, never waiting on another worker's run, so that
+  # no core idles at a method with fewer runs than workers (one pair, the α grid at one seed). The ordered pass
+  # below then reads them back, waits for the others', re-runs a diverged method and runs the derived controls.
+  if not args.tables_only:
+    run_all({(name, setting, student, seed): job(setting, student, name, METHODS[name], seed,
+                                                 chosen_lr[(setting, student)])
+             for name in methods if name in METHODS for setting, student in pairs
+             for seed in range(n_seeds(name)) if not (name == "ce" and seed == 0)},  # CE seed 0: the lr search
+            wait_for_others=False)
 
   done = []
   for name in methods:

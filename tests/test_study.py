@@ -48,3 +48,56 @@ def test_kd_alpha_grid_is_the_documented_fusion():
   assert study.kd_at(0.3) == {"method": "kd", "kd.w_kd": 0.3, "kd.w_ce": 0.7}
   assert [m for m in study.METHODS if m.startswith("kd_a")] == ["kd_a0.1", "kd_a0.3", "kd_a0.5", "kd_a0.7", "kd_a0.9"]
   assert all(m in study.METHODS or m in study.DERIVED for m in study.DEFAULT_ORDER)
+
+
+STUDY = os.path.join(study.ROOT, "bench", "study.py")
+
+
+def _study(workdir, teacher_dir, *extra, worker=0, popen=False):
+  """``bench/study.py`` on the tiny synthetic task (a subprocess: the study sets JAX's compilation cache)."""
+  import subprocess
+  args = [sys.executable, STUDY, f"--workdir={workdir}", f"--teacher={teacher_dir}", "--teacher_sha256=",
+          "--settings=full", "--students=cnn_tiny", "--seeds=2", "--lr_grid=0.1", "--methods=ce,kd_a0.5,tgeo",
+          "--override=data.name=synthetic", "--override=batch_size=32", "--override=val_batch_size=32",
+          f"--worker={worker}", *extra]
+  if popen:
+    return subprocess.Popen(args, cwd=study.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.run(args, cwd=study.ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _runs_started(stdout):
+  return [line.split("] run ", 1)[1] for line in stdout.splitlines() if "] run " in line]
+
+
+def test_two_workers_share_the_runs_then_read_back_and_a_changed_protocol_is_refused(tiny_teacher, tmp_path):
+  """The study end to end on a tiny task: two workers on one work directory run every run exactly once (the
+  learning-rate search, then 2 seeds of CE, KD and TGeo-KD), the tables come from their summaries, a second
+  invocation re-runs nothing, and one with another protocol (more epochs) stops with a one-line error."""
+  import json
+  workdir, out = str(tmp_path / "study"), str(tmp_path / "study.json")
+  other = _study(workdir, tiny_teacher, "--epochs=full=1", worker=1, popen=True)
+  first = _study(workdir, tiny_teacher, "--epochs=full=1", f"--out={out}")
+  other_out, other_err = other.communicate(timeout=600)
+  assert first.returncode == 0, first.stderr
+  assert other.returncode == 0, other_err
+  started = _runs_started(first.stdout) + _runs_started(other_out)
+  expected = {"full/cnn_tiny/lr_search/ce_lr0.1", "full/cnn_tiny/ce/seed1",
+              *(f"full/cnn_tiny/{m}/seed{s}" for m in ("kd_a0.5", "tgeo") for s in (0, 1))}
+  assert sorted(started) == sorted(expected)  # each run once, by one of the two workers
+  with open(out) as f:
+    result = json.load(f)["results"]["full/cnn_tiny"]
+  rows = {r["method"]: r for r in result["rows"]}
+  assert {m: rows[m]["n"] for m in rows} == {"ce": 2, "kd_a0.5": 2, "tgeo": 2}
+  assert rows["tgeo"]["p_vs_kd"] is None  # no kd_best in this study: nothing to test against
+  with open(os.path.join(workdir, "full/cnn_tiny/tgeo/seed1/summary.json")) as f:
+    assert rows["tgeo"]["last_mean"] == pytest.approx((json.load(f)["accuracy"] + result["runs"]["tgeo"][0]["accuracy"]) / 2)
+  assert result["alpha"]["tgeo"], "TGeo-KD's α-by-group records"
+
+  again = _study(workdir, tiny_teacher, "--epochs=full=1")
+  assert again.returncode == 0, again.stderr
+  assert _runs_started(again.stdout) == []
+
+  changed = _study(workdir, tiny_teacher, "--epochs=full=2")
+  assert changed.returncode == 2
+  assert changed.stderr.strip().count("\n") == 0, changed.stderr
+  assert "holds a run of another configuration" in changed.stderr and "num_epochs" in changed.stderr
