@@ -7,6 +7,10 @@
 #
 #   bash bench/run_study.sh [WORKDIR]      (default runs/study2)
 #
+# As run on 2026-12-01 the study grew in two passes on one work directory: first 3 seeds on the MLP and the CNN
+# subset10, 2 on the CNN noise20 (17:33-19:08), then (20:07-22:05) the MLP and the CNN subset10 to 5 seeds, the
+# other controls and methods, full/cnn_small and the cost runs. A pass with more seeds reads the first seeds back
+# (same fingerprints), so the invocations below, which are the second pass's, give the same runs from scratch.
 # The first study (3-epoch cnn_medium teacher) is docs/history/study_v1.md: `git show e97d303:bench/run_study.sh`.
 set -eu
 cd "$(dirname "$0")/.."
@@ -23,25 +27,30 @@ run2() {  # NAME, study arguments...
   sed -n '/^Teacher/,$p' "$W/w0_$name.log"
 }
 GRID=kd_a0.1,kd_a0.3,kd_a0.5,kd_a0.7,kd_a0.9
-MLP_CORE=ce,$GRID,kd_best,tgeo,tgeo_unroll4,tgeo_implicit,tgeo_head_only
-MLP_ALL=$MLP_CORE,tgeo_implicit_eta0.01,tgeo_center,dist,dkd,kd_tgeo_mean_alpha,anl_kd
-CNN_CORE=ce,$GRID,kd_best,tgeo,tgeo_head_only
-MLP=(--students mlp --settings subset10,noise20,full --seeds 3 --grid_seeds 1 --method_seeds tgeo_implicit_eta0.01=2)
-CNN_SUB=(--students cnn_small --settings subset10 --lr_grid 0.1,0.2 --seeds 3 --grid_seeds 1)
-CNN_NOISE=(--students cnn_small --settings noise20 --epochs noise20=3 --lr_grid 0.1,0.2 --seeds 2 --grid_seeds 1)
-# The main comparison (the α grid at seed 0, then every seed at the chosen α): CE, the α grid, the best constant
-# α, the hypergradients. unroll and implicit cost ~17x and ~60-100x a KD step on XLA:CPU for a CNN
-# (docs/benchmarks.md): on the CNN only one_step and head_only. full/cnn_small was not run (compute: its learning
-# rate search is in runs/study2/full/cnn_small/lr_search).
-run2 study2_mlp "${MLP[@]}" --methods $MLP_CORE
-run2 study2_cnn_subset10 "${CNN_SUB[@]}" --methods $CNN_CORE
-# (As run on 2026-12-01 the second worker took these methods in the opposite order, so that the two did not wait
-# on each other's single grid runs; the runs are the same.)
-run2 study2_cnn_noise20 "${CNN_NOISE[@]}" --methods $CNN_CORE
-# The other controls and methods on the MLP, the paper's outlier probe (500 Gaussian-noise images with random
-# labels appended, MLP on subset10), and the Neumann series with a step that stays bounded (2 seeds); as run, these
-# went in a third process beside the two above.
-run2 study2_mlp "${MLP[@]}" --methods $MLP_ALL
+CORE=ce,$GRID,kd_best,tgeo
+CONTROLS=kd_tgeo_mean_alpha,kd_trainval,dist,dkd,anl_kd,rw_kd,ada_kd,wls_kd
+# The MLP: every method, 5 seeds (the α grid at seed 0, then every seed at the chosen α; the contracting Neumann
+# series, a secondary variant, at 2).
+run2 study2_mlp --students mlp --settings subset10,noise20,full --seeds 5 --grid_seeds 1 \
+    --method_seeds tgeo_implicit_eta0.01=2 \
+    --methods $CORE,tgeo_unroll4,tgeo_implicit,tgeo_head_only,tgeo_implicit_eta0.01,tgeo_center,$CONTROLS
+# The CNN. unroll and implicit cost ~17x and ~60-100x a KD step on XLA:CPU for a CNN (docs/benchmarks.md): on the
+# CNN only one_step and head_only. subset10: 5 seeds for the main comparison, 2 for the other controls.
+LESS=kd_tgeo_mean_alpha=2,dist=2,anl_kd=2,kd_trainval=2,dkd=2,rw_kd=2,ada_kd=2,wls_kd=2
+run2 study2_cnn_subset10 --students cnn_small --settings subset10 --lr_grid 0.1,0.2 --seeds 5 --grid_seeds 1 \
+    --method_seeds $LESS --methods $CORE,tgeo_head_only,kd_tgeo_mean_alpha,dist,anl_kd,kd_trainval,dkd,rw_kd,ada_kd,wls_kd
+# full and noise20 (3 epochs, 2 seeds: a KD run takes ~4 min and a one_step run ~11 min here).
+run2 study2_cnn_noise20 --students cnn_small --settings noise20 --epochs noise20=3 --lr_grid 0.1,0.2 --seeds 2 \
+    --grid_seeds 1 --methods $CORE,tgeo_head_only
+run2 study2_cnn_full --students cnn_small --settings full --epochs full=3 --lr_grid 0.1,0.2 --seeds 2 \
+    --grid_seeds 1 --methods $CORE,tgeo_head_only
+# The paper's outlier probe: 500 Gaussian-noise images with random labels appended (MLP, subset10).
 run2 study2_outliers --students mlp --settings subset10 --seeds 2 --methods tgeo_outliers
-# Not run for lack of time (the study's 2 h on 2 cores): rw_kd, ada_kd, wls_kd, kd_trainval (MLP); dist, dkd,
-# tgeo_center, kd_tgeo_mean_alpha, unroll, implicit (CNN); full/cnn_small.
+# Cost, one run after another in ONE process (nothing else on the machine): full/mlp at its chosen rate and best α.
+mkdir -p "${W}_cost" && ln -sfn "$(cd "$W" && pwd)/teacher_logits" "${W}_cost/teacher_logits"
+$PY bench/study.py --workdir "${W}_cost" --worker 0 --out "$OUT/study2_cost_full_mlp.json" --students mlp \
+    --settings full --lr_grid 0.05 --seeds 1 --grid_seeds 1 \
+    --methods ce,kd_a0.7,anl_kd,ada_kd,wls_kd,rw_kd,dist,dkd,tgeo,tgeo_head_only,tgeo_unroll4,tgeo_implicit
+# α as a detector of the flipped labels (every learned-α run of noise20).
+$PY bench/alpha_label_noise.py --workdir "$W" --out "$OUT/study2_alpha_label_noise.json"
+$PY bench/study_tables.py "$OUT"/study2_{mlp,cnn_subset10,cnn_noise20,cnn_full,outliers}.json

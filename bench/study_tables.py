@@ -9,6 +9,11 @@ Prints, for every (setting, student) found:
 2. TGeo-KD variants against ``kd_best``: difference and p, and how many pairs each wins (p < 0.05, higher);
 3. α: first → last epoch mean, spread, the paper's groups (teacher correct, large / small S–T gap) first → last;
 4. cost: mean wall seconds per run relative to ``kd_best``'s (two worker processes shared the 2 cores).
+
+    python bench/study_tables.py --cost bench/results/study2_cost_full_mlp.json
+
+prints only the cost of each method of a study run one run after another in one process (``bench/run_study.sh``'s
+cost runs): the whole run's wall time (set-up, compilation, training, evaluation) relative to its KD run's.
 """
 
 from __future__ import annotations
@@ -110,10 +115,30 @@ def tables(results: dict, seeds: int) -> str:
   return "\n".join(out)
 
 
+def cost_table(results: dict) -> str:
+  """Per pair: each method's wall seconds (one seed) relative to the pair's KD run (``kd_best`` or its one
+  ``kd_a*`` run)."""
+  out = []
+  for key, res in results.items():
+    kd = [r for r in res["rows"] if r["method"] == "kd_best"] or [r for r in res["rows"]
+                                                                    if r["method"].startswith("kd_a")]
+    if len(kd) != 1 or not kd[0]["seconds"]:
+      raise SystemExit(f"{key}: expected one KD run (kd_best or a single kd_a*) as the cost reference")
+    ref = kd[0]
+    out += [f"{key}, one run after another in one process (reference: {ref['method']}):", "",
+            "| method | wall s | × KD |", "|---|---|---|"]
+    for r in sorted(res["rows"], key=lambda r: r["seconds"] or 0):
+      if r["seconds"]:
+        out.append(f"| {LABELS.get(r['method'], r['method'])} | {r['seconds']:.0f} | {r['seconds'] / ref['seconds']:.2f} |")
+    out.append("")
+  return "\n".join(out).rstrip()
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("paths", nargs="+")
   parser.add_argument("--markdown_out", default="")
+  parser.add_argument("--cost", action="store_true", help="only the cost table of each pair (the cost runs)")
   args = parser.parse_args(argv)
   results, seeds = {}, 0
   for path in args.paths:
@@ -129,7 +154,7 @@ def main(argv=None) -> int:
         results[key][part] = {**res.get(part, {}), **results[key].get(part, {})}
       results[key]["best_alpha"] = results[key].get("best_alpha") or res.get("best_alpha")
     seeds = max(seeds, d.get("seeds", 0))
-  text = tables(results, seeds)
+  text = cost_table(results) if args.cost else tables(results, seeds)
   print(text)
   if args.markdown_out:
     with open(args.markdown_out, "w") as f:

@@ -101,3 +101,31 @@ def test_two_workers_share_the_runs_then_read_back_and_a_changed_protocol_is_ref
   assert changed.returncode == 2
   assert changed.stderr.strip().count("\n") == 0, changed.stderr
   assert "holds a run of another configuration" in changed.stderr and "num_epochs" in changed.stderr
+
+
+def _row(method, last, p=None, n=3, seconds=10.0):
+  return dict(method=method, n=n, failed=0, last_mean=last, last_std=0.001, p_vs_kd=p, seconds=seconds)
+
+
+def test_tables_mark_significance_and_count_only_wins_above_the_control():
+  import study_tables
+  res = {"rows": [_row("kd_best", 0.85), _row("tgeo", 0.86, p=0.01), _row("tgeo_head_only", 0.84, p=0.01, n=2)],
+         "tgeo_vs": {"tgeo": [dict(against="kd_best", difference=0.01, p=0.01)],
+                     "tgeo_head_only": [dict(against="kd_best", difference=-0.01, p=0.01)]},
+         "best_alpha": {"alpha": 0.7}, "learning_rate": 0.05}
+  text = study_tables.tables({"full/mlp": res}, seeds=3)
+  assert "| tgeo one_step | 86.00 ± 0.10† |" in text
+  assert "| tgeo head_only | 84.00 ± 0.10† (2) |" in text  # significant, but worse: a † and no win
+  assert "| tgeo one_step | +1.00 (p 0.010) | 1 of 1 |" in text
+  assert "| tgeo head_only | -1.00 (p 0.010) | 0 of 1 |" in text
+
+
+def test_cost_table_is_relative_to_the_one_kd_run():
+  import study_tables
+  res = {"rows": [_row("ce", 0.8, seconds=8.0), _row("kd_a0.7", 0.85, seconds=10.0), _row("tgeo", 0.86, seconds=25.0)]}
+  text = study_tables.cost_table({"full/mlp": res})
+  assert "reference: kd_a0.7" in text
+  assert "| ce | 8 | 0.80 |" in text and "| tgeo one_step | 25 | 2.50 |" in text
+  two_kd = {"rows": [*res["rows"], _row("kd_a0.3", 0.85)]}
+  with pytest.raises(SystemExit, match="expected one KD run"):
+    study_tables.cost_table({"full/mlp": two_kd})
