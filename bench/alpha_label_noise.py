@@ -2,6 +2,7 @@
 
     python bench/alpha_label_noise.py --workdir runs/study [--setting noise20] [--methods tgeo,rw_kd]
                                       [--students mlp] [--out FILE.json]
+    python bench/alpha_label_noise.py --archive bench/results/study3_runs ...   (the rows the study archived)
 
 For every finished learned-α run of the setting (``<workdir>/<setting>/<student>/<tgeo*|rw_kd>/seed*``), restores
 the final checkpoint, computes α for every training example with the final student and fusion net (as the run's
@@ -64,9 +65,28 @@ def alpha_over_train(workdir: str):
   return alpha, source.labels != clean_labels, teacher_correct, teacher_p_label
 
 
+def flipped_label_row(workdir: str) -> dict:
+  """The run's flipped-label detection: sizes, mean α of the flipped and clean examples, the AUC of α and of the
+  trivial detector 1 - p_T(label), and how often the teacher disagrees with each kind of label."""
+  alpha, flipped, teacher_correct, teacher_p_label = alpha_over_train(workdir)
+  return dict(n=int(len(alpha)), flipped=int(flipped.sum()),
+              alpha_flipped=float(alpha[flipped].mean()), alpha_clean=float(alpha[~flipped].mean()),
+              auc_flipped=metrics.roc_auc(flipped.astype(np.int32), alpha),
+              # The trivial detector: how little the teacher believes the given label (1 - p_T(y)).
+              auc_teacher=metrics.roc_auc(flipped.astype(np.int32), 1.0 - teacher_p_label),
+              # What the teacher alone tells: its disagreement with the given label as a flipped-label detector.
+              teacher_disagrees_on_flipped=float((~teacher_correct[flipped]).mean()),
+              teacher_disagrees_on_clean=float((~teacher_correct[~flipped]).mean()),
+              alpha_clean_teacher_agrees=float(alpha[~flipped & teacher_correct].mean()),
+              alpha_clean_teacher_disagrees=float(alpha[~flipped & ~teacher_correct].mean()))
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default="runs/study")
+  parser.add_argument("--archive", default="",
+                      help="read the rows from this study archive (bench/study.py --archive) instead of the work "
+                           "directory's checkpoints")
   parser.add_argument("--setting", default="noise20")
   parser.add_argument("--methods", default="", help="comma-separated run names to analyse (default: every tgeo*, rw_kd)")
   parser.add_argument("--students", default="", help="comma-separated students (default: all)")
@@ -74,8 +94,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   rows = []
-  for workdir in sorted(glob.glob(os.path.join(args.workdir, args.setting, "*", "*", "seed*"))):
-    name = os.path.relpath(workdir, os.path.join(args.workdir, args.setting))
+  base = args.archive or args.workdir
+  for workdir in sorted(glob.glob(os.path.join(base, args.setting, "*", "*", "seed*"))):
+    name = os.path.relpath(workdir, os.path.join(base, args.setting)).removesuffix(".json")
     student, method = name.split(os.sep)[:2]
     if not (method.startswith("tgeo") or method == "rw_kd"):
       continue
@@ -83,19 +104,16 @@ def main(argv=None) -> int:
       continue
     if args.students and student not in args.students.split(","):
       continue
-    if not os.path.exists(os.path.join(workdir, "summary.json")):
-      continue
-    alpha, flipped, teacher_correct, teacher_p_label = alpha_over_train(workdir)
-    row = dict(run=name, n=int(len(alpha)), flipped=int(flipped.sum()),
-               alpha_flipped=float(alpha[flipped].mean()), alpha_clean=float(alpha[~flipped].mean()),
-               auc_flipped=metrics.roc_auc(flipped.astype(np.int32), alpha),
-               # The trivial detector: how little the teacher believes the given label (1 - p_T(y)).
-               auc_teacher=metrics.roc_auc(flipped.astype(np.int32), 1.0 - teacher_p_label),
-               # What the teacher alone tells: its disagreement with the given label as a flipped-label detector.
-               teacher_disagrees_on_flipped=float((~teacher_correct[flipped]).mean()),
-               teacher_disagrees_on_clean=float((~teacher_correct[~flipped]).mean()),
-               alpha_clean_teacher_agrees=float(alpha[~flipped & teacher_correct].mean()),
-               alpha_clean_teacher_disagrees=float(alpha[~flipped & ~teacher_correct].mean()))
+    if args.archive:
+      with open(workdir) as f:
+        found = json.load(f).get("label_noise")
+      if found is None:
+        continue
+      row = dict(run=name, **found)
+    else:
+      if not os.path.exists(os.path.join(workdir, "summary.json")):
+        continue
+      row = dict(run=name, **flipped_label_row(workdir))
     rows.append(row)
     print(json.dumps(row), flush=True)
 

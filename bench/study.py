@@ -89,6 +89,9 @@ METHODS = {
     "tgeo_implicit": {"method": "tgeo", "tgeo.hypergrad": "implicit"},
     # The default Neumann step η = 0.1 diverges on the MLP (η λ_max(H) > 2); a smaller step keeps the series bounded.
     "tgeo_implicit_eta0.01": {"method": "tgeo", "tgeo.hypergrad": "implicit", "tgeo.implicit_lr": 0.01},
+    # On a CNN an implicit meta step costs ~60x a KD step on XLA:CPU (docs/benchmarks.md): one meta step every 5.
+    "tgeo_implicit_eta0.01_m5": {"method": "tgeo", "tgeo.hypergrad": "implicit", "tgeo.implicit_lr": 0.01,
+                                 "tgeo.meta_interval": 5},
     "tgeo_head_only": {"method": "tgeo", "tgeo.hypergrad": "head_only"},
     # The paper's outlier probe: Gaussian-noise images with random labels appended to the training part.
     "tgeo_outliers": {"method": "tgeo", "data.outliers": 500},
@@ -98,7 +101,8 @@ DERIVED = ("kd_best", "kd_trainval", "kd_tgeo_mean_alpha", "tgeo_center")
 DEFAULT_ORDER = ("ce", *(f"kd_a{a:g}" for a in ALPHA_GRID), "kd_best", "tgeo", "tgeo_unroll4", "tgeo_implicit",
                  "tgeo_head_only", "tgeo_center", "kd_tgeo_mean_alpha", "kd_trainval", "dist", "dkd", "anl_kd",
                  "rw_kd", "ada_kd", "wls_kd")
-LEARNED = ("tgeo", "tgeo_unroll4", "tgeo_unroll8", "tgeo_implicit", "tgeo_implicit_eta0.01", "tgeo_head_only", "tgeo_center",
+LEARNED = ("tgeo", "tgeo_unroll4", "tgeo_unroll8", "tgeo_implicit", "tgeo_implicit_eta0.01", "tgeo_implicit_eta0.01_m5",
+           "tgeo_head_only", "tgeo_center",
            "tgeo_outliers", "rw_kd")
 
 LR_GRID = (0.05, 0.1, 0.2)
@@ -120,19 +124,56 @@ apply_overrides = default_config.override
 class Runner:
   """Runs (or reads back) one training run per work directory, sharing the runs among worker processes."""
 
-  def __init__(self, root: str, log, teacher_sha256: str | None = None, read_only: bool = False):
+  def __init__(self, root: str, log, teacher_sha256: str | None = None, read_only: bool = False,
+               archive: str | None = None):
     self.root, self.log, self.teacher_sha256, self.read_only = root, log, teacher_sha256, read_only
+    self.archive = archive
+
+  def _workdir_summary(self, workdir: str):
+    for name in ("summary.json", "failed.json"):
+      path = os.path.join(workdir, name)
+      if os.path.exists(path):
+        with open(path) as f:
+          return json.load(f)
+    return None
+
+  def archive_path(self, workdir: str) -> str:
+    return os.path.join(self.archive, os.path.relpath(workdir, self.root) + ".json")
+
+  def archived(self, workdir: str) -> dict | None:
+    """The run's archive record ``{"summary", "alpha", "label_noise"}``, or None."""
+    if not self.archive:
+      return None
+    return run_identity.read_json_file(self.archive_path(workdir))
 
   def summary(self, workdir: str):
-    path = os.path.join(workdir, "summary.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f)
-    path = os.path.join(workdir, "failed.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f)
-    return None
+    """The finished (or failed) run's summary: from its work directory, else from the archive."""
+    done = self._workdir_summary(workdir)
+    if done is None and (record := self.archived(workdir)) is not None:
+      done = record["summary"]
+    return done
+
+  def alpha_records(self, workdir: str) -> list[dict]:
+    """The run's α-by-group records per epoch (alpha.jsonl), from its work directory, else from the archive."""
+    records = read_alpha_records(workdir)
+    if not records and (record := self.archived(workdir)) is not None:
+      records = record.get("alpha") or []
+    return records
+
+  def save_to_archive(self, workdir: str, summary: dict) -> None:
+    """Keeps what the tables need of a finished run (summary, α records and, for a learned α on noisy labels,
+    the flipped-label detection) in the archive, which is small enough to commit: the study then resumes on
+    another machine, or after the work directory is gone, by reading these back."""
+    if not self.archive or self.archived(workdir) is not None:
+      return
+    record = dict(summary=summary, alpha=read_alpha_records(workdir))
+    config = summary.get("config") or {}
+    if "failed" not in summary and record["alpha"] and config.get("data.label_noise", 0) > 0:
+      import alpha_label_noise
+      record["label_noise"] = alpha_label_noise.flipped_label_row(workdir)
+    path = self.archive_path(workdir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _write_json(path, record)
 
   def _claim(self, workdir: str) -> bool:
     os.makedirs(workdir, exist_ok=True)
@@ -167,6 +208,8 @@ class Runner:
       done = self.summary(workdir)
       if done is not None and done.get("finished", True):
         check_same_config(done, config, workdir, self.teacher_sha256)
+        if not self.read_only:
+          self.save_to_archive(workdir, done)
         return done
       if self.read_only:  # --tables_only: an unfinished run is missing from the tables, never run
         return None
@@ -190,6 +233,7 @@ class Runner:
       with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(workdir, ".claim"))
     self.log(f"  -> {_brief(summary)} ({time.time() - start:.0f} s)")
+    self.save_to_archive(workdir, summary)
     return summary
 
 
@@ -446,6 +490,9 @@ def main(argv=None) -> int:
   parser.add_argument("--figures", default="", help="write the α-by-group figures (PNG) into this directory")
   parser.add_argument("--tables_only", action="store_true",
                       help="run nothing: tabulate the finished runs (unfinished ones are left out of the tables)")
+  parser.add_argument("--archive", default="",
+                      help="keep each finished run's record (summary, α records) here and read runs back from it: "
+                           "a directory small enough to commit, so that the study resumes without --workdir")
   parser.add_argument("--worker", type=int, default=0,
                       help="this process's number when several share --workdir (names its log only)")
   args = parser.parse_args(argv)
@@ -509,7 +556,8 @@ def main(argv=None) -> int:
                         f"teacher ({args.teacher_sha256[:12]}); pass --teacher_sha256='' to study this one")
   log(f"teacher {teacher_model} from {teacher_dir}: test accuracy {teacher_summary.get('accuracy')}, "
       f"variables sha256 {digest[:12]}")
-  runner = Runner(root, log, digest, read_only=args.tables_only)
+  runner = Runner(root, log, digest, read_only=args.tables_only,
+                  archive=os.path.abspath(args.archive) if args.archive else None)
 
   def student_config(setting, student, overrides, seed, lr):
     spec = SETTINGS[setting]
@@ -604,7 +652,7 @@ def main(argv=None) -> int:
   def alpha_tables(run_lists: dict) -> dict:
     out = {}
     for name, rs in run_lists.items():
-      records = [read_alpha_records(os.path.join(root, r["workdir"])) for r in rs if "accuracy" in r]
+      records = [runner.alpha_records(os.path.join(root, r["workdir"])) for r in rs if "accuracy" in r]
       records = [r for r in records if r]
       if records:
         out[name] = alpha_table(records)
@@ -687,7 +735,13 @@ def main(argv=None) -> int:
     rs = runs[pair]
     learned = {k: v for k, v in rs.items() if k in LEARNED}
     tables = alpha_tables(learned)
-    results["/".join(pair)] = dict(
+    # The flipped-label detection of each learned-α run on noisy labels (archived runs only: see save_to_archive).
+    label_noise = {}
+    for name, rs_ in learned.items():
+      found = [(runner.archived(os.path.join(root, r["workdir"])) or {}).get("label_noise") for r in rs_]
+      if any(found):
+        label_noise[name] = [f for f in found if f]
+    results["/".join(pair)] = dict(label_noise=label_noise,
         rows=aggregate(rs), runs=rs, alpha=tables, alpha_summary={k: alpha_summary(t) for k, t in tables.items()},
         tgeo_vs={m: key_comparisons(rs, m) for m in rs if m.startswith("tgeo")},
         notes=notes[pair], learning_rate=chosen_lr[pair], best_alpha=chosen_alpha.get(pair),

@@ -24,16 +24,18 @@ import sys
 
 ORDER = ("ce", "kd_a0.1", "kd_a0.3", "kd_a0.5", "kd_a0.7", "kd_a0.9", "kd_best", "kd_tgeo_mean_alpha",
          "kd_trainval", "anl_kd", "ada_kd", "wls_kd", "rw_kd", "dist", "dkd", "tgeo", "tgeo_unroll4", "tgeo_unroll8",
-         "tgeo_implicit", "tgeo_implicit_eta0.01", "tgeo_head_only", "tgeo_center", "tgeo_outliers")
+         "tgeo_implicit", "tgeo_implicit_eta0.01", "tgeo_implicit_eta0.01_m5", "tgeo_head_only", "tgeo_center",
+         "tgeo_outliers")
 LABELS = {"kd_best": "**kd, best constant α (validation)**", "kd_tgeo_mean_alpha": "kd α = TGeo-KD's mean α",
           "kd_trainval": "kd (best α) on train + val", "tgeo": "tgeo one_step", "tgeo_unroll4": "tgeo unroll K=4",
           "tgeo_unroll8": "tgeo unroll K=8", "tgeo_implicit": "tgeo implicit (Neumann, η 0.1)",
           "tgeo_implicit_eta0.01": "tgeo implicit (Neumann, η 0.01)",
+          "tgeo_implicit_eta0.01_m5": "tgeo implicit (Neumann, η 0.01, every 5th step)",
           "tgeo_head_only": "tgeo head_only", "tgeo_center": "tgeo centred on the best α",
           "tgeo_outliers": "tgeo + 500 outliers", **{f"kd_a{a}": f"kd α = {a}" for a in ("0.1", "0.3", "0.5", "0.7",
                                                                                           "0.9")}}
-TGEO = ("tgeo", "tgeo_unroll4", "tgeo_unroll8", "tgeo_implicit", "tgeo_implicit_eta0.01", "tgeo_head_only",
-        "tgeo_center")
+TGEO = ("tgeo", "tgeo_unroll4", "tgeo_unroll8", "tgeo_implicit", "tgeo_implicit_eta0.01", "tgeo_implicit_eta0.01_m5",
+        "tgeo_head_only", "tgeo_center")
 
 
 def _row(res, name):

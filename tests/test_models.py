@@ -10,7 +10,7 @@ from tgeo_jax import models
 
 @pytest.mark.parametrize("name,fmap_shape", [("mlp", (2, 128)), ("cnn_small", (2, 7, 7, 64)),
                                              ("cnn_teacher", (2, 7, 7, 128)), ("cnn_tiny", (2, 14, 14, 8)),
-                                             ("cnn_medium_fc", (2, 7, 7, 128))])
+                                             ("cnn_medium_fc", (2, 7, 7, 128)), ("cnn_deep_fc", (2, 7, 7, 128))])
 def test_shapes_and_features(name, fmap_shape):
   fn = models.split(models.create(name, num_classes=10, input_shape=(28, 28, 1)))
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 28, 28, 1))
@@ -30,6 +30,19 @@ def test_dense_head_parameter_count_and_classifier():
   expected = jnp.maximum(fmap.reshape(3, -1) @ model.hidden.kernel[...] + model.hidden.bias[...], 0)
   expected = expected @ model.head.kernel[...] + model.head.bias[...]
   chex.assert_trees_all_close(model.classify(fmap), expected, atol=1e-5)
+
+
+def test_per_stage_conv_counts_place_the_pools_at_stage_ends():
+  # cnn_deep_fc: one conv at 28x28, two at 14x14, two at 7x7; by hand: convs 1*32*9 + 32*64*9 + 64*64*9 +
+  # 64*128*9 + 128*128*9, BatchNorm 2*(32+64+64+128+128), the dense head as cnn_medium_fc's.
+  model = models.create("cnn_deep_fc", num_classes=10, input_shape=(28, 28, 1))
+  assert model.pool_after == (True, False, True, False, False)
+  assert models.num_params(models.split(model).params) == 288 + 18432 + 36864 + 73728 + 147456 + 832 + 1605888 + 2570
+  # One count for every stage keeps the old layout (cnn_teacher: pools after the 2nd and 4th conv).
+  assert models.create("cnn_teacher", num_classes=10, input_shape=(28, 28, 1)).pool_after == (
+      False, True, False, True, False, False)
+  with pytest.raises(ValueError, match="convs_per_stage"):
+    models.create("cnn_deep_fc", num_classes=10, input_shape=(28, 28, 1), convs_per_stage=(1, 2))
 
 
 def test_batchnorm_train_mode_updates_statistics_eval_mode_does_not():

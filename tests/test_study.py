@@ -59,6 +59,7 @@ def _study(workdir, teacher_dir, *extra, worker=0, popen=False):
   args = [sys.executable, STUDY, f"--workdir={workdir}", f"--teacher={teacher_dir}", "--teacher_sha256=",
           "--settings=full", "--students=cnn_tiny", "--seeds=2", "--lr_grid=0.1", "--methods=ce,kd_a0.5,tgeo",
           "--override=data.name=synthetic", "--override=batch_size=32", "--override=val_batch_size=32",
+          "--override=data.label_noise=0.25",
           f"--worker={worker}", *extra]
   if popen:
     return subprocess.Popen(args, cwd=study.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -74,9 +75,9 @@ def test_two_workers_share_the_runs_then_read_back_and_a_changed_protocol_is_ref
   learning-rate search, then 2 seeds of CE, KD and TGeo-KD), the tables come from their summaries, a second
   invocation re-runs nothing, and one with another protocol (more epochs) stops with a one-line error."""
   import json
-  workdir, out = str(tmp_path / "study"), str(tmp_path / "study.json")
-  other = _study(workdir, tiny_teacher, "--epochs=full=1", worker=1, popen=True)
-  first = _study(workdir, tiny_teacher, "--epochs=full=1", f"--out={out}")
+  workdir, out, archive = str(tmp_path / "study"), str(tmp_path / "study.json"), str(tmp_path / "archive")
+  other = _study(workdir, tiny_teacher, "--epochs=full=1", f"--archive={archive}", worker=1, popen=True)
+  first = _study(workdir, tiny_teacher, "--epochs=full=1", f"--archive={archive}", f"--out={out}")
   other_out, other_err = other.communicate(timeout=600)
   assert first.returncode == 0, first.stderr
   assert other.returncode == 0, other_err
@@ -101,6 +102,26 @@ def test_two_workers_share_the_runs_then_read_back_and_a_changed_protocol_is_ref
   assert changed.returncode == 2
   assert changed.stderr.strip().count("\n") == 0, changed.stderr
   assert "holds a run of another configuration" in changed.stderr and "num_epochs" in changed.stderr
+
+  # The archive: one record per run, enough for the tables without the work directory (a study that spans
+  # machines or sessions); the learned α on noisy labels carries its flipped-label detection.
+  assert sorted(os.path.relpath(os.path.join(d, f), archive).removesuffix(".json")
+                for d, _, fs in os.walk(archive) for f in fs) == sorted(expected)
+  noise = result["label_noise"]["tgeo"]
+  assert len(noise) == 2 and all(0 < r["flipped"] < r["n"] and 0.0 <= r["auc_flipped"] <= 1.0 for r in noise)
+  assert noise[0]["n"] == result["runs"]["tgeo"][0]["data"]["sizes"]["train"]
+  import shutil
+  shutil.rmtree(workdir)
+  from_archive = _study(workdir, tiny_teacher, "--epochs=full=1", f"--archive={archive}", f"--out={out}.2")
+  assert from_archive.returncode == 0, from_archive.stderr
+  assert _runs_started(from_archive.stdout) == []
+  with open(f"{out}.2") as f:
+    again_result = json.load(f)["results"]["full/cnn_tiny"]
+  assert again_result["rows"] == result["rows"] and again_result["label_noise"] == result["label_noise"]
+  assert again_result["alpha"] == result["alpha"]
+
+  changed = _study(workdir, tiny_teacher, "--epochs=full=2", f"--archive={archive}")  # archived runs are checked too
+  assert changed.returncode == 2 and "holds a run of another configuration" in changed.stderr, changed.stderr
 
 
 def _row(method, last, p=None, n=3, seconds=10.0):
