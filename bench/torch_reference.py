@@ -106,26 +106,26 @@ class TorchMLP(nn.Module):
 
 
 class TorchCNN(nn.Module):
-  """``small.CNN``: (3x3 conv without bias, BatchNorm, ReLU) x convs_per_stage per stage, 2x2 average pooling
-  between stages, global average pooling, linear head. Input NCHW."""
+  """``small.CNN``: (3x3 conv without bias, BatchNorm, ReLU) x ``convs_per_stage[s]`` in stage s, 2x2 average
+  pooling between stages, global average pooling, linear head. Input NCHW."""
 
   def __init__(self, in_channels, widths, convs_per_stage, num_classes, *, bn_momentum, bn_eps):
     super().__init__()
-    convs, norms, c_in = [], [], in_channels
-    for width in widths:
-      for _ in range(convs_per_stage):
+    convs, norms, pools, c_in = [], [], [], in_channels
+    for stage, (width, count) in enumerate(zip(widths, convs_per_stage)):
+      for j in range(count):
         convs.append(nn.Conv2d(c_in, width, 3, padding=1, bias=False))  # 'SAME' for a 3x3, stride 1
         norms.append(nn.BatchNorm2d(width, eps=bn_eps, momentum=bn_momentum))
+        pools.append(j == count - 1 and stage < len(widths) - 1)
         c_in = width
-    self.convs, self.norms = nn.ModuleList(convs), nn.ModuleList(norms)
-    self.convs_per_stage, self.num_stages = convs_per_stage, len(widths)
+    self.convs, self.norms, self.pools = nn.ModuleList(convs), nn.ModuleList(norms), pools
     self.head = nn.Linear(c_in, num_classes)
 
   def forward(self, x):
     h = x
-    for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+    for conv, norm, pool in zip(self.convs, self.norms, self.pools):
       h = F.relu(norm(conv(h)))
-      if (i + 1) % self.convs_per_stage == 0 and (i + 1) // self.convs_per_stage < self.num_stages:
+      if pool:
         h = F.avg_pool2d(h, 2)
     return self.head(h.mean(dim=(2, 3)))
 
@@ -281,9 +281,17 @@ def torch_student_from(module, num_classes):
     dims = [module.layers[0].in_features] + [layer.out_features for layer in module.layers]
     return TorchMLP(dims, num_classes)
   if isinstance(module, small.CNN):
+    if isinstance(module, small.CNNDenseHead):
+      raise ValueError("no torch mirror for the dense-head CNN")
     norm = module.norms[0]
-    widths = [conv.out_features for conv in module.convs][::module.convs_per_stage]
-    return TorchCNN(module.convs[0].in_features, widths, module.convs_per_stage, num_classes,
+    widths, counts, n = [], [], 0  # the stages: a stage ends at each pool, and at the last conv
+    for i, (conv, pool) in enumerate(zip(module.convs, module.pool_after)):
+      n += 1
+      if pool or i == len(module.convs) - 1:
+        widths.append(conv.out_features)
+        counts.append(n)
+        n = 0
+    return TorchCNN(module.convs[0].in_features, widths, counts, num_classes,
                     bn_momentum=1.0 - norm.momentum, bn_eps=norm.epsilon)
   raise ValueError(f"no torch mirror for {type(module).__name__}")
 
