@@ -20,8 +20,8 @@ OUT=bench/results
 mkdir -p "$W" "$OUT/figures/study2"
 run2() {  # NAME, study arguments...
   name=$1; shift
-  $PY bench/study.py --workdir "$W" --worker 1 "$@" > "$W/w1_$name.log" 2>&1 &
-  $PY bench/study.py --workdir "$W" --worker 0 --out "$OUT/$name.json" --figures "$OUT/figures/study2" "$@" \
+  $PY bench/study.py --workdir "$W" --teacher teachers/fmnist_cnn_medium_fc --worker 1 "$@" > "$W/w1_$name.log" 2>&1 &
+  $PY bench/study.py --workdir "$W" --teacher teachers/fmnist_cnn_medium_fc --worker 0 --out "$OUT/$name.json" --figures "$OUT/figures/study2" "$@" \
       > "$W/w0_$name.log" 2>&1
   wait
   sed -n '/^Teacher/,$p' "$W/w0_$name.log"
@@ -48,7 +48,7 @@ run2 study2_cnn_full --students cnn_small --settings full --epochs full=3 --lr_g
 run2 study2_outliers --students mlp --settings subset10 --seeds 2 --methods tgeo_outliers
 # Cost, one run after another in ONE process (nothing else on the machine): full/mlp at its chosen rate and best α.
 mkdir -p "${W}_cost" && ln -sfn "$(cd "$W" && pwd)/teacher_logits" "${W}_cost/teacher_logits"
-$PY bench/study.py --workdir "${W}_cost" --worker 0 --out "$OUT/study2_cost_full_mlp.json" --students mlp \
+$PY bench/study.py --workdir "${W}_cost" --teacher teachers/fmnist_cnn_medium_fc --worker 0 --out "$OUT/study2_cost_full_mlp.json" --students mlp \
     --settings full --lr_grid 0.05 --seeds 1 --grid_seeds 1 \
     --methods ce,kd_a0.7,anl_kd,ada_kd,wls_kd,rw_kd,dist,dkd,tgeo,tgeo_head_only,tgeo_unroll4,tgeo_implicit
 # α as a detector of the flipped labels (every learned-α run of noise20).

@@ -2,14 +2,15 @@
 
     python bench/study.py --workdir runs/study2 --out bench/results/study2_X.json \
         [--settings full,subset10,noise20] [--students mlp,cnn_small] [--seeds 3] [--methods ...] \
-        [--teacher teachers/fmnist_cnn_medium_fc] [--worker 0]
+        [--teacher teachers/fmnist_cnn_deep_fc] [--archive bench/results/study3_runs] [--worker 0]
 
 What runs, in order (each run is an ordinary ``train.py`` run in its own work directory, so the study resumes:
 finished runs are read back after their config fingerprint and teacher digest are checked, an interrupted one
 continues from its checkpoint):
 
 1. **Teacher**: the committed ``--teacher`` directory (``configs/fashion_mnist.py:strong_teacher``, exported with
-   ``python -m tgeo_jax.export_teacher``); its variables' sha256 must equal ``--teacher_sha256``.
+   ``python -m tgeo_jax.export_teacher``); its variables' sha256 must equal ``--teacher_sha256`` (by default the committed teacher's,
+   ``COMMITTED_TEACHERS``).
 2. **Learning rate** per (setting, student): CE at seed 0 for every rate of ``--lr_grid``; the rate with the best
    *validation* accuracy is used for every method. A method that diverges at that rate (a non-finite step, or a
    validation accuracy below half of CE's) is re-run at the next smaller rate of the grid until one is stable.
@@ -106,9 +107,13 @@ LEARNED = ("tgeo", "tgeo_unroll4", "tgeo_unroll8", "tgeo_implicit", "tgeo_implic
            "tgeo_outliers", "rw_kd")
 
 LR_GRID = (0.05, 0.1, 0.2)
-TEACHER_DIR = "teachers/fmnist_cnn_medium_fc"
-# sha256 of the committed teacher's variables (teacher.variables_digest: paths, shapes, dtypes, each array's sha256).
-TEACHER_SHA256 = "08bc95440c2ab989d10979c791ceb77208bd652a8b559500f334abdcb3333d94"
+# The committed teachers -> the sha256 of their variables (teacher.variables_digest: paths, shapes, dtypes, each
+# array's sha256): the third study's (the default) and the second's (bench/run_study.sh).
+COMMITTED_TEACHERS = {
+    "teachers/fmnist_cnn_deep_fc": ("cnn_deep_fc", "55400c22c7640d118c813b8d8b1442ce82c1f078e6ac2e34e2878017141175e6"),
+    "teachers/fmnist_cnn_medium_fc": ("cnn_medium_fc", "08bc95440c2ab989d10979c791ceb77208bd652a8b559500f334abdcb3333d94"),
+}
+TEACHER_DIR = "teachers/fmnist_cnn_deep_fc"
 
 
 def load_fashion_mnist_config(arg: str):
@@ -485,8 +490,9 @@ def main(argv=None) -> int:
   parser.add_argument("--override", action="append", default=[],
                       help="extra config override for every student, KEY=VALUE (repeatable)")
   parser.add_argument("--teacher", default=os.path.join(ROOT, TEACHER_DIR))
-  parser.add_argument("--teacher_sha256", default=TEACHER_SHA256,
-                      help="the teacher variables' expected sha256 ('' = do not check)")
+  parser.add_argument("--teacher_sha256", default=None,
+                      help="the teacher variables' expected sha256 ('' = do not check; default: the committed "
+                           "teacher's, for a directory of COMMITTED_TEACHERS)")
   parser.add_argument("--figures", default="", help="write the α-by-group figures (PNG) into this directory")
   parser.add_argument("--tables_only", action="store_true",
                       help="run nothing: tabulate the finished runs (unfinished ones are left out of the tables)")
@@ -550,6 +556,12 @@ def main(argv=None) -> int:
 
   # 1. The teacher: the committed directory, checked by the digest of its variables.
   teacher_dir = os.path.abspath(args.teacher)
+  if args.teacher_sha256 is None:
+    committed = COMMITTED_TEACHERS.get(os.path.relpath(teacher_dir, ROOT))
+    if committed is None:
+      parser.error(f"--teacher: {args.teacher!r} is not a committed teacher ({', '.join(COMMITTED_TEACHERS)}): "
+                   "pass its --teacher_sha256 ('' = do not check)")
+    args.teacher_sha256 = committed[1]
   teacher_model, digest, teacher_summary = teacher_digest(teacher_dir)
   if args.teacher_sha256 and digest != args.teacher_sha256:
     raise StudyMismatch(f"--teacher: {teacher_dir!r} holds other variables (sha256 {digest[:12]}) than the study's "
@@ -602,6 +614,10 @@ def main(argv=None) -> int:
                                                  os.path.join(root, setting, student, "lr_search", f"ce_lr{lr:g}"),
                                                  lr)
                        for setting, student in pairs for lr in lr_grid})
+  if args.tables_only:  # a pair whose learning-rate search is unfinished has nothing to tabulate yet
+    for pair in [p for p in pairs if any((*p, lr) not in grid_runs for lr in lr_grid)]:
+      log(f"{'/'.join(pair)}: learning-rate search not finished: left out")
+      pairs.remove(pair)
   chosen_lr, lr_search = {}, {}
   for setting, student in pairs:
     grid = [dict(learning_rate=lr, val_accuracy=grid_runs[(setting, student, lr)].get("val_accuracy"),

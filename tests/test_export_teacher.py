@@ -56,14 +56,16 @@ def test_cli_one_line_error(tmp_path):
                                       "directory)"]
 
 
-def test_committed_study_teacher_matches_the_studys_digest():
-  # The study's teacher is committed (teachers/); bench/study.py refuses any other variables. A changed file in
-  # that directory fails here before it fails a three-hour study.
+def test_committed_study_teachers_match_the_studys_digests():
+  # The studies' teachers are committed (teachers/); bench/study.py refuses any other variables. A changed file in
+  # those directories fails here before it fails a three-hour study.
   import sys
   from tgeo_jax import data, teacher
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   sys.path.insert(0, os.path.join(root, "bench"))
   import study
   spec = data.TaskSpec("fashion_mnist", 10, (28, 28, 1), 54000)
-  loaded = teacher.load_teacher_from("cnn_medium_fc", os.path.join(root, study.TEACHER_DIR), spec, field="teacher")
-  assert loaded.identity["variables_sha256"] == study.TEACHER_SHA256
+  assert study.TEACHER_DIR in study.COMMITTED_TEACHERS
+  for teacher_dir, (model, sha256) in study.COMMITTED_TEACHERS.items():
+    loaded = teacher.load_teacher_from(model, os.path.join(root, teacher_dir), spec, field="teacher")
+    assert loaded.identity["variables_sha256"] == sha256, teacher_dir
