@@ -263,6 +263,24 @@ def check_same_config(record: dict | None, config, workdir: str, teacher_sha256:
                         f"{teacher_sha256[:12]}); use another --workdir for this teacher")
 
 
+PLATFORM_FILE = "platform.json"
+
+
+def check_platform(directory: str, backend: str) -> None:
+  """One backend per work directory and archive: XLA's CPU, GPU and TPU kernels round differently (and their
+  runs take other wall times), and a run's config fingerprint does not say where it ran. The first process to use
+  ``directory`` records ``backend`` there; a process on another backend stops, so a GPU session can never mix its
+  runs into a study run on CPU (or the other way round)."""
+  path = os.path.join(directory, PLATFORM_FILE)
+  recorded = run_identity.read_json_file(path)
+  if recorded is None:
+    os.makedirs(directory, exist_ok=True)
+    _write_json(path, dict(platform=backend))
+  elif recorded.get("platform") != backend:
+    raise StudyMismatch(f"{directory}: holds runs made on {recorded.get('platform')!r}, this process runs on "
+                        f"{backend!r}; use another --workdir / --archive for this backend")
+
+
 def _brief(summary: dict) -> str:
   if "failed" in summary:
     return "failed: " + summary["failed"].splitlines()[0][:120]
@@ -271,7 +289,7 @@ def _brief(summary: dict) -> str:
 
 
 def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
+  tmp = f"{path}.{os.getpid()}.tmp"  # two workers may write the same file (the platform record) at once
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1, default=float)
   os.replace(tmp, path)
@@ -568,6 +586,10 @@ def main(argv=None) -> int:
                         f"teacher ({args.teacher_sha256[:12]}); pass --teacher_sha256='' to study this one")
   log(f"teacher {teacher_model} from {teacher_dir}: test accuracy {teacher_summary.get('accuracy')}, "
       f"variables sha256 {digest[:12]}")
+  if not args.tables_only:  # tabulating reads, never mixes
+    for directory in (root, os.path.abspath(args.archive) if args.archive else None):
+      if directory:
+        check_platform(directory, jax.default_backend())
   runner = Runner(root, log, digest, read_only=args.tables_only,
                   archive=os.path.abspath(args.archive) if args.archive else None)
 

@@ -106,7 +106,10 @@ def test_two_workers_share_the_runs_then_read_back_and_a_changed_protocol_is_ref
   # The archive: one record per run, enough for the tables without the work directory (a study that spans
   # machines or sessions); the learned α on noisy labels carries its flipped-label detection.
   assert sorted(os.path.relpath(os.path.join(d, f), archive).removesuffix(".json")
-                for d, _, fs in os.walk(archive) for f in fs) == sorted(expected)
+                for d, _, fs in os.walk(archive) for f in fs if f != study.PLATFORM_FILE) == sorted(expected)
+  for directory in (workdir, archive):  # where these runs were made (XLA:CPU here)
+    with open(os.path.join(directory, study.PLATFORM_FILE)) as f:
+      assert json.load(f) == {"platform": "cpu"}
   noise = result["label_noise"]["tgeo"]
   assert len(noise) == 2 and all(0 < r["flipped"] < r["n"] and 0.0 <= r["auc_flipped"] <= 1.0 for r in noise)
   assert noise[0]["n"] == result["runs"]["tgeo"][0]["data"]["sizes"]["train"]
@@ -122,6 +125,16 @@ def test_two_workers_share_the_runs_then_read_back_and_a_changed_protocol_is_ref
 
   changed = _study(workdir, tiny_teacher, "--epochs=full=2", f"--archive={archive}")  # archived runs are checked too
   assert changed.returncode == 2 and "holds a run of another configuration" in changed.stderr, changed.stderr
+
+
+def test_a_directory_keeps_the_runs_of_one_backend(tmp_path):
+  """The first process records its backend; the same backend passes, another stops with a one-line error."""
+  archive = str(tmp_path / "archive")
+  study.check_platform(archive, "cpu")
+  study.check_platform(archive, "cpu")
+  with pytest.raises(study.StudyMismatch, match=r"holds runs made on 'cpu', this process runs on 'gpu'"):
+    study.check_platform(archive, "gpu")
+  assert os.listdir(archive) == [study.PLATFORM_FILE]  # no temporary file left behind
 
 
 def _row(method, last, p=None, n=3, seconds=10.0):
