@@ -43,7 +43,7 @@ def export_teacher(workdir: str, out: str, *, log=print) -> str:
   config = run_identity.read_json_file(os.path.join(workdir, run_identity.CONFIG_FILE))
   if config is None:
     raise UserError(f"--workdir: {workdir!r} holds no {run_identity.CONFIG_FILE} (not a run's work directory)")
-  meta = teacher._latest_meta(ckpt_dir, "--workdir")  # noqa: SLF001 (checks that a checkpoint exists)
+  meta = teacher.latest_checkpoint_meta(ckpt_dir, "--workdir")  # checks that a checkpoint exists
   if not meta.get("finished", False):
     raise UserError(f"--workdir: the run in {workdir!r} has not finished (step {meta.get('step')} of "
                     f"{meta.get('total_steps')}); finish it first by running its command again")

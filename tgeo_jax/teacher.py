@@ -89,7 +89,7 @@ def load_teacher_from(model_name: str, path: str, spec, *, field: str, model_fie
                           **spec.model_kwargs)
   except KeyError as e:
     raise UserError(f"{model_field}: {e.args[0]}") from None
-  meta = _latest_meta(ckpt_dir, field)
+  meta = latest_checkpoint_meta(ckpt_dir, field)
   if meta.get("num_classes") != spec.num_classes:
     raise UserError(f"{field}: {path!r} was trained on {meta.get('num_classes')} classes, "
                     f"this task has {spec.num_classes}")
@@ -113,7 +113,9 @@ def load_teacher_from(model_name: str, path: str, spec, *, field: str, model_fie
   return teacher
 
 
-def _latest_meta(ckpt_dir: str, field: str) -> dict:
+def latest_checkpoint_meta(ckpt_dir: str, field: str) -> dict:
+  """The metadata of the newest checkpoint in ``ckpt_dir`` (a one-line UserError naming ``field`` when there is
+  none or it is torn)."""
   # Checked before constructing a Checkpointer, which would create the directory.
   if not os.path.isdir(ckpt_dir):
     raise UserError(f"{field}: no checkpoint directory {ckpt_dir!r}")
