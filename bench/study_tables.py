@@ -7,13 +7,18 @@ Prints, for every (setting, student) found:
 1. accuracy: rows = methods, cell = last-epoch test accuracy, mean ± std over seeds (n in brackets when it is not
    the study's seed count), † where Welch's p < 0.05 against the best validation-chosen constant α (``kd_best``);
 2. TGeo-KD variants against ``kd_best``: difference and p, and how many pairs each wins (p < 0.05, higher);
-3. α: first → last epoch mean, spread, the paper's groups (teacher correct, large / small S–T gap) first → last;
+3. α: first → last epoch mean, spread, the paper's groups (teacher correct, large / small S–T gap) first → last,
+   the teacher-wrong groups at the last epoch;
 4. cost: mean wall seconds per run relative to ``kd_best``'s (two worker processes shared the 2 cores).
 
     python bench/study_tables.py --cost bench/results/study2_cost_full_mlp.json
 
 prints only the cost of each method of a study run one run after another in one process (``bench/run_study.sh``'s
 cost runs): the whole run's wall time (set-up, compilation, training, evaluation) relative to its KD run's.
+
+    python bench/study_tables.py bench/results/study3_*.json --figure F.png --pairs subset10/mlp,noise20/mlp
+
+also draws α by group over epochs, one row per pair, one column per hypergradient variant (``--variants``).
 """
 
 from __future__ import annotations
@@ -84,9 +89,9 @@ def tables(results: dict, seeds: int) -> str:
       out.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {won} of {ran} |")
 
   out += ["", "α (seed means; after the first epoch → after the last): mean, spread (std over examples) at the last epoch, the paper's "
-          "groups (teacher correct, large / small S–T gap), outliers when injected:", "",
-          "| pair | variant | mean α | std α (last) | tc, large gap | tc, small gap | large − small | outliers / "
-          "normal |", "|---|---|---|---|---|---|---|---|"]
+          "groups (teacher correct / wrong (tc / tw), large / small S–T gap), outliers when injected:", "",
+          "| pair | variant | mean α | std α (last) | tc, large gap | tc, small gap | large − small | tw, large / small "
+          "gap (last) | outliers / normal |", "|---|---|---|---|---|---|---|---|---|"]
   for k in keys:
     for name, table in results[k].get("alpha", {}).items():
       if not table:
@@ -99,7 +104,8 @@ def tables(results: dict, seeds: int) -> str:
                  f"{_f(last['alpha_std'])} | {_f(first['alpha_tc_large'])} → {_f(last['alpha_tc_large'])} | "
                  f"{_f(first['alpha_tc_small'])} → {_f(last['alpha_tc_small'])} | "
                  f"{_f(s.get('tc_large_minus_tc_small_first'), '+.2f')} → "
-                 f"{_f(s.get('tc_large_minus_tc_small_last'), '+.2f')} | {outl} |")
+                 f"{_f(s.get('tc_large_minus_tc_small_last'), '+.2f')} | "
+                 f"{_f(last.get('alpha_ti_large'))} / {_f(last.get('alpha_ti_small'))} | {outl} |")
 
   out += ["", "Wall seconds per run, mean over seeds, and relative to KD at the best constant α (same pair; two "
           "worker processes shared the 2 cores):", "",
@@ -136,11 +142,63 @@ def cost_table(results: dict) -> str:
   return "\n".join(out).rstrip()
 
 
+def pick_variant(alpha: dict, choice: str) -> str | None:
+  """The first of ``choice``'s ``|``-separated variants with α records in ``alpha``, or None."""
+  return next((n for n in choice.split("|") if alpha.get(n)), None)
+
+
+def variant_figure(path: str, results: dict, variants: list[str], pairs: list[str]) -> None:
+  """α by group over epochs: one row per pair, one column per variant (``"a|b"``: the first of them the pair ran,
+  e.g. the implicit variant that fits each student), seed-averaged; a panel the pair did not run says so."""
+  import math
+
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from tgeo_jax.alpha_report import GROUP_LABELS, GROUPS
+  fig, axes = plt.subplots(len(pairs), len(variants), figsize=(3.3 * len(variants), 2.5 * len(pairs)),
+                           squeeze=False, sharey=True)
+  for i, pair in enumerate(pairs):
+    alpha = results.get(pair, {}).get("alpha", {})
+    for j, choice in enumerate(variants):
+      ax = axes[i, j]
+      name = pick_variant(alpha, choice)
+      ax.set(ylim=(0, 1), title=f"{pair}: {LABELS.get(name or choice.split('|')[0], name)}")
+      ax.title.set_fontsize(7)
+      if name is None:
+        ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, color="0.5")
+        ax.set_xticks([])
+        continue
+      table = alpha[name]
+      epochs = [r["epoch"] for r in table]
+      for group in GROUPS:
+        ax.plot(epochs, [math.nan if r.get(f"alpha_{group}") is None else r[f"alpha_{group}"] for r in table],
+                marker="o", markersize=2.5, label=GROUP_LABELS[group])
+      ax.plot(epochs, [r["alpha_mean"] for r in table], color="0.4", linestyle="--", label="all examples")
+      if i == len(pairs) - 1:
+        ax.set_xlabel("epoch")
+    axes[i, 0].set_ylabel("mean α")
+  handles, labels = [], []
+  for ax in axes.flat:
+    for h, lab in zip(*ax.get_legend_handles_labels()):
+      if lab not in labels:
+        handles.append(h)
+        labels.append(lab)
+  fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+  fig.tight_layout(rect=(0, 0.35 / len(pairs), 1, 1))
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("paths", nargs="+")
   parser.add_argument("--markdown_out", default="")
   parser.add_argument("--cost", action="store_true", help="only the cost table of each pair (the cost runs)")
+  parser.add_argument("--figure", default="", help="write the α-by-group figure of --variants x --pairs here (PNG)")
+  parser.add_argument("--variants", default="tgeo,tgeo_unroll4,tgeo_implicit_eta0.01_m5|tgeo_implicit",
+                      help="the figure's columns; A|B takes the first the pair ran")
+  parser.add_argument("--pairs", default="", help="the figure's rows, e.g. subset10/mlp,noise20/mlp (default: all)")
   args = parser.parse_args(argv)
   results, seeds = {}, 0
   for path in args.paths:
@@ -157,6 +215,12 @@ def main(argv=None) -> int:
       results[key]["best_alpha"] = results[key].get("best_alpha") or res.get("best_alpha")
     seeds = max(seeds, d.get("seeds", 0))
   text = cost_table(results) if args.cost else tables(results, seeds)
+  if args.figure:
+    pairs = [p for p in args.pairs.split(",") if p] or list(results)
+    unknown = [p for p in pairs if p not in results]
+    if unknown:
+      parser.error(f"--pairs: {unknown} not in the results; expected some of {list(results)}")
+    variant_figure(args.figure, results, [v for v in args.variants.split(",") if v], pairs)
   print(text)
   if args.markdown_out:
     with open(args.markdown_out, "w") as f:

@@ -163,3 +163,24 @@ def test_cost_table_is_relative_to_the_one_kd_run():
   two_kd = {"rows": [*res["rows"], _row("kd_a0.3", 0.85)]}
   with pytest.raises(SystemExit, match="expected one KD run"):
     study_tables.cost_table({"full/mlp": two_kd})
+
+
+def test_alpha_table_has_every_group_and_the_figure_takes_the_variant_each_pair_ran(tmp_path):
+  import study_tables
+  table = [dict(epoch=e, alpha_mean=0.5, alpha_std=0.1, alpha_tc_large=0.6, alpha_tc_small=0.3 + 0.1 * e,
+                alpha_ti_large=0.45, alpha_ti_small=0.2) for e in (1, 2)]
+  mlp = {"rows": [_row("kd_best", 0.85)], "alpha": {"tgeo": table, "tgeo_implicit": table},
+         "alpha_summary": {n: {"tc_large_minus_tc_small_first": 0.2, "tc_large_minus_tc_small_last": 0.1}
+                           for n in ("tgeo", "tgeo_implicit")},
+         "best_alpha": {"alpha": 0.7}, "learning_rate": 0.05}
+  text = study_tables.tables({"full/mlp": mlp}, seeds=3)
+  assert "| full/mlp | tgeo one_step | 0.50 → 0.50 | 0.10 | 0.60 → 0.60 | 0.40 → 0.50 | +0.20 → +0.10 | 0.45 / 0.20 | – |" in text
+  cnn = {"alpha": {"tgeo": table, "tgeo_implicit_eta0.01_m5": table}}
+  choice = "tgeo_implicit_eta0.01_m5|tgeo_implicit"
+  assert study_tables.pick_variant(mlp["alpha"], choice) == "tgeo_implicit"
+  assert study_tables.pick_variant(cnn["alpha"], choice) == "tgeo_implicit_eta0.01_m5"
+  assert study_tables.pick_variant(cnn["alpha"], "tgeo_unroll4") is None  # drawn as "not run"
+  path = tmp_path / "alpha.png"
+  study_tables.variant_figure(str(path), {"full/mlp": mlp, "full/cnn_small": cnn},
+                              ["tgeo", "tgeo_unroll4", choice], ["full/mlp", "full/cnn_small"])
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
