@@ -95,7 +95,9 @@ def main(argv=None) -> int:
 
   rows = []
   base = args.archive or args.workdir
-  for workdir in sorted(glob.glob(os.path.join(base, args.setting, "*", "*", "seed*"))):
+  # An archive's records are seed<i>.json (a temporary file a killed writer left behind is not one).
+  pattern = "seed*.json" if args.archive else "seed*"
+  for workdir in sorted(glob.glob(os.path.join(base, args.setting, "*", "*", pattern))):
     name = os.path.relpath(workdir, os.path.join(base, args.setting)).removesuffix(".json")
     student, method = name.split(os.sep)[:2]
     if not (method.startswith("tgeo") or method == "rw_kd"):
