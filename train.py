@@ -7,6 +7,7 @@ Config files are Python: load only configs you trust, as you would run their cod
 set-up lives in ``tgeo_jax.cli.main`` (which the tests call in-process).
 """
 
+import os
 import signal
 import sys
 
@@ -15,11 +16,18 @@ from tgeo_jax import signals  # imports nothing heavy
 
 def _exit_quietly(signum, frame):
   """SIGINT/SIGTERM before the trainer installs its own handler (while flags, config and data load): exit with
-  128 + signal and no traceback; there is nothing to save yet. Recorded too: should the exit be swallowed (a
-  signal inside a gc callback), the trainer stops on the record before training."""
+  128 + signal and no traceback; there is nothing to save yet."""
   del frame
   signals.record(signum)
-  sys.exit(128 + signum)
+  # os._exit, not sys.exit: the signal can land inside a native extension's import (jaxlib's nanobind module
+  # init, seen in CI), where a Python exception becomes std::terminate: an abort with a traceback. Nothing needs
+  # unwinding yet: the work-directory lock is the OS's (released at exit) and every file is written atomically.
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except Exception:  # noqa: BLE001 (a closed or broken stream: exit regardless)
+      pass
+  os._exit(128 + signum)
 
 
 signal.signal(signal.SIGINT, _exit_quietly)
