@@ -163,7 +163,8 @@ def variant_figure(path: str, results: dict, variants: list[str], pairs: list[st
     for j, choice in enumerate(variants):
       ax = axes[i, j]
       name = pick_variant(alpha, choice)
-      ax.set(ylim=(0, 1), title=f"{pair}: {LABELS.get(name or choice.split('|')[0], name)}")
+      shown = name or choice.split("|")[0]
+      ax.set(ylim=(0, 1), title=f"{pair}: {LABELS.get(shown, shown)}")
       ax.title.set_fontsize(7)
       if name is None:
         ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, color="0.5")
