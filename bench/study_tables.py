@@ -12,6 +12,8 @@ Prints, for every (setting, student) found:
 4. cost: mean wall seconds per run relative to ``kd_best``'s (two worker processes shared the 2 cores).
 
     python bench/study_tables.py --cost bench/results/study2_cost_full_mlp.json
+    python bench/study_tables.py --cost bench/results/study3_cost_full_mlp.json --cost_reference kd_a0.3 \\
+        --cost_warmup kd_a0.1
 
 prints only the cost of each method of a study run one run after another in one process (``bench/run_study.sh``'s
 cost runs): the whole run's wall time (set-up, compilation, training, evaluation) relative to its KD run's.
@@ -123,19 +125,28 @@ def tables(results: dict, seeds: int) -> str:
   return "\n".join(out)
 
 
-def cost_table(results: dict) -> str:
-  """Per pair: each method's wall seconds (one seed) relative to the pair's KD run (``kd_best`` or its one
-  ``kd_a*`` run)."""
+def cost_table(results: dict, reference: str = "", warmup: str = "") -> str:
+  """Per pair: each method's wall seconds (one seed) relative to the pair's KD run: ``reference`` when given, else
+  ``kd_best`` or its one ``kd_a*`` run. ``warmup``: a run made first only to pay the process's one-time costs
+  (the first teacher run computes the teacher-logit table when the cache lacks it, or loads it): reported on its own line, not as a method."""
   out = []
   for key, res in results.items():
-    kd = [r for r in res["rows"] if r["method"] == "kd_best"] or [r for r in res["rows"]
-                                                                    if r["method"].startswith("kd_a")]
+    rows = [r for r in res["rows"] if r["method"] != warmup]
+    if reference:
+      kd = [r for r in rows if r["method"] == reference]
+    else:
+      kd = [r for r in rows if r["method"] == "kd_best"] or [r for r in rows if r["method"].startswith("kd_a")]
     if len(kd) != 1 or not kd[0]["seconds"]:
-      raise SystemExit(f"{key}: expected one KD run (kd_best or a single kd_a*) as the cost reference")
+      raise SystemExit(f"{key}: expected one KD run ({reference or 'kd_best or a single kd_a*'}) as the cost "
+                       f"reference; have {[r['method'] for r in rows]}")
     ref = kd[0]
-    out += [f"{key}, one run after another in one process (reference: {ref['method']}):", "",
-            "| method | wall s | × KD |", "|---|---|---|"]
-    for r in sorted(res["rows"], key=lambda r: r["seconds"] or 0):
+    out += [f"{key}, one run after another in one process (reference: {ref['method']}):", ""]
+    first = next((r for r in res["rows"] if r["method"] == warmup), None) if warmup else None
+    if first:
+      out += [f"(warm-up, the process's first teacher run, which may compute the teacher-logit table; not a method's cost: {LABELS.get(warmup, warmup)}, "
+              f"{first['seconds']:.0f} s = {first['seconds'] / ref['seconds']:.2f}× KD)", ""]
+    out += ["| method | wall s | × KD |", "|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["seconds"] or 0):
       if r["seconds"]:
         out.append(f"| {LABELS.get(r['method'], r['method'])} | {r['seconds']:.0f} | {r['seconds'] / ref['seconds']:.2f} |")
     out.append("")
@@ -196,6 +207,8 @@ def main(argv=None) -> int:
   parser.add_argument("paths", nargs="+")
   parser.add_argument("--markdown_out", default="")
   parser.add_argument("--cost", action="store_true", help="only the cost table of each pair (the cost runs)")
+  parser.add_argument("--cost_reference", default="", help="--cost: the KD run the others are relative to")
+  parser.add_argument("--cost_warmup", default="", help="--cost: a run made only to warm the process up (left out)")
   parser.add_argument("--figure", default="", help="write the α-by-group figure of --variants x --pairs here (PNG)")
   parser.add_argument("--variants", default="tgeo,tgeo_unroll4,tgeo_implicit_eta0.01_m5|tgeo_implicit",
                       help="the figure's columns; A|B takes the first the pair ran")
@@ -215,7 +228,7 @@ def main(argv=None) -> int:
         results[key][part] = {**res.get(part, {}), **results[key].get(part, {})}
       results[key]["best_alpha"] = results[key].get("best_alpha") or res.get("best_alpha")
     seeds = max(seeds, d.get("seeds", 0))
-  text = cost_table(results) if args.cost else tables(results, seeds)
+  text = cost_table(results, args.cost_reference, args.cost_warmup) if args.cost else tables(results, seeds)
   if args.figure:
     pairs = [p for p in args.pairs.split(",") if p] or list(results)
     unknown = [p for p in pairs if p not in results]

@@ -163,6 +163,11 @@ def test_cost_table_is_relative_to_the_one_kd_run():
   two_kd = {"rows": [*res["rows"], _row("kd_a0.3", 0.85)]}
   with pytest.raises(SystemExit, match="expected one KD run"):
     study_tables.cost_table({"full/mlp": two_kd})
+  # A warm-up run (the process's first teacher run) is left out of the table, and named on its own line.
+  text = study_tables.cost_table({"full/mlp": two_kd}, reference="kd_a0.7", warmup="kd_a0.3")
+  assert "| kd α = 0.3 |" not in text and "warm-up" in text and "| tgeo one_step | 25 | 2.50 |" in text
+  with pytest.raises(SystemExit, match="expected one KD run"):
+    study_tables.cost_table({"full/mlp": two_kd}, reference="kd_a0.9")
 
 
 def test_alpha_table_has_every_group_and_the_figure_takes_the_variant_each_pair_ran(tmp_path):
