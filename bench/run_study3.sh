@@ -52,7 +52,7 @@ run2 study3_cnn_subset10 "${CNN[@]}" --settings subset10 --seeds 5 --grid_seeds 
     --methods $CORE,tgeo_unroll4,tgeo_implicit_eta0.01_m5,tgeo_head_only,tgeo_center,$CONTROLS
 # Cost, one run after another in ONE process (nothing else on the machine): full/mlp at its chosen rate and best α
 # (read from study3_mlp.json), after a warm-up KD run (the process's first teacher run pays for the teacher-logit
-# table when the cache lacks it: 16 s here). Not archived: its runs time the machine, they are not the study's
+# table when the cache lacks it: about 20 s here). Not archived: its runs time the machine, they are not the study's
 # results.
 read -r LR ALPHA < <($PY -c "import json; r = json.load(open('$OUT/study3_mlp.json'))['results']['full/mlp'];
 print(r['learning_rate'], r['best_alpha']['alpha'])")
