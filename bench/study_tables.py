@@ -128,7 +128,8 @@ def tables(results: dict, seeds: int) -> str:
 def cost_table(results: dict, reference: str = "", warmup: str = "") -> str:
   """Per pair: each method's wall seconds (one seed) relative to the pair's KD run: ``reference`` when given, else
   ``kd_best`` or its one ``kd_a*`` run. ``warmup``: a run made first only to pay the process's one-time costs
-  (the first teacher run computes the teacher-logit table when the cache lacks it, or loads it): reported on its own line, not as a method."""
+  (the first teacher run computes the teacher-logit table when the cache lacks it, or loads it): reported on its
+  own line, not as a method."""
   out = []
   for key, res in results.items():
     rows = [r for r in res["rows"] if r["method"] != warmup]
@@ -141,10 +142,11 @@ def cost_table(results: dict, reference: str = "", warmup: str = "") -> str:
                        f"reference; have {[r['method'] for r in rows]}")
     ref = kd[0]
     out += [f"{key}, one run after another in one process (reference: {ref['method']}):", ""]
-    first = next((r for r in res["rows"] if r["method"] == warmup), None) if warmup else None
+    first = next((r for r in res["rows"] if warmup and r["method"] == warmup), None)
     if first:
-      out += [f"(warm-up, the process's first teacher run, which may compute the teacher-logit table; not a method's cost: {LABELS.get(warmup, warmup)}, "
-              f"{first['seconds']:.0f} s = {first['seconds'] / ref['seconds']:.2f}× KD)", ""]
+      out += [f"(warm-up, the process's first teacher run, which may compute the teacher-logit table; not a "
+              f"method's cost: {LABELS.get(warmup, warmup)}, {first['seconds']:.0f} s = "
+              f"{first['seconds'] / ref['seconds']:.2f}× KD)", ""]
     out += ["| method | wall s | × KD |", "|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["seconds"] or 0):
       if r["seconds"]:
