@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 WORKDIR ?= workdirs/demo
 
-.PHONY: demo test lint bench install fashion-mnist clean
+.PHONY: demo test lint bench api install fashion-mnist clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: lint
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The loss-math reference page, generated from the docstrings (tests/test_api_docs.py checks it is current).
+api: $(STAMP)
+	$(PY) docs/api_gen.py
 
 bench: $(STAMP)
 	$(PY) bench/step_cost.py

@@ -18,6 +18,8 @@ import os
 
 import numpy as np
 
+__all__ = ["GROUPS", "GROUP_LABELS", "group_masks", "summarize", "write"]
+
 GROUPS = ("tc_large", "tc_small", "ti_large", "ti_small")
 GROUP_LABELS = {
     "tc_large": "teacher correct, large S-T gap (top 20%)",

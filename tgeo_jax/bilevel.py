@@ -89,6 +89,11 @@ import optax
 
 from tgeo_jax import losses
 
+__all__ = ["Context", "WeightFn", "PerSampleFn", "ValLossFn", "HeadPredicate", "train_loss", "optimizer_step",
+           "StudentState", "HypergradResult", "HypergradSolveWarning", "SOLVERS", "weighted_step", "one_step",
+           "one_step_autodiff", "alpha_hypergrad_jvp_oracle", "unroll", "unroll_python_loop",
+           "unroll_from_trajectory", "implicit", "head_by_name", "DEFAULT_HEAD", "head_only"]
+
 # context: {"student_logits": [N, K], ...}, any pytree of arrays in a dict.
 Context = Mapping[str, Any]
 # weight_fn(meta_params, context) -> alpha [N] in (0, 1); it receives a stop-gradient context.

@@ -40,6 +40,9 @@ import orbax.checkpoint as ocp
 
 from tgeo_jax.errors import UserError
 
+__all__ = ["INTEGRITY_KEY", "CorruptCheckpointError", "Checkpointer", "restore_params", "array_records", "verify",
+           "structure_mismatch"]
+
 INTEGRITY_KEY = "_integrity"
 
 

@@ -12,6 +12,8 @@ import sys
 
 from tgeo_jax.errors import UserError
 
+__all__ = ["parse", "USAGE", "main", "run"]
+
 
 def _flag_values(argv: list[str]):
   """A fresh absl ``FlagValues`` with ``--workdir`` and ``--config`` for ``argv`` (ml_collections defines the

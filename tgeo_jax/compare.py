@@ -38,6 +38,11 @@ import sys
 from tgeo_jax import report, run_identity
 from tgeo_jax.errors import UserError
 
+__all__ = ["RUN_FILES", "Metric", "METRICS", "SORT_KEYS", "LABEL_BASE_FIELDS", "LABEL_MAX_FIELDS", "Run",
+           "is_run_dir", "expand", "load_run", "Group", "group_runs", "Difference", "ABSENT", "differences",
+           "label_groups", "sort_groups", "shown_metrics", "markdown_table", "notes", "csv_table", "PLOT_SUFFIXES",
+           "plot", "DESCRIPTION", "compare", "main"]
+
 SUMMARY_FILE, FAILED_FILE, METRICS_FILE = "summary.json", "failed.json", "metrics.jsonl"
 # Any of these marks a work directory; failed.json alone is a run bench/study.py rejected before it wrote the others.
 RUN_FILES = (SUMMARY_FILE, run_identity.CONFIG_FILE, run_identity.IDENTITY_FILE, FAILED_FILE)

@@ -7,6 +7,9 @@ import os
 from tgeo_jax import methods, models
 from tgeo_jax.errors import UserError
 
+__all__ = ["NONFINITE_MODES", "require", "is_int", "is_number", "positive_int", "nonnegative_int", "positive_number",
+           "nonnegative_number", "validate", "parse_profile_steps"]
+
 # What a NaN/Inf loss, gradient or state does: end the run naming the step, or skip that update and count it.
 NONFINITE_MODES = ("stop", "skip")
 

@@ -8,6 +8,8 @@ Kept in the package so that config files, which are not a package, share one def
 
 import ml_collections
 
+__all__ = ["meta_config", "method_groups", "base_config", "set_temperature", "load_config_file", "override"]
+
 
 def meta_config() -> ml_collections.ConfigDict:
   """Bilevel settings shared by TGeo-KD and RW-KD (docs/methods.md §2)."""

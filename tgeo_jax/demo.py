@@ -18,6 +18,8 @@ from absl import app, flags, logging
 
 from tgeo_jax import default_config, report
 
+__all__ = ["FLAGS", "CONFIG_FILE", "load_config", "main"]
+
 flags.DEFINE_string("workdir", "workdirs/demo", "Where the teacher and the students are trained.")
 flags.DEFINE_list("methods", ["ce", "kd", "tgeo"], "Student methods to train (configs/fashion_mnist.py:METHOD).")
 flags.DEFINE_list("overrides", [], "Extra config overrides for every student, e.g. num_epochs=5.")

@@ -12,6 +12,8 @@ import numpy as np
 
 from tgeo_jax import data, losses, parallel
 
+__all__ = ["make_eval_step", "FixedTeacherLogits", "evaluate", "prefetched"]
+
 
 def make_eval_step(method, metrics=()):
   """``eval_step(state, frozen, batch) -> sums`` over a masked batch: loss, correct, count (+ teacher metrics, +

@@ -24,6 +24,8 @@ import sys
 from tgeo_jax import run_identity
 from tgeo_jax.errors import UserError
 
+__all__ = ["COPIED", "export_teacher", "main"]
+
 COPIED = (run_identity.CONFIG_FILE, run_identity.IDENTITY_FILE, run_identity.MEMBERSHIP_FILE, "summary.json",
           "metrics.jsonl")
 

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 
 from tgeo_jax.errors import UserError
 
+__all__ = ["LAYOUTS", "feature_dim", "class_mean_teacher", "relation_features"]
+
 # The one table of layouts: name -> the K-wide blocks it concatenates, in order ("scalar" is K-independent, see
 # ``relation_features``). Block names: the vertices s, t, g, tbar; "a_b" the element-wise squared edge (a − b)²;
 # "a_b*c_d" the element-wise angle term (a − b)⊙(c − d).
@@ -48,7 +50,18 @@ _NORM_EPS = 1e-12
 
 
 def feature_dim(layout: str, num_classes: int) -> int:
-  """Width ``D`` of ``relation_features(..., layout)`` for ``num_classes`` classes."""
+  """Width ``D`` of ``relation_features(..., layout)`` for ``num_classes`` classes.
+
+  Args:
+    layout: one of ``LAYOUTS``; num_classes: ``K``.
+  Returns:
+    ``D``, a Python int (``len(blocks) * K``, or 10 for ``scalar``).
+
+  Example:
+    >>> from tgeo_jax import geometry
+    >>> geometry.feature_dim("reference", 10), geometry.feature_dim("scalar", 1000)
+    (90, 10)
+  """
   _check_layout(layout)
   return _SCALAR_DIM if layout == "scalar" else len(_LAYOUT_BLOCKS[layout]) * num_classes
 
@@ -74,7 +87,15 @@ def class_mean_teacher(teacher_probs: jax.Array, labels: jax.Array, num_classes:
     labels: ``[N]`` integer classes in ``[0, K)``.
     num_classes: ``K`` (static).
   Returns:
-    ``[K, K]``; row c is t̄_c.
+    ``[K, K]`` in ``promote_types(teacher_probs.dtype, float32)``; row c is t̄_c.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from tgeo_jax import geometry
+    >>> probs = jnp.array([[0.8, 0.2, 0.0], [0.6, 0.4, 0.0], [0.1, 0.9, 0.0]])
+    >>> cm = geometry.class_mean_teacher(probs, jnp.array([0, 0, 1]), 3)   # class 2 has no sample: uniform
+    >>> print(np.round(np.asarray(cm, np.float64), 3).tolist())
+    [[0.7, 0.3, 0.0], [0.1, 0.9, 0.0], [0.333, 0.333, 0.333]]
   """
   teacher_probs = teacher_probs.astype(_float_dtype(teacher_probs.dtype))
   labels = labels.astype(jnp.int32)
@@ -104,7 +125,16 @@ def relation_features(student_logits: jax.Array, teacher_logits: jax.Array, labe
     class_mean: ``[K, K]`` from ``class_mean_teacher``.
     layout: one of ``LAYOUTS`` (static).
   Returns:
-    ``[N, D]`` with ``D = feature_dim(layout, K)``; no gradient flows to any input.
+    ``[N, D]`` with ``D = feature_dim(layout, K)``, in ``promote_types(student_logits.dtype, float32)``; no
+    gradient flows to any input. A masked class (``-inf`` logit) has probability 0 in its vertex.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from tgeo_jax import geometry
+    >>> s = jnp.zeros((1, 2)); t = jnp.array([[jnp.log(3.0), 0.0]]); y = jnp.array([0])
+    >>> tbar = geometry.class_mean_teacher(jnp.array([[0.75, 0.25]]), y, 2)
+    >>> print(geometry.relation_features(s, t, y, tbar, layout="vertices").round(4))   # [s, t, g, t̄]
+    [[0.5  0.5  0.75 0.25 1.   0.   0.75 0.25]]
   """
   _check_layout(layout)
   dtype = _float_dtype(student_logits.dtype)
@@ -121,7 +151,7 @@ def relation_features(student_logits: jax.Array, teacher_logits: jax.Array, labe
       return jnp.sqrt(jnp.sum(d * d, axis=-1) + _NORM_EPS)
 
     def true_class(p):
-      return jnp.take_along_axis(p, labels[:, None], axis=-1)[:, 0]
+      return jnp.take_along_axis(p, labels[..., None], axis=-1)[..., 0]
 
     cols = [length(tbar - s), length(g - s), length(t - s), length(t - g), length(tbar - g),
             true_class(s), true_class(t), true_class(tbar), jnp.max(s, axis=-1), jnp.max(t, axis=-1)]

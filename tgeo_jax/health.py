@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+__all__ = ["NonFiniteError", "initial_health", "make_guarded_step", "nonfinite_what", "nonfinite_message"]
+
 
 class NonFiniteError(RuntimeError):
   """A loss, gradient or state became NaN/Inf; the run stops before checkpointing it (exit status 1)."""

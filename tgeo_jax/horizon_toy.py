@@ -42,6 +42,13 @@ import optax
 
 from tgeo_jax import bilevel
 
+__all__ = ["Toy", "noise_var", "stationary_mean", "stationary_var", "expected_val_loss", "horizon_c", "alpha_for_c",
+           "long_run_alpha", "greedy_alpha", "unrolled_alpha", "expected_unrolled_grad", "expected_greedy_grad",
+           "neumann_scale", "expected_implicit_grad", "weight_fn", "make_per_sample_fn", "val_loss_fn",
+           "draw_batches", "implicit_kwargs", "library_functions", "literal_unroll", "literal_one_step",
+           "literal_implicit", "window_meta_lr", "SimResult", "simulate", "settled_alpha", "hypergrad_at",
+           "stationary_samples", "mean_field_alpha"]
+
 
 class Toy(NamedTuple):
   """The problem's constants. ``b = sqrt(bias_norm2 / dim) * ones(dim)`` (only ``|b|^2`` enters the closed forms)."""

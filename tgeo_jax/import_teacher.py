@@ -50,6 +50,10 @@ import numpy as np
 from tgeo_jax import run_identity
 from tgeo_jax.errors import UserError
 
+__all__ = ["FORMATS", "CHECKPOINT_STEP", "IMPORT_EXTRA", "Dataset", "DATASETS", "DEFAULT_DATASET", "FAMILIES",
+           "file_sha256", "read_state_dict", "Converted", "convert", "source_record", "data_identity",
+           "import_teacher", "main"]
+
 FORMATS = ("repdistiller", "torchvision")
 CHECKPOINT_STEP = 0
 IMPORT_EXTRA = "pip install -e '.[import]'"

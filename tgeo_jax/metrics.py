@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = ["LOG_LOSS_EPS", "average_ranks", "roc_auc", "log_loss"]
+
 # Log-loss clips probabilities to [eps, 1 - eps]: float32 softmax outputs reach exactly 0 and 1.
 LOG_LOSS_EPS = 1e-7
 

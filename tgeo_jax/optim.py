@@ -6,6 +6,8 @@ import optax
 
 from tgeo_jax.errors import UserError
 
+__all__ = ["ADAM_EPS_ROOT", "make_schedule", "make_optimizer"]
+
 # Inside sqrt(v + eps_root): the bilevel lookahead differentiates through the update, and d sqrt(v)/dv at v = 0
 # (a parameter, e.g. an unused embedding row, whose gradient has always been 0) is inf, making the hypergradient
 # NaN. 1e-16 keeps it finite and changes the step by < 1e-8 relative for any non-zero second moment.

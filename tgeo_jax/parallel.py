@@ -15,6 +15,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from tgeo_jax.errors import UserError
 
+__all__ = ["DATA_AXIS", "initialize_distributed", "make_mesh", "replicated", "batch_sharded", "check_batch_size",
+           "replicate", "shard_batch"]
+
 DATA_AXIS = "data"
 
 

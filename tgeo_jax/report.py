@@ -27,6 +27,9 @@ import sys
 
 import numpy as np
 
+__all__ = ["WANDB_ID_FILE", "WANDB_DEFAULT_PROJECT", "start_wandb", "MetricWriter", "evaluation_records",
+           "read_jsonl", "read_json", "write_json", "format_table"]
+
 
 def _jsonable(value):
   if isinstance(value, (np.generic, np.ndarray)):

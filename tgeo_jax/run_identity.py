@@ -33,6 +33,10 @@ import numpy as np
 
 from tgeo_jax.errors import UserError
 
+__all__ = ["RESUMABLE_FIELDS", "flatten", "config_record", "make_identity", "config_fingerprint",
+           "identity_differences", "resume_error", "read_json_file", "write_run_files", "ids_digest", "run_dir_of",
+           "check_teacher_provenance", "WorkdirLock", "pid_alive", "prepare_workdir"]
+
 # Fields that may change when a run resumes, and why none of them changes what the run computes.
 RESUMABLE_FIELDS = {
     "log.every_steps": "how often training metrics are averaged and printed (reporting only)",

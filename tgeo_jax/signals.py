@@ -8,6 +8,8 @@ Imports nothing heavy: ``train.py`` installs its handler before importing JAX.
 
 from __future__ import annotations
 
+__all__ = ["received", "record", "pending", "quiet_swallowed_exits"]
+
 received: list[int] = []  # signals delivered to this process, in order
 
 

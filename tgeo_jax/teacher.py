@@ -11,6 +11,9 @@ from typing import Any
 from tgeo_jax import checkpoint, models, run_identity
 from tgeo_jax.errors import UserError
 
+__all__ = ["Teacher", "collect_loaded", "variables_digest", "checkpoint_dir", "load_teacher", "load_teacher_from",
+           "latest_checkpoint_meta", "LogitCache"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:

@@ -28,6 +28,11 @@ from tgeo_jax import run_identity
 from tgeo_jax.data import sources
 from tgeo_jax.errors import UserError
 
+__all__ = ["TaskData", "TaskSpec", "stratified_split", "RawTask", "TEST_ID_OFFSET", "LOADERS", "load",
+           "content_digest", "check_finite", "symmetric_label_noise", "with_label_noise", "inject_outliers",
+           "steps_per_epoch", "epoch_order", "prepare_epoch", "train_batches", "resolve_workers",
+           "decodes_per_record", "iterate", "validation_batches", "eval_batches"]
+
 
 @dataclasses.dataclass
 class TaskData:

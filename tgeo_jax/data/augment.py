@@ -18,6 +18,9 @@ import numpy as np
 
 from tgeo_jax.errors import UserError
 
+__all__ = ["flip", "crop_flip", "crop_flip_raw", "AUGMENTATIONS", "get", "crop_flip_fill", "crop_flip_cifar100",
+           "random_resized_crop_box", "imagenet_crop_flip"]
+
 
 def flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Random horizontal flip with probability 1/2 per example."""

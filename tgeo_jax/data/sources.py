@@ -17,6 +17,9 @@ import numpy as np
 
 from tgeo_jax.errors import UserError
 
+__all__ = ["Source", "ArraySource", "SubsetSource", "subset", "ConcatSource", "concatenate", "FASHION_MNIST_DIR",
+           "FASHION_MNIST_FILES", "read_idx", "normalize_fashion_mnist", "fashion_mnist", "write_idx", "synthetic"]
+
 
 class Source(Protocol):
   labels: np.ndarray

@@ -30,6 +30,9 @@ from tgeo_jax import data as data_lib
 from tgeo_jax.data import sources
 from tgeo_jax.errors import UserError
 
+__all__ = ["CRITEO_NUM_DENSE", "CRITEO_NUM_SPARSE", "CRITEO_NUM_FIELDS", "minmax_scale", "random_oversample",
+           "read_numeric_csv", "attack", "file_digest", "read_criteo", "build_vocabularies", "encode", "criteo"]
+
 # Offset of the test split's seed from data.split_seed (the validation split uses split_seed itself).
 _TEST_SPLIT_SEED_OFFSET = 1_000_003
 # Oversampling draws from its own stream of data.split_seed.

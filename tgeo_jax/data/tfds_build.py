@@ -21,6 +21,8 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
+__all__ = ["IMAGENET_LIKE_SIZES", "encode", "build_image_dataset", "fashion_mnist_images"]
+
 # ImageNet-like (height, width) sizes: landscape, portrait and a few large images (the ones ``data.jpeg_draft``
 # decodes at a reduced DCT scale; ImageNet's median is about 500x375, and about a quarter are larger).
 IMAGENET_LIKE_SIZES = ((300, 400), (375, 500), (400, 300), (333, 500), (560, 750), (600, 800))

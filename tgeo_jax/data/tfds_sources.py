@@ -63,6 +63,12 @@ from PIL import Image
 from tgeo_jax.data import sources
 from tgeo_jax.errors import UserError
 
+__all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGENET_RESIZE", "IN_MEMORY_MODES",
+           "open_split", "MOCK_DIGEST_PREFIX", "mock_context", "decode_image", "split_files", "files_digest",
+           "read_labels", "TableNormalize", "TfdsImageSource", "cache_directory", "decode_all", "decoded_split",
+           "to_memory", "cifar100", "resize_shorter", "center_crop", "imagenet_train_transform",
+           "imagenet_eval_transform", "imagenet2012"]
+
 CIFAR100_MEAN = np.array([0.5071, 0.4865, 0.4409], np.float32)
 CIFAR100_STD = np.array([0.2673, 0.2564, 0.2762], np.float32)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)

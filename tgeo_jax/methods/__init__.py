@@ -1,10 +1,14 @@
-"""Method registry: ``build(name, ...)``. Adding a method = one module here + one entry in ``_METHODS``."""
+"""Method registry: ``get_class(name)`` gives a method's class. Adding a method = one module here + one entry in
+``_METHODS``. Each method's module (``tgeo_jax.methods.dkd``, ...) is also reachable as an attribute of this package
+(loaded on first use): its pure loss functions are documented in docs/api.md."""
 
 from __future__ import annotations
 
 import importlib
 
 from tgeo_jax.errors import UserError
+
+__all__ = ["available", "get_class", "register"]
 
 # name -> "module:Class"
 _METHODS = {
@@ -32,6 +36,13 @@ def get_class(name: str):
     raise UserError(f"method: unknown method {name!r}; expected one of {available()}")
   module, cls = _METHODS[name].split(":")
   return getattr(importlib.import_module(module), cls)
+
+
+def __getattr__(name: str):
+  modules = {target.split(":")[0].rsplit(".", 1)[-1] for target in _METHODS.values()} | {"base"}
+  if name in modules:
+    return importlib.import_module(f"tgeo_jax.methods.{name}")
+  raise AttributeError(f"module 'tgeo_jax.methods' has no attribute {name!r}")
 
 
 def register(name: str, target: str) -> None:

@@ -59,6 +59,8 @@ from tgeo_jax import teacher as teacher_lib
 from tgeo_jax.errors import UserError
 from tgeo_jax.methods import base, simkd
 
+__all__ = ["CLASSIFIER_UPDATES", "parameter_drift", "atsc_loss", "parse_extra_teachers", "classifier_mask", "ATSC"]
+
 CLASSIFIER_UPDATES = ("bias", "all")
 
 

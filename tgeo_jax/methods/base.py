@@ -35,6 +35,8 @@ from tgeo_jax.errors import UserError
 from tgeo_jax import teacher as teacher_lib
 from tgeo_jax.teacher import Teacher
 
+__all__ = ["Method", "LossMethod", "trainable_state", "minimize_step", "batch_accuracy"]
+
 
 class Method:
   """Base class: a student trained with ``tx``; subclasses define ``train_step`` (or use ``LossMethod``)."""

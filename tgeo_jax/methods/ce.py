@@ -8,6 +8,8 @@ import ml_collections
 from tgeo_jax import losses
 from tgeo_jax.methods import base
 
+__all__ = ["ce_loss", "CE"]
+
 
 def ce_loss(logits, labels, *, label_smoothing: float = 0.0):
   """Mean cross-entropy over the batch. ``logits [B, K]``, ``labels [B]``."""

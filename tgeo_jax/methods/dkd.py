@@ -23,55 +23,95 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from tgeo_jax import config_checks, data, losses
+from tgeo_jax import argchecks, config_checks, data, losses
 from tgeo_jax.methods import base
 
+__all__ = ["dkd_terms", "warmup_weight", "dkd_loss", "DKD"]
 
-def _kl_terms(log_q_t: jax.Array, log_q_s: jax.Array) -> jax.Array:
-  """Elementwise ``q_t (log q_t - log q_s)`` for finite log-probabilities (the teacher side is stop-gradient)."""
-  return jnp.exp(log_q_t) * (log_q_t - log_q_s)
+
+def _kl_terms(log_q_t: jax.Array, log_q_s: jax.Array, present: jax.Array) -> jax.Array:
+  """Elementwise ``q_t (log q_t - log q_s)`` where ``present``, exactly 0 elsewhere (no ``0 * inf`` in the value or
+  the gradient: a masked or left-out class has ``log q = -inf``)."""
+  log_q_t = jnp.where(present, log_q_t, 0.0)
+  log_q_s = jnp.where(present, log_q_s, 0.0)
+  return jnp.where(present, jnp.exp(log_q_t) * (log_q_t - log_q_s), 0.0)
+
+
+def _shift(scaled: jax.Array) -> jax.Array:
+  """``scaled - max_k scaled`` per row (stop-gradient: a constant per row changes no log-probability).
+
+  Forming ``z_y - logsumexp(z)`` from unshifted logits rounds ``logsumexp``'s ``max + log(...)`` at the scale of
+  the logits; after the shift the row maximum is 0 and the log-probabilities are as precise as ``log_softmax``'s.
+  """
+  return scaled - jax.lax.stop_gradient(jnp.max(scaled, axis=-1, keepdims=True))
 
 
 def _binary_log_probs(scaled: jax.Array, target: jax.Array) -> jax.Array:
-  """``[N, 2]``: ``(log p_y, log(1 - p_y))`` of ``softmax(scaled)``; ``scaled [N, K]``, ``target [N, K]`` bool.
+  """``[..., 2]``: ``(log p_y, log(1 - p_y))`` of ``softmax(scaled)``; ``scaled [..., K]``, ``target`` bool.
 
   ``log(1 - p_y)`` as a difference of two logsumexps, not ``log1p(-p_y)``: finite however close ``p_y`` is to 1.
   """
+  scaled = _shift(scaled)
   lse_all = jax.nn.logsumexp(scaled, axis=-1)
-  lse_target = jnp.sum(jnp.where(target, scaled, 0.0), axis=-1)  # exactly one target per row
+  logit_target = jnp.sum(jnp.where(target, scaled, 0.0), axis=-1)  # exactly one target per row
   lse_other = jax.nn.logsumexp(jnp.where(target, -jnp.inf, scaled), axis=-1)
-  return jnp.stack([lse_target - lse_all, lse_other - lse_all], axis=-1)
+  return jnp.stack([logit_target - lse_all, lse_other - lse_all], axis=-1)
 
 
 def _non_target_log_probs(scaled: jax.Array, target: jax.Array) -> jax.Array:
-  """``[N, K]``: log-softmax of ``scaled`` over the classes ``k != y``; the target entry is set to 0.
-
-  The target entry would be ``-inf``; it is replaced by 0 *before* any product so that neither the value nor the
-  gradient ever meets ``0 * inf`` (the caller drops that entry).
-  """
-  lse_other = jax.nn.logsumexp(jnp.where(target, -jnp.inf, scaled), axis=-1, keepdims=True)
-  return jnp.where(target, 0.0, scaled - lse_other)
+  """``[..., K]``: log-softmax of ``scaled`` over the classes ``k != y``; the target entry is ``-inf``."""
+  scaled = _shift(jnp.where(target, -jnp.inf, scaled))
+  return scaled - jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
 
 
-def dkd_terms(student_logits, teacher_logits, labels, *, temperature: float) -> tuple[jax.Array, jax.Array]:
-  """Per-sample ``(TCKD [N], NCKD [N])``, each already multiplied by ``tau^2``; the teacher is stop-gradient.
+def dkd_terms(student_logits, teacher_logits, labels, *, temperature: float,
+              validate: bool = False) -> tuple[jax.Array, jax.Array]:
+  r"""Per-sample ``(TCKD, NCKD)``, each already multiplied by ``tau^2``; the teacher is stop-gradient.
+
+  ``TCKD = tau^2 KL(b_t || b_s)`` with ``b = [p_y, 1 - p_y]``, ``NCKD = tau^2 KL(p^_t || p^_s)`` with ``p^`` the
+  softmax of ``z / tau`` over the classes ``k != y``. Classes the teacher masks (``-inf``) contribute 0.
 
   Args:
-    student_logits, teacher_logits: ``[N, K]`` (any float dtype; computed in float32), K >= 2.
-    labels: ``[N]`` integer classes in ``[0, K)``.
-    temperature: ``tau`` of every softmax.
+    student_logits, teacher_logits: ``[..., K]``, same shape, ``K >= 2``.
+    labels: ``[...]`` integer classes in ``[0, K)``; an out-of-range label gives NaN in both terms.
+    temperature: ``tau > 0`` of every softmax.
+    validate: check the labels' range (and a traced temperature) with ``checkify``.
   Returns:
-    ``tckd = tau^2 KL(b_t || b_s)`` and ``nckd = tau^2 KL(p^_t || p^_s)``, float32, >= 0 up to rounding.
+    ``(tckd, nckd)``, each ``[...]`` in ``promote_types(student, teacher, float32)``, ``>= 0`` up to rounding.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from tgeo_jax.methods import dkd
+    >>> s = jnp.array([[1.0, 0.0, 0.0]]); t = jnp.array([[2.0, 1.0, 0.0]])
+    >>> tckd, nckd = dkd.dkd_terms(s, t, jnp.array([0]), temperature=1.0)
+    >>> print(tckd, nckd)   # NCKD = KL((e, 1)/(e + 1) || (1/2, 1/2)) = 0.1109441
+    [0.01666858] [0.11094414]
   """
+  fn = "dkd_terms"
+  _check_terms_args(fn, student_logits, teacher_logits, labels, temperature)
+  k = student_logits.shape[-1]
+  argchecks.value_checks(fn, validate, labels=labels, num_classes=k, temperature=temperature)
+  dtype = argchecks.compute_dtype(student_logits, teacher_logits)
   teacher_logits = jax.lax.stop_gradient(teacher_logits)
-  s = student_logits.astype(jnp.float32) / temperature
-  t = teacher_logits.astype(jnp.float32) / temperature
-  target = jax.nn.one_hot(labels, s.shape[-1], dtype=jnp.bool_)
-  tckd = jnp.sum(_kl_terms(_binary_log_probs(t, target), _binary_log_probs(s, target)), axis=-1)
-  nckd_terms = _kl_terms(_non_target_log_probs(t, target), _non_target_log_probs(s, target))
-  nckd = jnp.sum(jnp.where(target, 0.0, nckd_terms), axis=-1)
-  return temperature**2 * tckd, temperature**2 * nckd
+  labels = labels.astype(jnp.int32)
+  s = student_logits.astype(dtype) / temperature
+  t = teacher_logits.astype(dtype) / temperature
+  target = jax.nn.one_hot(labels, k, dtype=jnp.bool_)
+  b_t = _binary_log_probs(t, target)
+  tckd = jnp.sum(_kl_terms(b_t, _binary_log_probs(s, target), b_t > -jnp.inf), axis=-1)
+  q_t = _non_target_log_probs(t, target)
+  nckd = jnp.sum(_kl_terms(q_t, _non_target_log_probs(s, target), q_t > -jnp.inf), axis=-1)
+  valid = argchecks.valid_labels(labels, k)
+  return (jnp.where(valid, temperature**2 * tckd, jnp.nan), jnp.where(valid, temperature**2 * nckd, jnp.nan))
+
+
+def _check_terms_args(fn: str, student_logits, teacher_logits, labels, temperature) -> None:
+  """The static checks of ``dkd_terms``: logits ``[..., K]`` of one shape, integer labels, ``temperature > 0``."""
+  argchecks.check_logit_pair(fn, student_logits, teacher_logits)
+  argchecks.check_labels(fn, labels, student_logits)
+  argchecks.check_positive(fn, "temperature", temperature)
 
 
 def warmup_weight(step, *, steps_per_epoch: int, warmup_epochs: float) -> jax.Array:
@@ -79,30 +119,56 @@ def warmup_weight(step, *, steps_per_epoch: int, warmup_epochs: float) -> jax.Ar
 
   ``step`` is the number of steps already taken (0 for the first step of the run), so steps 0 .. spe-1 are epoch
   1 (``w = 1 / warmup_epochs``), and from epoch ``ceil(warmup_epochs)`` on ``w = 1``. ``warmup_epochs = 0``:
-  no warm-up. A float32 scalar.
+  no warm-up.
+
+  Args:
+    step: a scalar integer (traced or not).
+    steps_per_epoch: an integer ``>= 1`` (static).
+    warmup_epochs: a number ``>= 0`` (static).
+  Returns:
+    a float32 scalar in ``(0, 1]``.
+
+  Example:
+    >>> from tgeo_jax.methods import dkd
+    >>> print(dkd.warmup_weight(250, steps_per_epoch=100, warmup_epochs=20))   # epoch 3 of 20
+    0.15
   """
+  if not (isinstance(steps_per_epoch, (int, np.integer)) and steps_per_epoch >= 1):
+    raise ValueError(f"warmup_weight: steps_per_epoch: expected an integer >= 1, got {steps_per_epoch!r}")
+  argchecks.check_nonnegative("warmup_weight", "warmup_epochs", warmup_epochs)
   if warmup_epochs == 0:
     return jnp.ones((), jnp.float32)
-  epoch = jnp.asarray(step) // max(1, steps_per_epoch) + 1
+  epoch = jnp.asarray(step) // steps_per_epoch + 1
   return jnp.minimum(epoch.astype(jnp.float32) / warmup_epochs, 1.0)
 
 
 def dkd_loss(student_logits, teacher_logits, labels, *, temperature: float, alpha: float, beta: float,
-             w_ce: float = 1.0, kd_weight=1.0):
-  """``w_ce CE + kd_weight (alpha TCKD + beta NCKD)``, each a mean over the batch.
+             w_ce: float = 1.0, kd_weight=1.0, validate: bool = False):
+  r"""``w_ce CE + kd_weight (alpha TCKD + beta NCKD)``, each a mean over the batch.
 
   Args:
-    student_logits, teacher_logits: ``[N, K]``; labels ``[N]``.
-    temperature, alpha, beta, w_ce: as in the module docstring.
+    student_logits, teacher_logits: ``[N, K]``, ``K >= 2``; labels ``[N]``.
+    temperature, alpha, beta, w_ce: as in the module docstring (``tau > 0``, weights ``>= 0``).
     kd_weight: the warm-up factor ``w`` (a scalar, e.g. ``warmup_weight(step, ...)``).
+    validate: check the labels' range with ``checkify`` (``tgeo_jax.argchecks``).
   Returns:
-    ``(loss, {"ce", "tckd", "nckd", "kd_weight"})``, float32 scalars; ``tckd``/``nckd`` include ``tau^2`` and
-    exclude ``alpha``, ``beta`` and ``w``.
+    ``(loss, {"ce", "tckd", "nckd", "kd_weight"})``: scalars in ``promote_types(logits dtype, float32)``;
+    ``tckd``/``nckd`` include ``tau^2`` and exclude ``alpha``, ``beta`` and ``w``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from tgeo_jax.methods import dkd
+    >>> s = jnp.array([[1.0, 0.0, 0.0]]); t = jnp.array([[2.0, 1.0, 0.0]])
+    >>> loss, parts = dkd.dkd_loss(s, t, jnp.array([0]), temperature=1.0, alpha=1.0, beta=8.0)
+    >>> print(round(float(loss), 5))   # CE 0.55144 + TCKD 0.01667 + 8 NCKD 0.11094
+    1.45567
   """
-  tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, temperature=temperature)
+  for name, value in (("alpha", alpha), ("beta", beta), ("w_ce", w_ce), ("kd_weight", kd_weight)):
+    argchecks.check_nonnegative("dkd_loss", name, value)
+  tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, temperature=temperature, validate=validate)
   ce = jnp.mean(losses.cross_entropy(student_logits, labels))
   tckd, nckd = jnp.mean(tckd), jnp.mean(nckd)
-  kd_weight = jnp.asarray(kd_weight, jnp.float32)
+  kd_weight = jnp.asarray(kd_weight, ce.dtype)
   loss = w_ce * ce + kd_weight * (alpha * tckd + beta * nckd)
   return loss, {"ce": ce, "tckd": tckd, "nckd": nckd, "kd_weight": kd_weight}
 

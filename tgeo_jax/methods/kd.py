@@ -5,17 +5,34 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from tgeo_jax import losses
+from tgeo_jax import argchecks, losses
 from tgeo_jax.config_checks import nonnegative_number, positive_number
 from tgeo_jax.methods import base
 
+__all__ = ["hinton_loss", "KD"]
+
 
 def hinton_loss(student_logits, teacher_logits, labels, *, temperature: float, w_ce: float, w_kd: float):
-  """Mean over the batch of ``w_ce CE(s, y) + w_kd tau^2 KL_tau(t || s)``; the teacher is stop-gradient.
+  r"""Mean over the batch of ``w_ce CE(s, y) + w_kd tau^2 KL_tau(t || s)``; the teacher is stop-gradient.
 
-  ``student_logits, teacher_logits [B, K]``, ``labels [B]``. Returns ``(loss, {"soft": mean tau^2 KL,
-  "ce": mean CE})`` (``losses.kd_loss`` is the per-sample soft term).
+  Args:
+    student_logits, teacher_logits: ``[B, K]``, same shape, ``K >= 2``.
+    labels: ``[B]`` integer classes.
+    temperature: ``tau > 0``; w_ce, w_kd: weights ``>= 0``.
+  Returns:
+    ``(loss, {"soft": mean tau^2 KL, "ce": mean CE})``, scalars in ``promote_types(logits dtype, float32)``
+    (``losses.kd_loss`` is the per-sample soft term).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from tgeo_jax.methods import kd
+    >>> s = jnp.array([[0.0, 0.0]]); t = jnp.array([[jnp.log(3.0), 0.0]])
+    >>> loss, parts = kd.hinton_loss(s, t, jnp.array([0]), temperature=1.0, w_ce=0.5, w_kd=0.5)
+    >>> print(round(float(loss), 6))   # (log 2 + 0.130810) / 2
+    0.41198
   """
+  argchecks.check_nonnegative("hinton_loss", "w_ce", w_ce)
+  argchecks.check_nonnegative("hinton_loss", "w_kd", w_kd)
   soft = losses.kd_loss(student_logits, teacher_logits, temperature=temperature)
   hard = losses.cross_entropy(student_logits, labels)
   return jnp.mean(w_ce * hard + w_kd * soft), {"soft": jnp.mean(soft), "ce": jnp.mean(hard)}

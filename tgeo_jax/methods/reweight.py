@@ -14,30 +14,81 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from tgeo_jax import losses
+from tgeo_jax import argchecks, losses
 from tgeo_jax.config_checks import positive_number
 from tgeo_jax.methods import base
 from tgeo_jax.methods.tgeo import MetaReweightKD, meta_defaults
+
+__all__ = ["anl_alpha", "ada_alpha", "wls_alpha", "RuleReweightKD", "AnnealedKD", "AdaptiveKD", "WeightedSoftLabelKD",
+           "RandomWeightKD"]
 
 # Keeps WLS's ratio finite when the teacher's CE is ~0 (a teacher certain and right): then α -> 1.
 _WLS_EPS = 1e-8
 
 
 def anl_alpha(step, total_steps):
-  """Scalar α = max(0, 1 − step / total_steps)."""
-  return jnp.maximum(0.0, 1.0 - step.astype(jnp.float32) / total_steps)
+  """Scalar ``α = max(0, 1 − step / total_steps)``, float32.
+
+  Args:
+    step: a scalar integer array (steps already taken).
+    total_steps: an integer ``>= 1`` (static).
+  Returns:
+    a float32 scalar in ``[0, 1]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from tgeo_jax.methods import reweight
+    >>> print(reweight.anl_alpha(jnp.array(25), 100))
+    0.75
+  """
+  if not (isinstance(total_steps, (int, np.integer)) and total_steps >= 1):
+    raise ValueError(f"anl_alpha: total_steps: expected an integer >= 1, got {total_steps!r}")
+  return jnp.maximum(0.0, 1.0 - jnp.asarray(step).astype(jnp.float32) / total_steps)
 
 
 def ada_alpha(teacher_logits, labels):
-  """``[N]``: α_i = max(0, p_T,y − (1 − p_T,y)/(K − 1)), p_T at τ = 1."""
+  """``[...]``: ``α_i = max(0, p_T,y − (1 − p_T,y)/(K − 1))``, ``p_T = softmax(z_t)`` at τ = 1.
+
+  0 when the teacher is no better than uniform on the true class, 1 when it is certain of it.
+
+  Args:
+    teacher_logits: ``[..., K]``, ``K >= 2``.
+    labels: ``[...]`` integer classes; an out-of-range label gives NaN.
+  Returns:
+    ``[...]`` in ``promote_types(teacher_logits.dtype, float32)``, in ``[0, 1]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from tgeo_jax.methods import reweight
+    >>> print(reweight.ada_alpha(jnp.log(jnp.array([[0.7, 0.2, 0.1]])), jnp.array([0])).round(5))   # 0.7 − 0.3/2
+    [0.55]
+  """
+  argchecks.check_logits("ada_alpha", "teacher_logits", teacher_logits)
+  argchecks.check_labels("ada_alpha", labels, teacher_logits)
   k = teacher_logits.shape[-1]
-  p_true = jnp.take_along_axis(jax.nn.softmax(teacher_logits.astype(jnp.float32)), labels[:, None], axis=-1)[:, 0]
+  # exp(−CE) is the true-class probability, with CE's masking, precision and NaN for a bad label.
+  p_true = jnp.exp(-losses.cross_entropy(teacher_logits, labels))
   return jnp.maximum(0.0, p_true - (1.0 - p_true) / (k - 1))
 
 
 def wls_alpha(student_logits, teacher_logits, labels):
-  """``[N]``: α_i = 1 − exp(−CE(s_i, y_i) / CE(t_i, y_i)), stop-gradient."""
+  """``[...]``: ``α_i = 1 − exp(−CE(s_i, y_i) / (CE(t_i, y_i) + 1e-8))``, stop-gradient.
+
+  Args:
+    student_logits, teacher_logits: ``[..., K]``, same shape; labels ``[...]``.
+  Returns:
+    ``[...]`` in ``promote_types(logits dtype, float32)``, in ``[0, 1)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from tgeo_jax.methods import reweight
+    >>> s = jnp.log(jnp.array([[0.5, 0.5]])); t = jnp.log(jnp.array([[0.25, 0.75]]))
+    >>> print(reweight.wls_alpha(s, t, jnp.array([1])).round(4))   # 1 − exp(−log 2 / log(4/3))
+    [0.9101]
+  """
+  argchecks.check_logit_pair("wls_alpha", student_logits, teacher_logits)
   ce_s = losses.cross_entropy(jax.lax.stop_gradient(student_logits), labels)
   ce_t = losses.cross_entropy(teacher_logits, labels)
   return jax.lax.stop_gradient(1.0 - jnp.exp(-ce_s / (ce_t + _WLS_EPS)))

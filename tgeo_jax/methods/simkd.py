@@ -32,10 +32,13 @@ import ml_collections
 import optax
 from flax import nnx
 
-from tgeo_jax import config_checks, models
+from tgeo_jax import argchecks, config_checks, models
 from tgeo_jax.errors import UserError
 from tgeo_jax.methods import base
 from tgeo_jax.models.cifar_resnet import TORCH_DEFAULT, batch_norm, conv2d
+
+__all__ = ["Projector", "make_projector", "adaptive_avg_pool", "feature_mse", "feature_map_shape",
+           "validate_student_feature", "common_size", "projector_channels", "SimKD"]
 
 
 class Projector(nnx.Module):
@@ -81,8 +84,24 @@ def adaptive_avg_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 def feature_mse(projected: jax.Array, target: jax.Array) -> jax.Array:
-  """``mean((projected - target)^2)`` over every element, float32. Gradients reach both sides: callers decide."""
-  diff = projected.astype(jnp.float32) - target.astype(jnp.float32)
+  """``mean((projected - target)^2)`` over every element (PyTorch's ``nn.MSELoss()``, SimKD's feature loss).
+
+  Gradients reach both sides: callers decide.
+
+  Args:
+    projected, target: arrays of one shape, e.g. ``[B, h, w, C]``.
+  Returns:
+    a scalar in ``promote_types(inputs' dtype, float32)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from tgeo_jax.methods import simkd
+    >>> print(simkd.feature_mse(jnp.array([[1.0, 2.0]]), jnp.array([[0.0, 0.0]])))   # (1 + 4) / 2
+    2.5
+  """
+  argchecks.check_same_shape("feature_mse", "target", target, "projected", projected)
+  dtype = argchecks.compute_dtype(projected, target)
+  diff = projected.astype(dtype) - target.astype(dtype)
   return jnp.mean(diff * diff)
 
 

@@ -46,6 +46,8 @@ from tgeo_jax.config_checks import nonnegative_int, positive_int, positive_numbe
 from tgeo_jax.errors import UserError
 from tgeo_jax.methods import base
 
+__all__ = ["HYPERGRADS", "FusionNet", "make_meta_optimizer", "meta_defaults", "MetaReweightKD", "TGeoKD"]
+
 HYPERGRADS = ("one_step", "unroll", "implicit", "head_only")
 
 

@@ -37,6 +37,8 @@ from tgeo_jax import teacher as teacher_lib
 from tgeo_jax.errors import UserError
 from tgeo_jax.methods import base
 
+__all__ = ["trikd_losses", "TriKD", "run_generations"]
+
 
 def trikd_losses(student_logits, teacher_logits, anchor_logits, labels, *, temperature: float,
                  lambda_anchor: float, lambda_student_to_teacher: float, lambda_teacher_to_student: float):

@@ -31,6 +31,10 @@ from flax import nnx
 
 from tgeo_jax.errors import UserError
 
+__all__ = ["register", "available", "create", "COMPUTE_DTYPES", "compute_dtype", "at_least_float32",
+           "batch_norm_dtype_kwargs", "Functional", "split", "apply", "FEATURE_STAGES", "feature_maps",
+           "apply_features", "apply_classifier", "num_params"]
+
 _REGISTRY: dict[str, Callable[..., nnx.Module]] = {}
 
 

@@ -19,6 +19,10 @@ from flax import nnx
 
 from tgeo_jax.models import at_least_float32, batch_norm_dtype_kwargs, register
 
+__all__ = ["KAIMING_FAN_OUT", "TORCH_DEFAULT", "conv2d", "batch_norm", "torch_linear", "global_avg_pool",
+           "BasicBlock", "CifarResNet", "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56",
+           "resnet110", "resnet8x4", "resnet32x4"]
+
 # PyTorch ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``: N(0, 2 / (k * k * C_out)), untruncated.
 # RepDistiller's ``normal_(0, sqrt(2 / n))`` with ``n = k * k * C_out`` (WRN, MobileNetV2) is the same law.
 KAIMING_FAN_OUT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")

@@ -18,6 +18,8 @@ from flax import nnx
 from tgeo_jax.models import register
 from tgeo_jax.models.cifar_resnet import BasicBlock, batch_norm, conv2d, global_avg_pool, torch_linear
 
+__all__ = ["Bottleneck", "ImageNetResNet", "resnet18", "resnet34", "resnet50", "resnet50_cifar"]
+
 
 class Bottleneck(nnx.Module):
   """``relu(bn(conv1x1(relu(bn(conv3x3_s(relu(bn(conv1x1(x)))))))) + shortcut(x))``, 4x channel expansion.

@@ -21,6 +21,8 @@ from flax import nnx
 from tgeo_jax.models import register
 from tgeo_jax.models.cifar_resnet import batch_norm, conv2d, global_avg_pool, torch_linear
 
+__all__ = ["ConvBNAct", "InvertedResidual", "MobileNetV2", "mobilenetv2", "mobilenetv2_imagenet"]
+
 # (expansion t, channels c, blocks n, first stride s), as in the paper's Table 2.
 _PAPER_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
                   (6, 320, 1, 1))

@@ -15,6 +15,9 @@ from flax import nnx
 from tgeo_jax.models import register
 from tgeo_jax.models.cifar_resnet import TORCH_DEFAULT, batch_norm, conv2d, global_avg_pool, torch_linear
 
+__all__ = ["channel_shuffle", "ShuffleV1Unit", "ShuffleNetV1", "ShuffleV2Unit", "ShuffleV2DownUnit", "ShuffleNetV2",
+           "shufflev1", "shufflev2"]
+
 _STEM_CHANNELS = 24
 
 

@@ -10,6 +10,9 @@ from flax import nnx
 
 from tgeo_jax.models import at_least_float32, batch_norm_dtype_kwargs, register
 
+__all__ = ["MLP", "CNN", "CNNDenseHead", "mlp", "mlp_tiny", "cnn_small", "cnn_teacher", "cnn_medium", "cnn_medium_fc",
+           "cnn_deep_fc", "cnn_tiny"]
+
 
 def _pool2x2(x: jax.Array) -> jax.Array:
   # Reshape-based 2x2 average pool: on CPU XLA, flax's max_pool backward was ~3x slower (measured when this model

@@ -20,6 +20,8 @@ from flax import nnx
 from tgeo_jax.models import register
 from tgeo_jax.models.cifar_resnet import batch_norm, conv2d, global_avg_pool, torch_linear
 
+__all__ = ["VGG_BLOCKS", "max_pool2x2", "ConvBNReLU", "VGG", "vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]
+
 # Channels of each conv, block by block (RepDistiller's ``cfg``: 'S', 'A', 'B', 'D', 'E').
 VGG_BLOCKS = {
     "vgg8": ((64,), (128,), (256,), (512,), (512,)),

@@ -32,6 +32,8 @@ from tgeo_jax.errors import UserError
 from tgeo_jax.models import at_least_float32, register
 from tgeo_jax.models.small import MLP
 
+__all__ = ["WideDeep", "wide_deep_teacher", "wide_deep_student", "attack_teacher", "attack_student"]
+
 
 class WideDeep(nnx.Module):
   """``{"dense": [B, num_dense], "sparse": [B, len(vocab_sizes)]} -> [B, 2]`` click logits ``[0, z]``."""

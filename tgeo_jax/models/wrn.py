@@ -8,6 +8,8 @@ from flax import nnx
 from tgeo_jax.models import register
 from tgeo_jax.models.cifar_resnet import batch_norm, conv2d, global_avg_pool, torch_linear
 
+__all__ = ["WideBlock", "WideResNet", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
+
 
 class WideBlock(nnx.Module):
   """Pre-activation block: ``conv3x3(relu(bn(conv3x3(a)))) + shortcut`` with ``a = relu(bn(x))``.

@@ -13,3 +13,5 @@ from tgeo_jax.models import mobilenetv2  # noqa: F401
 from tgeo_jax.models import shufflenet  # noqa: F401
 from tgeo_jax.models import vgg  # noqa: F401
 from tgeo_jax.models import wrn  # noqa: F401
+
+__all__ = []
