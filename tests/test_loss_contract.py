@@ -142,14 +142,14 @@ def test_low_precision_inputs_compute_and_return_float32(name, dtype):
 @pytest.mark.parametrize("name", sorted(SCALAR_LOSSES))
 def test_float64_stays_float64_and_gradients_match_finite_differences(name):
   # wls_alpha / ada_alpha / relation_features are stop-gradient in the student or have kinks (max(0, .)): their
-  # value is checked; the rest are differentiated to second order in float64.
+  # value is checked; the rest are differentiated in float64.
   s, t, y = batch(seed=2)
   with jax.enable_x64(True):
     s64, t64, y64 = jnp.asarray(s, jnp.float64), jnp.asarray(t, jnp.float64), jnp.asarray(y)
     fn = SCALAR_LOSSES[name]
     assert fn(s64, t64, y64).dtype == jnp.float64, name
     if name not in ("wls_alpha", "ada_alpha", "relation_features"):
-      check_grads(lambda z: fn(z, t64, y64), (s64,), order=2, modes=("rev",), atol=1e-6, rtol=1e-6)
+      check_grads(lambda z: fn(z, t64, y64), (s64,), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
 def test_feature_functions_keep_float64():
@@ -171,7 +171,7 @@ def test_float32_precision_is_at_the_official_codes_level():
   # offset 0: the usual regime; offset 50: large logits, where forming z - logsumexp(z) without the row maximum
   # lost bits (DKD's gradient was 6.7x the official error there before the fix).
   for offset in (0.0, 50.0):
-    for row in module.measure(batches=10, offset=offset):
+    for row in module.measure(batches=6, offset=offset):
       for side in ("value", "grad"):
         ours, official = row[f"ours_{side}"], row[f"official_{side}"]
         if np.isfinite(ours):

@@ -68,8 +68,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: floa
     ce = optax.losses.softmax_cross_entropy_with_integer_labels(z, jnp.where(valid, labels, 0))
   else:
     present = z > -jnp.inf
-    n_present = jnp.sum(present, axis=-1, keepdims=True).astype(z.dtype)
-    targets = (1.0 - label_smoothing) * jax.nn.one_hot(labels, k, dtype=z.dtype) + label_smoothing / n_present
+    # optax's smoothing over the classes that are present; masked classes' targets are dropped by the mask below.
+    targets = optax.losses.smooth_labels(jax.nn.one_hot(labels, k, dtype=z.dtype), label_smoothing, where=present)
     ce = -jnp.sum(masked_log_softmax_terms(targets, jax.nn.log_softmax(z, axis=-1), present), axis=-1)
   return jnp.where(valid, ce, jnp.nan)
 
