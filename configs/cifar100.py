@@ -1,8 +1,8 @@
 """CIFAR-100 (RepDistiller / mdistiller / DIST protocol, docs/methods.md §6) from a prepared TFDS dataset.
 
-Prepare the data once (array_record, so it can be read at random without TensorFlow at training time):
+Prepare the data once from the published archive (torchvision's download, or the binary version), no TensorFlow:
 
-  tfds build cifar100 --data_dir=DIR --file_format=array_record
+  python -m tgeo_jax.prepare cifar100 --archive=cifar-100-python.tar.gz --data_dir=DIR
 
 Then a teacher, and a student distilled from it:
 

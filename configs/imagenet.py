@@ -1,6 +1,6 @@
 """ImageNet (ILSVRC-2012) ResNet-34 -> ResNet-18 from a prepared TFDS dataset (docs/methods.md §6).
 
-  tfds build imagenet2012 --data_dir=DIR --file_format=array_record   # needs the manual ILSVRC-2012 download
+  python -m tgeo_jax.prepare imagefolder --root=ILSVRC2012 --data_dir=DIR   # ILSVRC2012/{train,val}/WNID/*.JPEG
   python train.py --config=configs/imagenet.py:teacher --workdir=runs/in/resnet34 --config.data.dir=DIR
   python train.py --config=configs/imagenet.py:kd --workdir=runs/in/r34_r18_kd --config.data.dir=DIR \
       --config.teacher.checkpoint=runs/in/resnet34

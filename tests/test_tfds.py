@@ -146,5 +146,5 @@ def test_missing_dataset_is_one_line(tmp_path):
                   f"--config.data.dir={empty}"], check=False)
   assert proc.returncode == 2, proc.stderr
   lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
-  assert len(lines) == 1 and "tfds build cifar100" in lines[0] and empty in lines[0], proc.stderr
+  assert len(lines) == 1 and "python -m tgeo_jax.prepare cifar100 --archive=" in lines[0] and empty in lines[0], proc.stderr
   assert "Traceback" not in proc.stderr

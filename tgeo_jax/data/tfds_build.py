@@ -41,14 +41,21 @@ def encode(image: np.ndarray, encoding_format: str, quality: int = 90) -> bytes:
 
 def build_image_dataset(data_dir: str, name: str, splits: dict[str, Callable[[], Iterable[tuple[bytes, int]]]], *,
                         num_classes: int, encoding_format: str = "jpeg", shape=(None, None, 3),
-                        version: str = "1.0.0") -> str:
+                        version: str = "1.0.0", label_names: list[str] | None = None, extra_features=None,
+                        progress: bool = True) -> str:
   """Prepares ``data_dir/name/version`` from ``{split: () -> iterable of (encoded image bytes, label)}``.
 
-  Nothing is registered in TFDS's builder registry (the builder class is made with ``skip_registration``), so
-  reading goes through the prepared files, as for a dataset built elsewhere. Returns the dataset's directory; an
-  already prepared one is kept as it is.
+  With ``extra_features`` (``{name: tfds feature}``) the iterables give ``(bytes, label, {name: value})``: e.g.
+  CIFAR-100's ``coarse_label`` and ``id``, so that TFDS's registered builder of that name reads every field.
+  ``label_names`` names the classes (``ClassLabel(names=...)``). Nothing is registered in TFDS's builder registry
+  (the builder class is made with ``skip_registration``), so reading goes through the prepared files, as for a
+  dataset built elsewhere. Returns the dataset's directory; an already prepared one is kept as it is.
   """
   import tensorflow_datasets as tfds
+  if not progress:
+    tfds.disable_progress_bar()
+  label = (tfds.features.ClassLabel(names=label_names) if label_names
+           else tfds.features.ClassLabel(num_classes=num_classes))
 
   def body(ns):
     ns["VERSION"] = tfds.core.Version(version)
@@ -57,17 +64,17 @@ def build_image_dataset(data_dir: str, name: str, splits: dict[str, Callable[[],
     def _info(self):
       # disable_shuffling: records in the order given (TFDS would order them by a hash of their key).
       return tfds.core.DatasetInfo(builder=self, disable_shuffling=True, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=shape, encoding_format=encoding_format),
-          "label": tfds.features.ClassLabel(num_classes=num_classes)}))
+          "image": tfds.features.Image(shape=shape, encoding_format=encoding_format), "label": label,
+          **(extra_features or {})}))
 
     def _split_generators(self, dl_manager):
       del dl_manager
       return {split: self._generate_examples(make) for split, make in splits.items()}
 
     def _generate_examples(self, make):
-      for i, (image_bytes, label) in enumerate(make()):
+      for i, (image_bytes, label, *extra) in enumerate(make()):
         # Encoded bytes pass through TFDS unchanged (an array would need TensorFlow to encode).
-        yield i, {"image": io.BytesIO(image_bytes), "label": int(label)}
+        yield i, {"image": io.BytesIO(image_bytes), "label": int(label), **(extra[0] if extra else {})}
 
     ns.update(_info=_info, _split_generators=_split_generators, _generate_examples=_generate_examples)
 

@@ -1,7 +1,8 @@
 """CIFAR-100 and ImageNet (ILSVRC-2012) from prepared TFDS datasets, as random-access sources.
 
-``tfds.data_source`` reads a dataset prepared in the ``array_record`` format (``tfds build NAME
---data_dir=DIR --file_format=array_record``) without TensorFlow. Records are opened with the image feature left
+``tfds.data_source`` reads a dataset prepared in the ``array_record`` format without TensorFlow: by
+``python -m tgeo_jax.prepare`` from the published CIFAR-100 archives or class-folder trees (``tgeo_jax/prepare.py``),
+or by ``tfds build NAME --file_format=array_record`` where TensorFlow is installed. Records are opened with the image feature left
 encoded (``tfds.decode.SkipDecoding``): labels are read without decoding a single image, and images are decoded
 here with PIL (the decoder TFDS itself uses without OpenCV), optionally at a reduced JPEG scale (``data.jpeg_draft``).
 
@@ -75,9 +76,13 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 IMAGENET_RESIZE = 256  # shorter side before the crops (and the smallest shorter side a draft decode may give)
 
-_NOT_PREPARED = ("data.dir: TFDS dataset {name!r} is not prepared in {dir}; download and prepare it with "
-                 "`tfds build {name} --data_dir={dir} --file_format=array_record` (or set TFDS_DATA_DIR), then pass "
-                 "--config.data.dir={dir}")
+# How to prepare each protocol's dataset without TensorFlow (tgeo_jax/prepare.py); another name: any class tree.
+_PREPARE_HINT = {
+    "cifar100": "python -m tgeo_jax.prepare cifar100 --archive=cifar-100-python.tar.gz --data_dir={dir}",
+    "imagenet2012": "python -m tgeo_jax.prepare imagefolder --root=ILSVRC2012_DIR --data_dir={dir}",
+}
+_NOT_PREPARED = ("data.dir: TFDS dataset {name!r} is not prepared in {dir}; prepare it from your files with `{hint}` "
+                 "(no TensorFlow needed), then pass --config.data.dir={dir}")
 IN_MEMORY_MODES = ("auto", "on", "off")
 
 
@@ -112,13 +117,15 @@ def open_split(name: str, split: str, data_dir: str | None, *, encoded: bool = T
       src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     return src
   except Exception as e:  # noqa: BLE001 - tfds raises assorted types (AssertionError, NotImplementedError, ...)
-    message = _NOT_PREPARED.format(name=name, dir=shown)
+    hint = _PREPARE_HINT.get(name, f"python -m tgeo_jax.prepare imagefolder --root=TREE --name={name} "
+                                     "--data_dir={dir}").format(dir=shown)
+    message = _NOT_PREPARED.format(name=name, dir=shown, hint=hint)
     root = os.path.join(os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR") or
                                            "~/tensorflow_datasets"), name)
     has_info = any("dataset_info.json" in files for _, _, files in os.walk(root))
     if has_info and "TFRECORD" in str(e):
       message = (f"data.dir: TFDS dataset {name!r} in {shown} is prepared as TFRecord, which cannot be read at "
-                 f"random; rebuild it with `tfds build {name} --data_dir={shown} --file_format=array_record`")
+                 f"random; prepare it as array_record with `{hint}`")
     raise UserError(message) from None
   finally:
     logging.set_verbosity(verbosity)
