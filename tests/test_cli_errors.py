@@ -68,7 +68,14 @@ CASES = [
     ("zero_batch", ["--config.batch_size=0"], r"batch_size: expected a positive integer, got 0"),
     ("negative_epochs", ["--config.num_epochs=-1"], r"num_epochs: expected a positive integer"),
     ("wrong_type", ["--config.num_epochs=abc"], r"--config.num_epochs=abc"),
-    ("unknown_field", ["--config.nope=1"], r"--config.nope: no such config field"),
+    ("unknown_field", ["--config.nope=1"], r"--config.nope: no such config field \(nope\)$"),
+    ("field_typo", ["--config.kd.temprature=3"],
+     r'^error: --config.kd.temprature: no such config field \(temprature; did you mean "temperature" instead of '
+     r'"temprature"\?\)$'),
+    ("no_teacher_cifar100", ["--config=configs/cifar100.py:resnet32x4_resnet8x4:kd", "--config.data.mock=True",
+                             "--config.data.name=cifar100"],
+     r"teacher.checkpoint: method 'kd' needs a trained teacher; train one with 'python train.py "
+     r"--config=configs/cifar100.py:teacher:cnn_tiny --workdir=DIR --config.data.mock=True' and pass"),
     ("missing_config_file", ["--config=configs/nope.py:kd"], r"--config: .*configs/nope.py"),
     ("val_fraction", ["--config.data.val_fraction=1.5"], r"data.val_fraction: expected a fraction in \(0, 1\)"),
     ("learning_rate", ["--config.optimizer.learning_rate=0.0"], r"optimizer.learning_rate: expected a positive"),
@@ -183,6 +190,7 @@ def test_bad_input(name, args, pattern, tiny_teacher, tmp_path, capsys):
   assert "Traceback" not in stderr
   assert lines[0].startswith("error: ")
   assert re.search(pattern, lines[0]), lines[0]
+  assert not os.path.exists(tmp_path / "run"), os.listdir(tmp_path / "run")  # a refused run leaves no work directory
 
 
 def test_resume_with_another_config_is_refused(tiny_teacher, tmp_path, capsys):

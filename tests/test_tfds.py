@@ -148,3 +148,49 @@ def test_missing_dataset_is_one_line(tmp_path):
   lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "python -m tgeo_jax.prepare cifar100 --archive=" in lines[0] and empty in lines[0], proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+# Every registered method on mock CIFAR-100 through the CLI, with the paper config's own defaults (DKD's 20-epoch
+# warm-up, a validation batch of 64) and the smallest model the path allows: data.mock adapts what a one-epoch
+# smoke test cannot satisfy, with a warning line per change.
+MOCK_SMOKE = ["--config.data.mock=True", "--config.data.mock_examples=64", "--config.num_epochs=1",
+              "--config.batch_size=16", "--config.log.progress=False", "--config.model.name=cnn_tiny",
+              "--config.teacher.model=cnn_tiny"]
+
+
+@pytest.fixture(scope="module")
+def mock_teacher(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("mock_teacher"))
+  proc = run_cli(["--config=configs/cifar100.py:teacher:resnet8", f"--workdir={workdir}", *MOCK_SMOKE])
+  assert proc.returncode == 0, proc.stderr
+  return workdir
+
+
+def _methods():
+  from tgeo_jax import methods
+  return methods.available()
+
+
+@pytest.mark.parametrize("method", _methods())
+def test_every_method_smoke_tests_on_mock_data(method, mock_teacher, tmp_path):
+  workdir = str(tmp_path / method)
+  extra = [f"--config.trikd.anchor_checkpoint={mock_teacher}"] if method == "trikd" else []
+  proc = run_cli([f"--config=configs/cifar100.py:resnet32x4_resnet8x4:{method}", f"--workdir={workdir}",
+                  *MOCK_SMOKE, f"--config.teacher.checkpoint={mock_teacher}", *extra], check=False)
+  assert proc.returncode == 0, proc.stderr
+  notes = [line for line in proc.stderr.splitlines() if line.startswith("warning: data.mock=True: ") and "->" in line]
+  from tgeo_jax import methods
+  expected = []
+  if method == "dkd":
+    expected.append("warning: data.mock=True: dkd.warmup_epochs 20 -> 1 (num_epochs), so the smoke test can run")
+  if methods.get_class(method).uses_validation_batch:
+    expected.append("warning: data.mock=True: val_batch_size 64 -> 12 (the mock split holds out 12 validation "
+                    "examples), so the smoke test can run")
+  assert notes == expected, proc.stderr
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["finished"] and summary["data_mock"] is True and summary["method"] == method
+  if method == "tgeo":  # the same command resumes: the fitted batch is part of the recorded config
+    again = run_cli([f"--config=configs/cifar100.py:resnet32x4_resnet8x4:{method}", f"--workdir={workdir}",
+                     *MOCK_SMOKE, f"--config.teacher.checkpoint={mock_teacher}"], check=False)
+    assert again.returncode == 0, again.stderr

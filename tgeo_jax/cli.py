@@ -56,9 +56,18 @@ def parse(argv: list[str]):
       message = f"{message} {lines[-1]}"
     raise UserError(message) from None
   except (KeyError, AttributeError) as e:
+    # ml_collections' KeyError carries "'name'\nDid you mean ...?": print its words, not the tuple's repr.
+    inner = e.args[0] if e.args else e
+    while isinstance(inner, BaseException) and inner.args:  # AttributeError(KeyError(message))
+      inner = inner.args[0]
+    detail = " ".join(str(inner).split()).replace("'", "")
+    missing = detail.split()[0] if detail else ""
+    hint = detail[len(missing):].strip()
+    if hint.startswith("Did you mean"):
+      detail = f"{missing}; did you mean{hint[len('Did you mean'):]}"
     field = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-                  and re.sub(r"\W", "", str(e)) in a.split("=")[0]), None)
-    raise UserError(f"{field or '--config'}: no such config field ({str(e).strip(chr(34))})") from None
+                  and missing and missing in a.split("=")[0].split(".")[1:]), None)
+    raise UserError(f"{field or '--config'}: no such config field ({detail})") from None
   except OSError as e:
     raise UserError("--config: " + " ".join(str(e).split())) from None
   except Exception as e:  # noqa: BLE001 - a config file raising on load

@@ -58,6 +58,38 @@ def nonnegative_number(config, dotted):
   require(config, dotted, lambda v: is_number(v) and v >= 0, "a number >= 0")
 
 
+def adapt_to_mock_data(config) -> list[str]:
+  """On ``data.mock=True``, lowers what a tiny smoke-test run cannot satisfy; returns one note per change.
+
+  A mock split holds ``data.mock_examples`` examples and a smoke test runs an epoch or two, so a paper config's
+  DKD warm-up (20 epochs) would refuse the run: ``dkd.warmup_epochs`` is capped at ``num_epochs`` (the validation
+  batch is fitted once the data is loaded, ``fit_mock_validation_batch``). The changes are in the run's config (and
+  so in its fingerprint), which is a mock run's anyway. Real-data runs are never changed.
+  """
+  if not (config.data.get("mock") is True):
+    return []
+  notes = []
+  if config.method == "dkd" and is_number(config.dkd.warmup_epochs) and is_number(config.num_epochs) \
+      and config.dkd.warmup_epochs > config.num_epochs:
+    notes.append(f"dkd.warmup_epochs {config.dkd.warmup_epochs:g} -> {config.num_epochs:g} (num_epochs)")
+    config.dkd.warmup_epochs = float(config.num_epochs)
+  return [f"data.mock=True: {note}, so the smoke test can run" for note in notes]
+
+
+def fit_mock_validation_batch(config, held_out: int, device_count: int) -> list[str]:
+  """On mock data, lowers ``val_batch_size`` to the largest multiple of ``device_count`` that the ``held_out``
+  validation examples fill, for the methods that draw validation batches; returns the note (or nothing)."""
+  if not (config.data.get("mock") is True and methods.get_class(config.method).uses_validation_batch):
+    return []
+  fitted = held_out // device_count * device_count
+  if not 0 < fitted < config.val_batch_size:
+    return []
+  note = (f"data.mock=True: val_batch_size {config.val_batch_size} -> {fitted} (the mock split holds out "
+          f"{held_out} validation examples), so the smoke test can run")
+  config.val_batch_size = fitted
+  return [note]
+
+
 def validate(config) -> None:
   """Checks the fields every run uses, then the method's own (``Method.validate_config``)."""
   method_cls = methods.get_class(_field(config, "method"))

@@ -8,7 +8,13 @@ Kept in the package so that config files, which are not a package, share one def
 
 import ml_collections
 
-__all__ = ["meta_config", "method_groups", "base_config", "set_temperature", "load_config_file", "override"]
+__all__ = ["meta_config", "method_groups", "base_config", "set_temperature", "load_config_file", "override",
+           "CONFIG_FILES", "train_command"]
+
+# The config file of each dataset's protocol (what a hint tells a user to run for this run's data).
+CONFIG_FILES = {"fashion_mnist": "configs/fashion_mnist.py", "synthetic": "configs/fashion_mnist.py",
+                "cifar100": "configs/cifar100.py", "imagenet2012": "configs/imagenet.py",
+                "attack": "configs/attack.py", "criteo": "configs/criteo.py"}
 
 
 def meta_config() -> ml_collections.ConfigDict:
@@ -140,6 +146,18 @@ def set_temperature(c: ml_collections.ConfigDict, temperature: float) -> None:
   for group in method_groups():
     if "temperature" in c[group]:
       c[group].temperature = temperature
+
+
+def train_command(config, model: str) -> str:
+  """The command that trains a CE model ``model`` (a teacher, or TriKD's anchor) on this config's data, e.g.
+  ``python train.py --config=configs/cifar100.py:teacher:resnet32x4 --workdir=DIR --config.data.dir=DIR``."""
+  name = config.data.name
+  path = CONFIG_FILES.get(name, "configs/fashion_mnist.py")
+  arg = f"teacher:{model}" if name == "cifar100" else "teacher"
+  extra = f" --config.model.name={model}" if name != "cifar100" else ""
+  data = "".join(f" --config.data.{field}={config.data[field]}" for field in ("dir", "file", "tfds_name", "mock")
+                 if field in config.data and config.data[field])
+  return f"python train.py --config={path}:{arg} --workdir=DIR{extra}{data}"
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:

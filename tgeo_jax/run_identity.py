@@ -373,6 +373,20 @@ def pid_alive(pid: int) -> bool:
   return True
 
 
+def remove_unused_workdir(workdir: str, lock_path: str) -> None:
+  """Removes ``workdir`` when it holds no file but its lock (a run refused before writing anything: at most the
+  lock and empty directories, e.g. ``checkpoints/``)."""
+  try:
+    for root, _, files in os.walk(workdir):
+      if any(os.path.join(root, f) != os.path.join(workdir, os.path.basename(lock_path)) for f in files):
+        return
+    os.remove(lock_path)
+    for root, _, _ in sorted(os.walk(workdir), key=lambda entry: -len(entry[0])):  # deepest first
+      os.rmdir(root)
+  except OSError:
+    pass  # another process got there, or the directory is not ours to clean: leave it
+
+
 def prepare_workdir(workdir: str) -> str:
   """Creates ``workdir`` if needed; a path that cannot be a work directory is a one-line ``UserError``."""
   if not isinstance(workdir, str) or not workdir.strip():

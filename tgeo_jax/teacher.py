@@ -66,8 +66,9 @@ def load_teacher(config, spec) -> Teacher:
   teacher trained in either mode loads in either mode.
   """
   if not config.teacher.checkpoint:
+    from tgeo_jax import default_config
     raise UserError(f"teacher.checkpoint: method {config.method!r} needs a trained teacher; train one with "
-                    "'python train.py --config=configs/fashion_mnist.py:teacher --workdir=DIR' and pass "
+                    f"'{default_config.train_command(config, config.teacher.model)}' and pass "
                     "--config.teacher.checkpoint=DIR")
   return load_teacher_from(config.teacher.model, config.teacher.checkpoint, spec, field="teacher.checkpoint",
                            model_field="teacher.model", dtype=models.compute_dtype(config))

@@ -278,12 +278,20 @@ def train_and_evaluate(config, workdir: str, *, teacher: teacher_lib.Teacher | N
   ``steps_per_run`` returns an unfinished summary (``finished: False``) after a checkpoint. ``teacher``: a teacher
   given in code instead of ``teacher.checkpoint``.
   """
+  for note in config_checks.adapt_to_mock_data(config):
+    print(f"warning: {note}", file=sys.stderr, flush=True)
   config_checks.validate(config)
   use_compilation_cache(config.compilation_cache_dir)
+  created = not os.path.exists(workdir)
   run_identity.prepare_workdir(workdir)
-  with run_identity.WorkdirLock(workdir).acquire(process_index=jax.process_index(),
-                                                 process_count=jax.process_count()), _StopRequest() as stop:
-    run = setup(config, workdir, teacher=teacher)
+  lock = run_identity.WorkdirLock(workdir)
+  with lock.acquire(process_index=jax.process_index(), process_count=jax.process_count()), _StopRequest() as stop:
+    try:
+      run = setup(config, workdir, teacher=teacher)
+    except UserError:
+      if created:  # refused before anything was written: leave no work directory behind
+        run_identity.remove_unused_workdir(workdir, lock.path)
+      raise
     try:
       try:
         stop.start_loop()
@@ -335,6 +343,13 @@ def _checkpoint_steps_on_disk(ckpt_dir: str) -> list[int]:
 def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -> Run:
   """Builds the run; restores the newest good checkpoint of this run's identity, refusing any other."""
   start_time = time.time()
+  task = None
+  if config.data.get("mock") is True:
+    # Mock data is small and cheap to load: load it first, so that a paper config's validation batch can be fitted
+    # to what the mock split holds out before the config is recorded (config_checks.adapt_to_mock_data).
+    task = data.load(config.data, seed=config.seed)
+    for note in config_checks.fit_mock_validation_batch(config, len(task.val), jax.device_count()):
+      print(f"warning: {note}", file=sys.stderr, flush=True)
   config_dict = json.loads(config.to_json_best_effort())
   ckpt_dir = os.path.join(workdir, "checkpoints")
   saved_identity = (run_identity.read_json_file(os.path.join(workdir, run_identity.IDENTITY_FILE))
@@ -346,7 +361,8 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
   parallel.check_batch_size("batch_size", config.batch_size, mesh)
   parallel.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
 
-  task = data.load(config.data, seed=config.seed)
+  if task is None:
+    task = data.load(config.data, seed=config.seed)
   steps_per_epoch = data.steps_per_epoch(len(task.train), config.batch_size)
   if steps_per_epoch == 0:
     raise UserError(f"batch_size: {config.batch_size} exceeds the {len(task.train)} training examples")

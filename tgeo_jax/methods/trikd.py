@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from tgeo_jax import config_checks, losses, models, report, run_identity
+from tgeo_jax import config_checks, default_config, losses, models, report, run_identity
 from tgeo_jax import teacher as teacher_lib
 from tgeo_jax.errors import UserError
 from tgeo_jax.methods import base
@@ -115,8 +115,8 @@ class TriKD(base.Method):
                       "training run takes trikd.generations=1")
     if not config.trikd.anchor_checkpoint:
       raise UserError("trikd.anchor_checkpoint: TriKD needs a CE-trained anchor of the student's architecture; "
-                      f"train one with 'python train.py --config=configs/fashion_mnist.py:ce --workdir=DIR "
-                      f"--config.model.name={config.model.name}' and pass --config.trikd.anchor_checkpoint=DIR")
+                      f"train one with '{default_config.train_command(config, config.model.name)}' and pass "
+                      "--config.trikd.anchor_checkpoint=DIR")
 
   def __init__(self, config, spec, **kwargs):
     super().__init__(config, spec, **kwargs)
