@@ -66,7 +66,7 @@ def adapt_to_mock_data(config) -> list[str]:
   batch is fitted once the data is loaded, ``fit_mock_validation_batch``). The changes are in the run's config (and
   so in its fingerprint), which is a mock run's anyway. Real-data runs are never changed.
   """
-  if not (config.data.get("mock") is True):
+  if config.data.get("mock") is not True:
     return []
   notes = []
   if config.method == "dkd" and is_number(config.dkd.warmup_epochs) and is_number(config.num_epochs) \
