@@ -229,3 +229,17 @@ def test_plot_without_matplotlib_is_one_error_line(tmp_path, capsys, monkeypatch
   assert_one_error_line(*run_compare(capsys, tmp_path / "a", "--plot", tmp_path / "c.png"),
                         "--plot: needs matplotlib", "pip install")
   assert not (tmp_path / "c.png").exists()
+
+
+def test_labels_name_only_the_fields_a_method_reads(tmp_path, capsys):
+  # A KD run and a TGeo-KD run from one config family: dkd.warmup_epochs and val_batch_size differ, but KD reads
+  # neither; TGeo-KD reads val_batch_size. Two KD runs that differ only in an unread field still get distinct labels.
+  fake_run(tmp_path, "kd", method="kd", **{"dkd.warmup_epochs": 20.0, "val_batch_size": 64})
+  fake_run(tmp_path, "tgeo", method="tgeo", **{"dkd.warmup_epochs": 1.0, "val_batch_size": 16})
+  fake_run(tmp_path, "kd_other", method="kd", **{"dkd.warmup_epochs": 1.0, "val_batch_size": 64})
+  rc, out, err = run_compare(capsys, tmp_path / "kd", tmp_path / "tgeo", "--format=csv")
+  assert rc == 0, err
+  assert sorted(r["label"] for r in csv_rows(out)) == ["kd mlp", "tgeo mlp, val_batch_size=16"]
+  rc, out, err = run_compare(capsys, tmp_path / "kd", tmp_path / "kd_other", "--format=csv")
+  assert rc == 0, err
+  assert sorted(r["label"] for r in csv_rows(out)) == ["kd mlp, warmup_epochs=1", "kd mlp, warmup_epochs=20"]

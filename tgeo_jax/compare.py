@@ -379,14 +379,26 @@ def _short_digest(value) -> str:
 def label_groups(groups: list[Group], diffs: list[Difference]) -> None:
   """Sets each group's label: ``method model, field=value, ...`` with the differing config fields (a field by its
   last name when that is unambiguous), then, for labels still equal, the data and teacher digests that tell apart."""
+  from tgeo_jax import methods
   fields = [d for d in diffs if d.kind == "config" and d.name not in LABEL_BASE_FIELDS]
   last = [d.name.rsplit(".", 1)[-1] for d in fields]
   names = [short if last.count(short) == 1 else d.name for d, short in zip(fields, last)]
+
+  def label(i, group, only_read):
+    # A field of a method the run does not use (another method's group, a validation batch it never draws) is
+    # left out unless it is what tells two groups apart.
+    parts = [f"{n}={d.values[i]}" for n, d in zip(names, fields)
+             if not only_read or methods.reads_field(group.method, d.name)]
+    shown = parts[:LABEL_MAX_FIELDS] + ([f"+{len(parts) - LABEL_MAX_FIELDS} more"] if len(parts) > LABEL_MAX_FIELDS
+                                       else [])
+    return ", ".join([f"{group.method} {group.model}", *shown])
+
   for i, group in enumerate(groups):
-    parts = [f"{n}={d.values[i]}" for n, d in zip(names, fields)][:LABEL_MAX_FIELDS]
-    if len(fields) > LABEL_MAX_FIELDS:
-      parts.append(f"+{len(fields) - LABEL_MAX_FIELDS} more")
-    group.label = ", ".join([f"{group.method} {group.model}", *parts])
+    group.label = label(i, group, only_read=True)
+  read_labels = [g.label for g in groups]
+  for i, group in enumerate(groups):
+    if read_labels.count(read_labels[i]) > 1:
+      group.label = label(i, group, only_read=False)
   for kind, word in (("data", "data"), ("teacher", "teacher")):
     for d in (d for d in diffs if d.kind == kind):
       labels = [g.label for g in groups]

@@ -8,7 +8,7 @@ import importlib
 
 from tgeo_jax.errors import UserError
 
-__all__ = ["available", "get_class", "register"]
+__all__ = ["available", "get_class", "reads_field", "register"]
 
 # name -> "module:Class"
 _METHODS = {
@@ -36,6 +36,24 @@ def get_class(name: str):
     raise UserError(f"method: unknown method {name!r}; expected one of {available()}")
   module, cls = _METHODS[name].split(":")
   return getattr(importlib.import_module(module), cls)
+
+
+def reads_field(method: str, field: str) -> bool:
+  """Whether a run of ``method`` reads the config ``field`` (dotted): a method reads its own config group and no
+  other method's, ``val_batch_size`` only when it draws validation batches, ``teacher.*`` only when it loads a
+  teacher; every other field is common to all. An unknown method reads everything."""
+  if method not in _METHODS:
+    return True
+  cls = get_class(method)
+  top = field.split(".", 1)[0]
+  method_groups = {get_class(m).config_group for m in _METHODS} - {None}
+  if top in method_groups:
+    return top == cls.config_group
+  if field == "val_batch_size":
+    return bool(cls.uses_validation_batch)
+  if top == "teacher":
+    return bool(getattr(cls, "loads_teacher_checkpoint", True))
+  return True
 
 
 def __getattr__(name: str):
