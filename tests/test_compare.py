@@ -243,3 +243,22 @@ def test_labels_name_only_the_fields_a_method_reads(tmp_path, capsys):
   rc, out, err = run_compare(capsys, tmp_path / "kd", tmp_path / "kd_other", "--format=csv")
   assert rc == 0, err
   assert sorted(r["label"] for r in csv_rows(out)) == ["kd mlp, warmup_epochs=1", "kd mlp, warmup_epochs=20"]
+
+
+def test_imported_teachers_are_listed_as_such(tmp_path, capsys):
+  fake_run(tmp_path, "kd", method="kd")
+  teacher = tmp_path / "imported"
+  teacher.mkdir()
+  config = {"method": "imported", "model": {"name": "resnet32x4"}, "data": {"name": "cifar100"}}
+  data = dict(DATA, imported_from={"file": "/x/ckpt_epoch_240.pth", "format": "repdistiller", "sha256": "e" * 64})
+  identity = run_identity.make_identity(config, data, [])
+  identity["data"]["imported_from"] = data["imported_from"]
+  (teacher / "identity.json").write_text(json.dumps(identity))
+  (teacher / "config.json").write_text(json.dumps(config))
+  rc, out, err = run_compare(capsys, tmp_path / "kd", teacher)
+  assert rc == 0, err
+  assert "Unfinished" not in out + err
+  text = out + err
+  assert "Imported teachers (not in the table): 1" in text
+  assert (f"- {teacher}: imported teacher (resnet32x4, repdistiller checkpoint ckpt_epoch_240.pth, sha256 "
+          "eeeeeeeeeeee); not trained here: score it with python -m tgeo_jax.evaluate") in text

@@ -197,6 +197,9 @@ def _bad(state_dict, drop=(), add=None, reshape=None):
     ("not_a_state_dict", "resnet8", "holds 'epoch', which is not a tensor"),
     ("other_format", "resnet18", "('resnet18' is a torchvision model: --format=torchvision)"),
     ("no_file", "resnet8", "--checkpoint: no file"),
+    ("nan_weight", "resnet8", "--checkpoint: 'layer1.0.conv1.weight' in {path} holds 1 non-finite value (NaN or Inf)"),
+    ("inf_weight", "resnet8", "--checkpoint: 'fc.weight' in {path} holds 2 non-finite values (NaN or Inf)"),
+    ("negative_variance", "resnet8", "--checkpoint: 'bn1.running_var' in {path} holds a negative variance (-0.5)"),
 ])
 def test_bad_input_is_one_line(case, model, expected, resnet8_100, tmp_path, capsys):
   path = tmp_path / "in.pth"
@@ -216,6 +219,15 @@ def test_bad_input_is_one_line(case, model, expected, resnet8_100, tmp_path, cap
     torch.save(torch_cifar_models.build("resnet8", 100), path)
   elif case == "not_a_state_dict":
     torch.save({"epoch": 240, "weights": resnet8_100}, path)
+  elif case in ("nan_weight", "inf_weight", "negative_variance"):
+    sd = {k: v.clone() for k, v in resnet8_100.items()}
+    if case == "nan_weight":
+      sd["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    elif case == "inf_weight":
+      sd["fc.weight"][0, :2] = float("inf")
+    else:
+      sd["bn1.running_var"][3] = -0.5
+    torch.save({"model": sd}, path)
   workdir = tmp_path / "teacher"
   checkpoint = str(path) if case != "no_file" else str(tmp_path / "absent.pth")
   rc, out, err = run_import(capsys, "--format=repdistiller", f"--model={model}", f"--checkpoint={checkpoint}",
@@ -303,3 +315,48 @@ def test_import_then_kd_student(tmp_path, capsys, monkeypatch):
   assert summary["teacher_accuracy"] == pytest.approx(torch_accuracy, abs=1e-9)
   student_identity = json.loads((student_dir / run_identity.IDENTITY_FILE).read_text())
   assert student_identity["teachers"][0]["run_fingerprint"] == identity["fingerprint"]
+
+
+# ------------------------------------------------------------------------------------------------------ --check
+class DoubledLogits(torch.nn.Module):
+  """RepDistiller's resnet8 whose forward doubles the logits: same keys, another function (a wrong definition)."""
+
+  def __init__(self, num_classes):
+    super().__init__()
+    self.net = torch_cifar_models.build("resnet8", num_classes)
+
+  def forward(self, x):
+    return 2 * self.net(x)
+
+  def load_state_dict(self, state_dict, strict=True):
+    return self.net.load_state_dict(state_dict, strict=strict)
+
+
+def resnet8(num_classes):
+  return torch_cifar_models.build("resnet8", num_classes)
+
+
+def test_check_compares_the_logits_with_torch_before_writing(resnet8_100, tmp_path, capsys):
+  path = tmp_path / "ckpt_epoch_240.pth"
+  torch.save({"model": resnet8_100}, path)
+  here = __name__
+  workdir = tmp_path / "teacher"
+  base = ["--format=repdistiller", "--model=resnet8", f"--checkpoint={path}", f"--workdir={workdir}", "--check"]
+  rc, out, err = run_import(capsys, *base)
+  assert rc == 2 and error_lines(err) == [
+      "error: --check: a repdistiller model is checked against its PyTorch definition: pass "
+      "--torch_model=MODULE:FUNCTION (e.g. models.resnet:resnet32x4 from a RepDistiller checkout on the Python path), "
+      "called with num_classes=K"] and not workdir.exists()
+  rc, out, err = run_import(capsys, *base, f"--torch_model={here}:DoubledLogits")
+  assert rc == 2 and len(error_lines(err)) == 1 and error_lines(err)[0].startswith(
+      "error: --check: the imported resnet8's logits differ from PyTorch's on 4 random inputs (relative L2 0.5 > "
+      "0.0001"), err
+  assert not workdir.exists()
+  rc, out, err = run_import(capsys, *base, "--torch_model=no_such_module:f")
+  assert rc == 2 and error_lines(err)[0].startswith("error: --torch_model: cannot import 'no_such_module:f'")
+  rc, out, err = run_import(capsys, *base, f"--torch_model={here}:resnet8")
+  assert rc == 0, err
+  check = [line for line in out.splitlines() if line.startswith("check: ")]
+  assert len(check) == 1 and "logits equal PyTorch's on 4 random inputs to relative L2" in check[0], out
+  assert float(check[0].split("relative L2 ")[1].split()[0]) < 1e-5
+  assert workdir.exists()

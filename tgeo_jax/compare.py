@@ -92,6 +92,11 @@ class Run:
     return not self.status
 
   @property
+  def imported(self) -> dict | None:
+    """``data.imported_from`` of a teacher made by ``python -m tgeo_jax.import_teacher`` (never trained here)."""
+    return ((self.identity or {}).get("data") or {}).get("imported_from")
+
+  @property
   def group_fingerprint(self) -> str | None:
     return (self.summary or {}).get("group_fingerprint") or (self.identity or {}).get("group_fingerprint")
 
@@ -180,6 +185,12 @@ def load_run(path: str) -> Run:
     if not run.group_fingerprint:
       raise UserError(f"{summary_path}: records no group_fingerprint (a run written before tgeo_jax recorded run "
                       "identities): rerun it to compare it")
+  elif run.imported:
+    source = run.imported
+    run.summary = None
+    run.status = (f"imported teacher ({config.get('model.name', '?')}, {source.get('format', '?')} checkpoint "
+                  f"{os.path.basename(str(source.get('file', '?')))}, sha256 {str(source.get('sha256', '?'))[:12]}); "
+                  "not trained here: score it with python -m tgeo_jax.evaluate")
   else:
     run.summary, run.status = None, _unfinished_status(path, summary, config)
   return run
@@ -479,7 +490,11 @@ def notes(runs: list[Run], groups: list[Group], diffs: list[Difference], duplica
       lines.append("- none that summary.json or identity.json records: compare the runs' identity.json files")
   if duplicate_notes:
     lines += ["", "Counted once:", *(f"- {n}" for n in duplicate_notes)]
-  unfinished = [r for r in runs if not r.finished]
+  imported = [r for r in runs if r.imported]
+  if imported:
+    lines += ["", f"Imported teachers (not in the table): {len(imported)}"]
+    lines += [f"- {r.path}: {r.status}" for r in imported]
+  unfinished = [r for r in runs if not r.finished and not r.imported]
   if unfinished:
     by_fp = {g.fingerprint: g.number for g in groups}
     lines += ["", f"Unfinished runs (not in the table): {len(unfinished)}"]

@@ -52,7 +52,7 @@ from tgeo_jax.errors import UserError
 
 __all__ = ["FORMATS", "CHECKPOINT_STEP", "IMPORT_EXTRA", "Dataset", "DATASETS", "DEFAULT_DATASET", "FAMILIES",
            "file_sha256", "read_state_dict", "Converted", "convert", "source_record", "data_identity",
-           "import_teacher", "main"]
+           "TORCHVISION_CONSTRUCTORS", "CHECK_TOLERANCE", "check_against_torch", "import_teacher", "main"]
 
 FORMATS = ("repdistiller", "torchvision")
 CHECKPOINT_STEP = 0
@@ -248,7 +248,17 @@ def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], str]:
   for key, tensor in obj.items():
     tensor = tensor.detach().cpu()
     if tensor.is_floating_point():
-      out[str(key)] = tensor.to(torch.float32).numpy()
+      array = tensor.to(torch.float32).numpy()
+      # Weights a student would be distilled from: a NaN/Inf (a flipped byte, a diverged run) or a negative
+      # BatchNorm variance gives garbage logits that no later guard sees, so the file is refused here.
+      if not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise UserError(f"--checkpoint: {key!r} in {path!r} holds {bad} non-finite value{'s' * (bad != 1)} (NaN or "
+                        "Inf): a damaged file or a diverged run, refused")
+      if str(key).endswith("running_var") and np.any(array < 0):
+        raise UserError(f"--checkpoint: {key!r} in {path!r} holds a negative variance ({array.min():.4g}): a damaged "
+                        "file, refused")
+      out[str(key)] = array
     elif not (tensor.is_complex() or tensor.is_quantized):
       out[str(key)] = tensor.numpy()
     else:
@@ -435,11 +445,73 @@ def _existing_import(workdir: str, config_dict: dict) -> bool:
   raise UserError(f"--workdir: {workdir!r} already holds {what}; use another --workdir (nothing was changed)")
 
 
+# zoo name -> torchvision.models constructor (the ``torchvision`` format's reference for ``--check``)
+TORCHVISION_CONSTRUCTORS = {"resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50",
+                            "mobilenetv2_imagenet": "mobilenet_v2"}
+CHECK_TOLERANCE = 1e-4  # relative L2 of the logits; float32 conversions agree to ~1e-6
+
+
+def _torch_constructor(fmt: str, model_name: str, torch_model: str | None):
+  import importlib
+  if torch_model:
+    module, _, name = torch_model.partition(":")
+    try:
+      return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+      raise UserError(f"--torch_model: cannot import {torch_model!r} ({type(e).__name__}: {e}); expected "
+                      "MODULE:FUNCTION on the Python path, e.g. models.resnet:resnet32x4 from a RepDistiller "
+                      "checkout") from None
+  if fmt == "torchvision":
+    try:
+      import torchvision.models
+    except Exception as e:  # noqa: BLE001 - absent, or broken beside this torch
+      raise UserError(f"--check: needs torchvision for the torchvision format ({type(e).__name__})") from None
+    return getattr(torchvision.models, TORCHVISION_CONSTRUCTORS[model_name])
+  raise UserError("--check: a repdistiller model is checked against its PyTorch definition: pass "
+                  "--torch_model=MODULE:FUNCTION (e.g. models.resnet:resnet32x4 from a RepDistiller checkout on the "
+                  "Python path), called with num_classes=K")
+
+
+def check_against_torch(converted: "Converted", state_dict: dict[str, np.ndarray], fmt: str, model_name: str,
+                        dataset: "Dataset", torch_model: str | None = None, *, samples: int = 4,
+                        seed: int = 0) -> dict:
+  """The imported model's eval-mode logits against the PyTorch model's on ``samples`` random inputs.
+
+  The PyTorch model is ``torch_model`` (``MODULE:FUNCTION``, called with ``num_classes=K``) or, for the torchvision
+  format, torchvision's own constructor; it loads the same state_dict (strictly). Returns ``{"max_abs",
+  "relative_l2", "samples"}``; a difference above ``CHECK_TOLERANCE`` is a ``UserError``.
+  """
+  torch = _torch()
+  ctor = _torch_constructor(fmt, model_name, torch_model)
+  try:
+    net = ctor(num_classes=dataset.num_classes)
+    net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, strict=True)
+  except Exception as e:  # noqa: BLE001 - another architecture, a constructor with other arguments, ...
+    first = " ".join(str(e).split())[:200]
+    raise UserError(f"--torch_model: the PyTorch model does not take this checkpoint ({type(e).__name__}: {first})"
+                    ) from None
+  net.eval()
+  x = np.random.default_rng(seed).normal(size=(samples, *dataset.input_shape)).astype(np.float32)  # NHWC
+  with torch.no_grad():
+    reference = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+  reference = np.asarray((reference[-1] if isinstance(reference, (tuple, list)) else reference).numpy(), np.float64)
+  got = np.asarray(converted.model(x, train=False), np.float64)
+  result = {"samples": samples, "max_abs": float(np.max(np.abs(got - reference))),
+            "relative_l2": float(np.linalg.norm(got - reference) / max(np.linalg.norm(reference), 1e-30))}
+  if not result["relative_l2"] <= CHECK_TOLERANCE:
+    raise UserError(f"--check: the imported {model_name}'s logits differ from PyTorch's on {samples} random inputs "
+                    f"(relative L2 {result['relative_l2']:.3g} > {CHECK_TOLERANCE:g}, max |diff| "
+                    f"{result['max_abs']:.3g}): nothing was written")
+  return result
+
+
 def import_teacher(fmt: str, model_name: str, checkpoint_path: str, workdir: str, dataset_name: str | None = None,
-                   *, log=print) -> dict:
+                   *, check: bool = False, torch_model: str | None = None, log=print) -> dict:
   """Writes the teacher work directory ``workdir`` from ``checkpoint_path``; returns its identity record.
 
-  Idempotent: the same import into the same directory finds it done and returns its record.
+  ``check``: before writing, compare the converted model's logits with the PyTorch model's
+  (``check_against_torch``) and print the error. Idempotent: the same import into the same directory finds it done
+  and returns its record.
   """
   dataset_name = dataset_name or DEFAULT_DATASET.get(fmt, "")
   if dataset_name not in DATASETS:
@@ -459,6 +531,10 @@ def import_teacher(fmt: str, model_name: str, checkpoint_path: str, workdir: str
   converted = convert(state_dict, model_name, fmt=fmt, num_classes=dataset.num_classes,
                       input_shape=dataset.input_shape, source=repr(checkpoint_path),
                       classes_from=f"--dataset={dataset.name}")
+  if check:
+    result = check_against_torch(converted, state_dict, fmt, model_name, dataset, torch_model)
+    log(f"check: the imported model's logits equal PyTorch's on {result['samples']} random inputs to relative L2 "
+        f"{result['relative_l2']:.2e} (max |diff| {result['max_abs']:.2e}; tolerance {CHECK_TOLERANCE:g})")
   source = source_record(fmt, checkpoint_path, sha256, wrapper, dataset)
   # Where the file lay is recorded beside the fingerprinted fields, not in them: its sha256 says what it is, so the
   # same file imported from another path is the same teacher.
@@ -512,6 +588,11 @@ def _parser() -> argparse.ArgumentParser:
       f"{fmt}: {', '.join(names)}" for fmt, names in FAMILIES.items()))
   p.add_argument("--checkpoint", required=True, metavar="FILE", help="the .pth/.pt file (read with weights_only=True)")
   p.add_argument("--workdir", required=True, metavar="DIR", help="the teacher work directory to write")
+  p.add_argument("--check", action="store_true",
+                 help="before writing, compare the imported model's logits with the PyTorch model's on random inputs "
+                      "(torchvision's constructor, or --torch_model)")
+  p.add_argument("--torch_model", default=None, metavar="MODULE:FUNCTION",
+                 help="the PyTorch constructor for --check (called with num_classes=K), e.g. models.resnet:resnet32x4")
   p.add_argument("--dataset", default=None, choices=tuple(DATASETS),
                  help="what the teacher was trained on (default: cifar100 for repdistiller, imagenet2012 for "
                       "torchvision); sets the class count and the recorded training data")
@@ -527,7 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   try:
     args = parser.parse_args(argv)
-    import_teacher(args.format, args.model, args.checkpoint, args.workdir, args.dataset)
+    if args.torch_model and not args.check:
+      raise UserError("--torch_model: only used with --check")
+    import_teacher(args.format, args.model, args.checkpoint, args.workdir, args.dataset, check=args.check,
+                   torch_model=args.torch_model)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
