@@ -182,3 +182,14 @@ def test_alpha_analytics_same_with_cached_and_online_teacher(tiny_teacher, tmp_p
   for key in cached:
     if cached[key] is not None:
       np.testing.assert_allclose(cached[key], online[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_teacher_logits_disk_cache_is_keyed_by_compute_dtype(tiny_teacher, tmp_path):
+  """A bfloat16 student runs its teacher in bfloat16: it must not read a float32 run's table (nor the reverse)."""
+  cache = str(tmp_path / "cache")
+  _, _, f32, _ = build("kd", tiny_teacher, **{"teacher.logits_cache_dir": cache})
+  _, _, bf16, _ = build("kd", tiny_teacher, **{"teacher.logits_cache_dir": cache, "compute_dtype": "bfloat16"})
+  assert len(os.listdir(cache)) == 2  # one table per compute path
+  _, _, bf16_fresh, _ = build("kd", tiny_teacher, compute_dtype="bfloat16")  # no cache
+  np.testing.assert_array_equal(np.asarray(bf16["teacher_logits_table"]), np.asarray(bf16_fresh["teacher_logits_table"]))
+  assert not np.array_equal(np.asarray(bf16["teacher_logits_table"]), np.asarray(f32["teacher_logits_table"]))

@@ -24,6 +24,7 @@ them into ``tgeo_jax.default_config.base_config()``.
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import jax
@@ -115,7 +116,14 @@ class Method:
     cache_dir = self.config.teacher.logits_cache_dir
     if not cache_dir:
       return jnp.asarray(compute())
-    cache = teacher_lib.LogitCache(cache_dir, key=(frozen["teacher"], inputs))
+    # Everything that changes the table's values is in the key: the teacher's variables, the training inputs (after
+    # preprocessing), and how the logits are computed -- the model graph, the compute dtype (a bfloat16 student
+    # runs its teacher in bfloat16) and the method's teacher path.
+    how = json.dumps({"teacher_model": self.config.teacher.model,
+                      "compute_dtype": str(models.compute_dtype(self.config) or "float32"),
+                      "teacher_logits": f"{type(self).teacher_logits.__module__}."
+                                        f"{type(self).teacher_logits.__qualname__}"}, sort_keys=True)
+    cache = teacher_lib.LogitCache(cache_dir, key=(frozen["teacher"], inputs, np.frombuffer(how.encode(), np.uint8)))
     return jnp.asarray(cache.get_or_compute(compute, shape=(len(source), self.spec.num_classes)))
 
   def batch_teacher_logits(self, state: dict, frozen: dict, batch: dict) -> jax.Array:
