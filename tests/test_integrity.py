@@ -292,3 +292,66 @@ def test_a_signal_swallowed_during_setup_still_stops_before_training(tmp_path, c
   assert not os.path.exists(tmp_path / "run" / "checkpoints") or not os.listdir(tmp_path / "run" / "checkpoints")
   with pytest.raises(trainer.Interrupted):  # library callers (TriKD generations, the study) see it too
     trainer.train_and_evaluate(tiny_config("ce"), str(tmp_path / "run2"))
+
+
+@pytest.mark.parametrize("damage,cache", [("nan", "off"), ("nan", "on"), ("constant", "off")])
+def test_a_damaged_teacher_is_refused_before_training(damage, cache, tiny_teacher, tmp_path):
+  """Under jit a teacher with NaN weights gives NaN (or finite garbage) logits and a zeroed one a constant function;
+  the student looks at the teacher's logits (its cached table, or the first training examples) and stops, one line."""
+  import jax
+  import numpy as np
+
+  from conftest import tiny_config
+  from tgeo_jax import data, trainer
+  from tgeo_jax import teacher as teacher_lib
+  from tgeo_jax.errors import UserError
+  config = tiny_config("kd", **{"teacher.checkpoint": tiny_teacher, "teacher.model": "cnn_tiny",
+                                "teacher.cache_logits": cache})
+  spec = data.load(config.data, seed=0).spec
+  good = teacher_lib.load_teacher_from("cnn_tiny", tiny_teacher, spec, field="teacher.checkpoint")
+  leaves, treedef = jax.tree.flatten(good.variables["params"])
+  if damage == "nan":  # a NaN classifier (the last leaves): an early NaN can vanish in a max-pool under XLA:CPU
+    leaves = leaves[:-1] + [np.full_like(leaves[-1], np.nan)]
+  else:
+    leaves = [np.zeros_like(leaf) for leaf in leaves]
+  bad = teacher_lib.Teacher("cnn_tiny", good.graphdef, {**good.variables,
+                                                      "params": jax.tree.unflatten(treedef, leaves)})
+  workdir = tmp_path / "student"
+  with pytest.raises(UserError) as info:
+    trainer.train_and_evaluate(config, str(workdir), teacher=bad)
+  message = str(info.value)
+  where = "over the" if cache == "on" else "on the first"
+  # NaN weights give NaN logits, or -- XLA:CPU's max-pooling drops NaNs -- finite garbage that is the same for
+  # every example (what happens here): either is refused.
+  expected = (("non-finite logits", "the same logits for every example") if damage == "nan"
+              else ("the same logits for every example",))
+  assert message.startswith("teacher.checkpoint: the teacher in ''") and where in message
+  assert any(e in message for e in expected), message
+  assert "\n" not in message and not workdir.exists()
+
+
+def test_a_teacher_checkpoint_with_nan_weights_is_refused_on_load(tiny_teacher, tmp_path):
+  """A finished teacher run whose saved variables hold a NaN (checksums consistent: saved that way) is refused by
+  the loader, naming the leaf, before any student step."""
+  import jax
+
+  from tgeo_jax import checkpoint, models
+  from tgeo_jax import teacher as teacher_lib
+  spec = data.load(tiny_config("kd").data, seed=0).spec
+  fn = models.split(models.create("cnn_tiny", num_classes=spec.num_classes, input_shape=spec.input_shape))
+  ckpt_dir = teacher_lib.checkpoint_dir(tiny_teacher)
+  variables, meta, _ = checkpoint.restore_params(ckpt_dir, {"params": fn.params, "rest": fn.rest}, what="teacher")
+  leaves, treedef = jax.tree.flatten(variables["params"])
+  leaves[0] = np.asarray(leaves[0]).copy()
+  leaves[0].reshape(-1)[3] = np.nan
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(tiny_teacher, damaged, ignore=shutil.ignore_patterns("checkpoints", ".lock"))
+  ckpt = checkpoint.Checkpointer(os.path.join(damaged, "checkpoints"), max_to_keep=1)
+  try:
+    meta = {k: v for k, v in meta.items() if k != "array_records"}
+    ckpt.save(int(meta["step"]), {"params": jax.tree.unflatten(treedef, leaves), "rest": variables["rest"]}, meta)
+  finally:
+    ckpt.close()
+  with pytest.raises(UserError, match=r"^teacher.checkpoint: the teacher in '.*damaged' holds 1 non-finite value in "
+                                      r"\['params'\]\['convs'\]\[0\]\['kernel'\]: damaged weights \(or a run that diverged\), refused$"):
+    teacher_lib.load_teacher_from("cnn_tiny", damaged, spec, field="teacher.checkpoint")

@@ -74,6 +74,25 @@ def load_teacher(config, spec) -> Teacher:
                            model_field="teacher.model", dtype=models.compute_dtype(config))
 
 
+def _check_variables(variables: dict, path: str, field: str) -> None:
+  """Every floating variable finite and every BatchNorm variance non-negative, else one line naming the leaf."""
+  import jax
+  import numpy as np
+  for key_path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+    array = np.asarray(leaf)
+    if not np.issubdtype(array.dtype, np.floating):
+      continue
+    name = jax.tree_util.keystr(key_path).removesuffix(".value")  # nnx.Variable's field
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+      raise UserError(f"{field}: the teacher in {path!r} holds {bad} non-finite value{'s' * (bad != 1)} in {name}: "
+                      "damaged weights (or a run that diverged), refused")
+    if name.endswith("['var']"):  # BatchNorm's running variance
+      if np.any(array < 0):
+        raise UserError(f"{field}: the teacher in {path!r} holds a negative BatchNorm variance in {name}: damaged "
+                        "weights, refused")
+
+
 def load_teacher_from(model_name: str, path: str, spec, *, field: str, model_field: str | None = None,
                       dtype=None) -> Teacher:
   """Model ``model_name`` with the weights of the finished run whose work directory is ``path``.
@@ -106,6 +125,7 @@ def load_teacher_from(model_name: str, path: str, spec, *, field: str, model_fie
   if not meta.get("finished", False):
     raise UserError(f"{field}: the run in {path!r} has not finished (step {meta.get('step')} of "
                     f"{meta.get('total_steps')}); finish it first by running its command again")
+  _check_variables(variables, path, field)
   saved_identity = meta.get("identity") or {}
   identity = {"field": field, "model": model_name, "path": os.path.abspath(path),
               "variables_sha256": variables_digest(records),

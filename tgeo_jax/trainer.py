@@ -332,6 +332,31 @@ def use_compilation_cache(directory: str) -> None:
     compilation_cache.set_cache_dir(directory)
 
 
+def check_teacher_outputs(method, frozen: dict, task, examples: int = 64) -> None:
+  """A frozen teacher's logits on the first training examples (or its cached table) are finite and not the same for
+  every example; else a one-line ``UserError``. Under ``jit`` damaged weights (a NaN, a flipped byte) give finite
+  garbage or NaN logits that the student's own non-finite guard would meet only later, if at all."""
+  if method.teacher is None or not method.teacher_logits_fixed or "teacher" not in frozen:
+    return
+  table = frozen.get("teacher_logits_table")
+  if table is not None:
+    logits, what = np.asarray(jax.device_get(table)), f"over the {len(task.train)} training examples"
+  else:
+    n = min(examples, len(task.train))
+    inputs = task.train.gather(np.arange(n))
+    logits = np.asarray(jax.jit(lambda f, x: method.teacher_logits(None, f, x))(frozen, inputs))
+    what = f"on the first {n} training examples"
+  field = (method.teacher.identity or {}).get("field", "teacher.checkpoint")
+  path = (method.teacher.identity or {}).get("path", "")
+  bad = int(logits.size - np.count_nonzero(np.isfinite(logits)))
+  if bad:
+    raise UserError(f"{field}: the teacher in {path!r} gives {bad} non-finite logits {what}: its weights are "
+                    "damaged (NaN/Inf or a negative BatchNorm variance); refused")
+  if len(logits) > 1 and np.all(np.ptp(logits, axis=0) == 0):
+    raise UserError(f"{field}: the teacher in {path!r} gives the same logits for every example {what}: a constant "
+                    "function (damaged or untrained weights); refused")
+
+
 def _checkpoint_steps_on_disk(ckpt_dir: str) -> list[int]:
   """Finished checkpoint steps, listed without opening orbax (which would create or clean the directory)."""
   try:
@@ -383,6 +408,7 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
                       "examples (raise data.val_fraction or lower val_batch_size)")
 
   state, frozen = parallel.replicate(method.init(jax.random.PRNGKey(config.seed)), mesh)
+  check_teacher_outputs(method, frozen, task)
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, max_to_keep=config.checkpoint.max_to_keep, cleanup_tmp=True,
                                      async_save=config.checkpoint.async_save)
   try:
