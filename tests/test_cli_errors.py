@@ -112,6 +112,10 @@ CASES = [
     ("unknown_nonfinite_mode", ["--config.nonfinite=explode"], r"nonfinite: expected 'stop' or 'skip', got 'explode'"),
     ("unknown_tgeo_layout", [TGEO, "--config.tgeo.layout=nope"], r"tgeo.layout: expected one of \[.*'reference'.*\], "
                                                                   r"got 'nope'"),
+    ("skip_with_unroll", [TGEO, "--config.tgeo.hypergrad=unroll", "--config.tgeo.unroll_steps=2",
+                          "--config.nonfinite=skip"],
+     r"^error: nonfinite: 'skip' cannot be combined with tgeo.hypergrad='unroll' \(a skipped step would leave the "
+     r"unroll window's recorded steps out of line with the host's\); use nonfinite='stop'$"),
     ("unknown_tgeo_ordering", [TGEO, "--config.tgeo.ordering=nope"],
      r"tgeo.ordering: expected 'reuse' or 'lookahead', got 'nope'"),
     ("unknown_compute_dtype", ["--config.compute_dtype=float16"],

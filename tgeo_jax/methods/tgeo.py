@@ -130,6 +130,11 @@ class MetaReweightKD(base.Method):
     if cfg.unroll_steps > 1 and cfg.hypergrad != "unroll":
       raise UserError(f"{g}.unroll_steps: a window of {cfg.unroll_steps} steps is used by {g}.hypergrad='unroll' "
                       f"only (got {g}.hypergrad={cfg.hypergrad!r})")
+    if cfg.hypergrad == "unroll" and config.get("nonfinite") == "skip":
+      # A skipped step leaves the state's step (and so the window slot it writes) behind the host's step count,
+      # which decides where a window starts and ends: the sweep would mix the batches of other steps.
+      raise UserError(f"nonfinite: 'skip' cannot be combined with {g}.hypergrad='unroll' (a skipped step would leave "
+                      "the unroll window's recorded steps out of line with the host's); use nonfinite='stop'")
     if cfg.hypergrad == "unroll" and cfg.ordering != "reuse":
       raise UserError(f"{g}.ordering: {g}.hypergrad='unroll' takes the window's steps as the student's real steps; "
                       f"it needs {g}.ordering='reuse', got {cfg.ordering!r}")
