@@ -266,6 +266,12 @@ def test_no_pickle_anywhere():
   sources += [os.path.join(ROOT, "train.py")] + glob.glob(os.path.join(ROOT, "configs", "*.py"))
   assert len(sources) > 10
   found = {os.path.relpath(path, ROOT): unsafe_loads(open(path).read()) for path in sources}
+  # The one exception: CIFAR-100's python archive is a pickle, read by tgeo_jax/prepare.py's restricted unpickler,
+  # whose find_class admits numpy's array reconstruction only (a pickle asking for anything else is refused:
+  # tests/test_prepare.py runs one that would call os.system). Nothing else may import pickle.
+  assert [w for w, _ in found.pop(os.path.join("tgeo_jax", "prepare.py"))] == ["a pickle-family import", "unpickling"]
+  from tgeo_jax import prepare
+  assert prepare._CifarUnpickler.find_class is not __import__("pickle").Unpickler.find_class
   assert not {k: v for k, v in found.items() if v}
   # Checkpoints are read only through orbax (tensorstore arrays + JSON).
   checkpoint_source = open(os.path.join(ROOT, "tgeo_jax", "checkpoint.py")).read()
