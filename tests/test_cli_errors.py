@@ -112,6 +112,20 @@ CASES = [
     ("unknown_nonfinite_mode", ["--config.nonfinite=explode"], r"nonfinite: expected 'stop' or 'skip', got 'explode'"),
     ("unknown_tgeo_layout", [TGEO, "--config.tgeo.layout=nope"], r"tgeo.layout: expected one of \[.*'reference'.*\], "
                                                                   r"got 'nope'"),
+    ("infinite_learning_rate", ["--config.optimizer.learning_rate=inf"],
+     r"optimizer.learning_rate: expected a positive number, got inf"),
+    ("infinite_temperature", ["--config.kd.temperature=inf"], r"kd.temperature: expected a positive number, got inf"),
+    ("nan_weight_decay", ["--config.optimizer.weight_decay=nan"], r"optimizer.weight_decay: expected a number >= 0"),
+    ("huge_seed", [f"--config.seed={2**63}"], r"seed: expected an integer in \[0, 2\*\*32\), got 9223372036854775808"),
+    ("decay_epochs_not_numbers", ["--config.optimizer.decay_epochs=('a',)"],
+     r"optimizer.decay_epochs: expected a list of epochs > 0"),
+    ("empty_synthetic_shape", ["--config.data.synthetic.input_shape=(0,0,0)"],
+     r"data.synthetic.input_shape: expected a shape of positive integers"),
+    ("tfds_name_without_tfds", ["--config.data.tfds_name=cifar100"],
+     r"data.tfds_name: 'cifar100' names a TFDS dataset, but data.name 'synthetic' does not read TFDS"),
+    ("lock_is_a_symlink", ["{lock_symlink}"], r"workdir: .*/\.lock' is a symbolic link"),
+    ("checkpoints_is_a_file", ["{checkpoints_file}"], r"workdir: .*/checkpoints' is a file, expected the checkpoint "
+                                                      r"directory"),
     ("skip_with_unroll", [TGEO, "--config.tgeo.hypergrad=unroll", "--config.tgeo.unroll_steps=2",
                           "--config.nonfinite=skip"],
      r"^error: nonfinite: 'skip' cannot be combined with tgeo.hypergrad='unroll' \(a skipped step would leave the "
@@ -179,6 +193,15 @@ def test_bad_input(name, args, pattern, tiny_teacher, tmp_path, capsys):
     args = [a.replace("{file}", str(tmp_path / "a_file")) for a in args]
   args = [re.sub(r"\{data:(\w+)\}", lambda m: fake_fashion_mnist(str(tmp_path / m.group(1)), m.group(1)), a)
           for a in args]
+  if "{lock_symlink}" in args or "{checkpoints_file}" in args:  # a prepared work directory
+    os.makedirs(tmp_path / "run")
+    if "{lock_symlink}" in args:
+      victim = tmp_path / "victim.txt"
+      victim.write_text("precious")
+      os.symlink(victim, tmp_path / "run" / ".lock")
+    else:
+      (tmp_path / "run" / "checkpoints").write_text("not a directory")
+    args = [a for a in args if a not in ("{lock_symlink}", "{checkpoints_file}")]
   config = [a for a in args if a.startswith("--config=")] or [KD]
   rest = [a for a in args if not a.startswith("--config=")]
   argv = [*config, f"--workdir={tmp_path / 'run'}", *TINY, *rest]
@@ -194,7 +217,10 @@ def test_bad_input(name, args, pattern, tiny_teacher, tmp_path, capsys):
   assert "Traceback" not in stderr
   assert lines[0].startswith("error: ")
   assert re.search(pattern, lines[0]), lines[0]
-  assert not os.path.exists(tmp_path / "run"), os.listdir(tmp_path / "run")  # a refused run leaves no work directory
+  if name == "lock_is_a_symlink":
+    assert (tmp_path / "victim.txt").read_text() == "precious"  # the link's target untouched
+  elif name != "checkpoints_is_a_file":  # (those two work directories existed before)
+    assert not os.path.exists(tmp_path / "run"), os.listdir(tmp_path / "run")  # a refused run leaves no directory
 
 
 def test_resume_with_another_config_is_refused(tiny_teacher, tmp_path, capsys):

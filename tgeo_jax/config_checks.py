@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from tgeo_jax import methods, models
@@ -39,7 +40,8 @@ def is_int(v):
 
 
 def is_number(v):
-  return isinstance(v, (int, float)) and not isinstance(v, bool)
+  """A finite int or float (``inf`` and ``nan`` are not numbers a field can take: they fail an epoch later)."""
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def positive_int(config, dotted):
@@ -93,8 +95,9 @@ def fit_mock_validation_batch(config, held_out: int, device_count: int) -> list[
 def validate(config) -> None:
   """Checks the fields every run uses, then the method's own (``Method.validate_config``)."""
   method_cls = methods.get_class(_field(config, "method"))
-  require(config, "seed", lambda v: is_int(v) and v >= 0, "an integer >= 0")
-  require(config, "data.split_seed", lambda v: is_int(v) and v >= 0, "an integer >= 0")
+  # Seeds become uint32 PRNG keys and numpy seeds: a larger one would wrap silently or fail late.
+  require(config, "seed", lambda v: is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)")
+  require(config, "data.split_seed", lambda v: is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)")
   positive_int(config, "num_epochs")
   positive_int(config, "batch_size")
   positive_int(config, "eval_batch_size")
@@ -123,6 +126,15 @@ def validate(config) -> None:
         raise UserError(f"data.mock: True works for the TFDS datasets {tfds_names} only; data.name is "
                         f"{config.data.name!r}")
       positive_int(config, "data.mock_examples")
+  if config.data.get("tfds_name"):
+    from tgeo_jax.data import LOADERS
+    if not (isinstance(LOADERS.get(config.data.name), str) and ".tfds_sources:" in LOADERS[config.data.name]):
+      raise UserError(f"data.tfds_name: {config.data.tfds_name!r} names a TFDS dataset, but data.name "
+                      f"{config.data.name!r} does not read TFDS (it would be ignored); set it only with cifar100 or "
+                      "imagenet2012")
+  require(config, "optimizer.decay_epochs",
+          lambda v: isinstance(v, (tuple, list)) and all(is_number(e) and e > 0 for e in v),
+          "a list of epochs > 0 (for schedule='step')")
   positive_number(config, "optimizer.learning_rate")
   nonnegative_number(config, "optimizer.weight_decay")
   nonnegative_number(config, "optimizer.clip_norm")
@@ -140,6 +152,9 @@ def validate(config) -> None:
     require(config, "data.synthetic.num_classes", lambda v: is_int(v) and v >= 2, "an integer >= 2")
     positive_int(config, "data.synthetic.num_train")
     positive_int(config, "data.synthetic.num_test")
+    require(config, "data.synthetic.input_shape",
+            lambda v: isinstance(v, (tuple, list)) and len(v) >= 1 and all(is_int(d) and d > 0 for d in v),
+            "a shape of positive integers, e.g. (28, 28, 1)")
   if _field(config, "log.tensorboard"):
     try:
       import tensorboardX  # noqa: F401

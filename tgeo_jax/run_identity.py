@@ -21,6 +21,7 @@ its own validation or test part (``check_teacher_provenance``). A teacher import
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -325,8 +326,12 @@ class WorkdirLock:
   def _try_lock(self) -> str | None:
     """Takes the lock; returns None, or a description of the process holding it."""
     try:
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      # O_NOFOLLOW: a planted .lock symlink must not get its target truncated and overwritten.
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
+      if e.errno == errno.ELOOP:
+        raise UserError(f"workdir: {self.path!r} is a symbolic link; a lock file must be a plain file (remove the "
+                        "link)") from None
       raise UserError(f"workdir: cannot create {self.path!r} ({e.strerror})") from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -399,4 +404,7 @@ def prepare_workdir(workdir: str) -> str:
     raise UserError(f"workdir: cannot create {workdir!r} ({e.strerror})") from None
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise UserError(f"workdir: {workdir!r} is not writable")
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if os.path.lexists(checkpoints) and not os.path.isdir(checkpoints):
+    raise UserError(f"workdir: {checkpoints!r} is a file, expected the checkpoint directory (move it away)")
   return workdir
