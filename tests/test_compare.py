@@ -262,3 +262,17 @@ def test_imported_teachers_are_listed_as_such(tmp_path, capsys):
   assert "Imported teachers (not in the table): 1" in text
   assert (f"- {teacher}: imported teacher (resnet32x4, repdistiller checkpoint ckpt_epoch_240.pth, sha256 "
           "eeeeeeeeeeee); not trained here: score it with python -m tgeo_jax.evaluate") in text
+
+
+def test_a_nan_metric_and_a_non_utf8_terminal(tmp_path, capsys):
+  fake_run(tmp_path, "a", seed=0, val=float("nan"))  # e.g. a NaN AUC; report.py writes it as 'nan'
+  fake_run(tmp_path, "b", seed=1, val=float("nan"))
+  rc, out, err = run_compare(capsys, tmp_path / "a", tmp_path / "b")
+  assert rc == 0, err
+  assert "nan ± nan" in out and "50.00 ± 0.00" in out
+
+  class AsciiStream:
+    encoding = "ascii"
+
+  assert compare._encodable("71.00 ± 1.00 – x", AsciiStream()) == "71.00 +- 1.00 - x"
+  assert compare._encodable("71.00 ± 1.00", io.StringIO()) == "71.00 ± 1.00"  # no encoding attribute: UTF-8

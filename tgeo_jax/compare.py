@@ -32,8 +32,9 @@ import io
 import json
 import os
 import socket
-import statistics
 import sys
+
+import numpy as np
 
 from tgeo_jax import report, run_identity
 from tgeo_jax.errors import UserError
@@ -307,7 +308,9 @@ class Group:
     values = self.values(key)
     if not values:
       return None, None, 0
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
+    # numpy, not statistics: a NaN metric (a NaN AUC, say) stays NaN in the cell instead of raising.
+    array = np.asarray(values, np.float64)
+    return float(array.mean()), (float(array.std(ddof=1)) if len(values) > 1 else None), len(values)
 
 
 def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:
@@ -671,13 +674,13 @@ def main(argv: list[str] | None = None) -> int:
     document, stderr_notes, messages = compare(args)
     if args.out:
       try:
-        with open(args.out, "w") as f:
+        with open(args.out, "w", encoding="utf-8") as f:
           f.write(document)
       except OSError as e:
         raise UserError(f"--out: cannot write {args.out!r} ({e.strerror or e})") from None
       messages.append(f"wrote {args.out}")
     else:
-      sys.stdout.write(document)
+      sys.stdout.write(_encodable(document, sys.stdout))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -688,6 +691,21 @@ def main(argv: list[str] | None = None) -> int:
   if args.plot:
     print(f"wrote {args.plot}", file=sys.stderr)
   return 0
+
+
+def _encodable(text: str, stream) -> str:
+  """``text`` as ``stream`` can print it: on a non-UTF-8 terminal (``LANG=C``) "±" becomes "+-" and any other
+  character the encoding lacks a "?", instead of a UnicodeEncodeError."""
+  encoding = getattr(stream, "encoding", None) or "utf-8"
+  try:
+    text.encode(encoding)
+    return text
+  except (UnicodeEncodeError, LookupError):
+    text = text.replace("±", "+-").replace("–", "-")
+    try:
+      return text.encode(encoding, errors="replace").decode(encoding)
+    except LookupError:
+      return text
 
 
 if __name__ == "__main__":
