@@ -69,3 +69,23 @@ def test_committed_study_teachers_match_the_studys_digests():
   for teacher_dir, (model, sha256) in study.COMMITTED_TEACHERS.items():
     loaded = teacher.load_teacher_from(model, os.path.join(root, teacher_dir), spec, field="teacher")
     assert loaded.identity["variables_sha256"] == sha256, teacher_dir
+
+
+def test_export_and_import_refuse_an_occupied_or_file_target(tiny_teacher, tmp_path):
+  """--out / --workdir naming a file, or a directory holding other files: one line, nothing changed."""
+  from tgeo_jax import export_teacher, import_teacher
+  from tgeo_jax.errors import UserError
+  a_file = tmp_path / "a_file"
+  a_file.write_text("keep me")
+  occupied = tmp_path / "occupied"
+  occupied.mkdir()
+  (occupied / "summary.json").write_text('{"mine": true}')
+  with pytest.raises(UserError, match=r"^--out: '.*a_file' is a file, expected a directory"):
+    export_teacher.export_teacher(tiny_teacher, str(a_file), log=lambda m: None)
+  with pytest.raises(UserError, match=r"^--out: '.*occupied' already holds other files \(summary.json, \.\.\.\) and "
+                                      r"no exported teacher"):
+    export_teacher.export_teacher(tiny_teacher, str(occupied), log=lambda m: None)
+  for target, pattern in ((a_file, r"is a file"), (occupied, r"already holds other files \(summary.json")):
+    with pytest.raises(UserError, match=rf"^--workdir: '.*' {pattern}"):
+      import_teacher.import_teacher("repdistiller", "resnet8", str(tmp_path / "x.pth"), str(target), log=lambda m: None)
+  assert a_file.read_text() == "keep me" and (occupied / "summary.json").read_text() == '{"mine": true}'

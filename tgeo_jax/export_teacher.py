@@ -41,6 +41,12 @@ def export_teacher(workdir: str, out: str, *, log=print) -> str:
   of its variables (equal to the run's)."""
   from tgeo_jax import checkpoint, data, models, teacher
 
+  if os.path.lexists(out) and not os.path.isdir(out):
+    raise UserError(f"--out: {out!r} is a file, expected a directory to write the teacher into")
+  if os.path.isdir(out) and not os.path.isdir(os.path.join(out, "checkpoints")) and \
+      [n for n in os.listdir(out) if n != run_identity.LOCK_FILE]:
+    raise UserError(f"--out: {out!r} already holds other files ({', '.join(sorted(os.listdir(out))[:3])}, ...) and no "
+                    "exported teacher; choose an empty or new directory (nothing was changed)")
   ckpt_dir = teacher.checkpoint_dir(workdir)
   config = run_identity.read_json_file(os.path.join(workdir, run_identity.CONFIG_FILE))
   if config is None:

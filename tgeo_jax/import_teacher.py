@@ -518,6 +518,12 @@ def import_teacher(fmt: str, model_name: str, checkpoint_path: str, workdir: str
     raise UserError(f"--dataset: expected one of {', '.join(DATASETS)}, got {dataset_name!r}")
   dataset = DATASETS[dataset_name]
   _family_rule(fmt, model_name)
+  if os.path.lexists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir: {workdir!r} is a file, expected a directory to write the teacher into")
+  if os.path.isdir(workdir) and not _checkpoint_steps(os.path.join(workdir, "checkpoints")) and \
+      [n for n in os.listdir(workdir) if n != run_identity.LOCK_FILE]:
+    raise UserError(f"--workdir: {workdir!r} already holds other files ({', '.join(sorted(os.listdir(workdir))[:3])}, "
+                    "...) and no import; choose an empty or new directory (nothing was changed)")
   if not os.path.isfile(checkpoint_path):
     raise UserError(f"--checkpoint: no file {checkpoint_path!r}")
   sha256 = file_sha256(checkpoint_path)
