@@ -6,6 +6,8 @@ decoding, the verified decoded cache, in-memory vs per-record batches, grain wor
 and a training run with workers that stops and resumes.
 """
 
+import contextlib
+import io
 import json
 import os
 
@@ -102,10 +104,24 @@ def test_labels_are_read_without_decoding_and_cached_by_digest(data_dir, monkeyp
   cache = os.path.join(str(data_dir), ".tgeo_labels_x_train.npy")
   np.testing.assert_array_equal(tfds_sources.read_labels(src, cache), expected)
   written = [n for n in os.listdir(data_dir) if n.startswith(".tgeo_labels_x_train_")]
-  assert len(written) == 1, written
-  np.save(os.path.join(data_dir, written[0]), expected[:5])  # a stale cache of another length is not used
-  np.testing.assert_array_equal(tfds_sources.read_labels(src, cache), expected)
-  assert len(np.load(os.path.join(data_dir, written[0]))) == 60
+  assert len(written) == 1 and written[0].endswith(".npz"), written
+  path = os.path.join(data_dir, written[0])
+  with np.load(path) as f:
+    stored = str(f["sha256"])
+  # Garbled labels (the checksum of the good ones kept), another length, a garbage file: each is rebuilt with one
+  # warning line and never trained on.
+  garbled = (expected + 1) % 10
+  for damage in (lambda: np.savez(path, labels=garbled, sha256=np.str_(stored)),
+                 lambda: np.savez(path, labels=expected[:5], sha256=np.str_(stored)),
+                 lambda: open(path, "wb").write(b"not a zip")):
+    damage()
+    tfds_sources._WARNED.clear()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+      np.testing.assert_array_equal(tfds_sources.read_labels(src, cache), expected)
+    assert err.getvalue().count("\n") == 1 and err.getvalue().startswith(f"warning: label cache {path} "), err.getvalue()
+    with np.load(path) as f:
+      np.testing.assert_array_equal(f["labels"], expected)
 
 
 def test_batch_order_does_not_depend_on_the_worker_count(data_dir):

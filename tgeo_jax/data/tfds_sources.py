@@ -198,7 +198,8 @@ def split_files(src) -> list[tuple[str, int, int]] | None:
 
 
 def files_digest(src, *, content: bool) -> str | None:
-  """sha256 naming a split's files: their whole bytes (``content``), or their names, sizes and first/last MiB."""
+  """sha256 naming a split's files: their whole bytes (``content``), or their names, sizes, modification times
+  (ns) and first/last MiB (a file rewritten in place, even at the same size, gets a new digest)."""
   files = split_files(src)
   if files is None:
     return None
@@ -206,6 +207,8 @@ def files_digest(src, *, content: bool) -> str | None:
   for path, skip, take in files:
     size = os.path.getsize(path)
     digest.update(f"{os.path.basename(path)}:{size}:{skip}:{take};".encode())
+    if not content:
+      digest.update(f"mtime:{os.stat(path).st_mtime_ns};".encode())
     with open(path, "rb") as f:
       if content:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -220,21 +223,26 @@ def files_digest(src, *, content: bool) -> str | None:
 def read_labels(src, cache_path: str | None = None) -> np.ndarray:
   """Every record's ``label`` ``[N] int32``, without decoding images (``open_split`` leaves them encoded).
 
-  ``cache_path`` (``.../.tgeo_labels_NAME_SPLIT.npy``): the labels are stored as ``..._<digest>.npy`` beside it,
-  under ``files_digest(src, content=False)``, and reused only when that digest and the length match; caches of
-  other digests for the same split are removed when a new one is written.
+  ``cache_path`` (``.../.tgeo_labels_NAME_SPLIT.npy``): the labels are stored as ``..._<digest>.npz`` beside it,
+  with the sha256 of the label array, under ``files_digest(src, content=False)`` (names, sizes, modification times,
+  first/last MiB of the files); a cache is used only when its checksum and length match, and a bad one is rebuilt
+  with one warning line. Caches of other digests for the same split are removed when a new one is written.
   """
   cached = None
   if cache_path:
     digest = files_digest(src, content=False)
     if digest is not None:
-      cached = f"{cache_path[:-len('.npy')]}_{digest[:16]}.npy"
-      try:
-        labels = np.load(cached)
-        if labels.ndim == 1 and len(labels) == len(src):
-          return labels.astype(np.int32)
-      except (OSError, ValueError, EOFError):
-        pass
+      cached = f"{cache_path[:-len('.npy')]}_{digest[:16]}.npz"
+      if os.path.exists(cached):
+        try:
+          with np.load(cached) as f:
+            labels, stored = np.asarray(f["labels"]), str(f["sha256"])
+          if labels.ndim == 1 and len(labels) == len(src) and _array_sha256(labels) == stored:
+            return labels.astype(np.int32)
+          problem = "does not match its checksum"
+        except Exception as e:  # noqa: BLE001 - any damage (a bad zip CRC, garbage) means: read the labels again
+          problem = f"is unreadable ({type(e).__name__})"
+        _warn_once(cached, f"label cache {cached} {problem}; reading the labels again")
   labels = np.empty(len(src), np.int32)
   chunk = 1024  # __getitems__ reads a chunk of records from array_record in parallel
   for start in range(0, len(src), chunk):
@@ -242,10 +250,10 @@ def read_labels(src, cache_path: str | None = None) -> np.ndarray:
     labels[start:start + len(keys)] = [int(r["label"]) for r in _get_records(src, keys)]
   if cached:
     try:
-      _save_atomic(cached, lambda f: np.save(f, labels))
+      _save_atomic(cached, lambda f: np.savez(f, labels=labels, sha256=np.str_(_array_sha256(labels))))
       prefix = os.path.basename(cache_path[:-len(".npy")]) + "_"
       for stale in os.listdir(os.path.dirname(cached)):
-        if stale.startswith(prefix) and stale.endswith(".npy") and stale != os.path.basename(cached):
+        if stale.startswith(prefix) and stale.endswith((".npy", ".npz")) and stale != os.path.basename(cached):
           os.remove(os.path.join(os.path.dirname(cached), stale))
     except OSError:
       pass  # a read-only data directory: the labels are read again next time
