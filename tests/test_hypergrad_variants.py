@@ -731,3 +731,26 @@ class ArgumentTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+def test_the_solve_warning_is_one_line_on_the_command_line():
+  """Raised from a jax.debug.callback, the warning names the library function, not JAX's callback machinery, and the
+  CLI prints it as one ``warning:`` line (no file path, no stray source line)."""
+  import warnings
+
+  from tgeo_jax import cli
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    bilevel._warn_not_converged(0.92, False, site="test_site", solver="neumann", terms=5, damping=0.0, tol=1e-6)
+  [w] = caught
+  assert (w.filename, w.lineno, w.category) == ("tgeo_jax.bilevel.implicit", 0, bilevel.HypergradSolveWarning)
+  default = warnings.formatwarning
+  try:
+    cli._one_line_warnings()
+    text = warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+    other = warnings.formatwarning("x", UserWarning, "f.py", 3)
+  finally:
+    warnings.formatwarning = default
+  assert text.count("\n") == 1 and text.startswith("warning: implicit hypergradient at test_site: the neumann solve "
+                                                   "(terms=5, damping=0) did not converge: relative residual 0.92"), text
+  assert other.startswith("f.py:3: UserWarning: x")  # other libraries' warnings keep their format

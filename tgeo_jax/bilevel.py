@@ -549,11 +549,13 @@ def _warn_not_converged(residual, converged, *, site: str, solver: str, terms: i
     count = _solve_warning_counts.get(site, 0) + 1
     _solve_warning_counts[site] = count
   if str(count).rstrip("0") == "1":  # 1, 10, 100, ...
-    warnings.warn(
+    # warn_explicit: raised from a jax.debug.callback, a plain warn would point at JAX's callback machinery and
+    # print its source line; this names the library function instead, with no source line.
+    warnings.warn_explicit(
         f"implicit hypergradient at {site}: the {solver} solve (terms={terms}, damping={damping:g}) did not "
         f"converge: relative residual {float(residual):.3g} (tol {tol:g}); failure #{count} at this call site "
         f"(warned at the 1st, 10th, 100th...). The meta-gradient is unreliable; see diagnostics['solve_residual'].",
-        HypergradSolveWarning, stacklevel=2)
+        HypergradSolveWarning, filename="tgeo_jax.bilevel.implicit", lineno=0, module="tgeo_jax.bilevel")
 
 
 def implicit(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batch,

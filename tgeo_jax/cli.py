@@ -105,9 +105,23 @@ def main(argv: list[str]) -> int:
   return run(config, workdir)
 
 
+def _one_line_warnings() -> None:
+  """The library's own warnings as ``warning: MESSAGE`` lines, like every other line the program prints."""
+  import warnings
+  default = warnings.formatwarning
+
+  def formatwarning(message, category, filename, lineno, line=None):
+    if category.__module__.startswith("tgeo_jax"):
+      return f"warning: {message}\n"
+    return default(message, category, filename, lineno, line)
+
+  warnings.formatwarning = formatwarning
+
+
 def run(config, workdir: str) -> int:
   from absl import logging
   from tgeo_jax import methods, parallel, trainer
+  _one_line_warnings()
   # orbax logs every save at INFO; keep the console to our own progress lines unless asked (--verbosity).
   if logging.get_verbosity() == logging.INFO:
     logging.set_verbosity(logging.WARNING)
