@@ -206,3 +206,37 @@ def test_cli_resumes_past_a_corrupt_checkpoint(tmp_path):
   assert step == 14 and again.keys() == original.keys()
   for key in original:
     np.testing.assert_array_equal(original[key], again[key], err_msg=key)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_save_is_fsynced_files_and_directories(tmp_path, monkeypatch, async_save):
+  """The step's files, its directory and the checkpoint directory (which holds the rename) are fsynced."""
+  synced = []
+  real_fsync = os.fsync
+
+  def fsync(fd):
+    synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+    real_fsync(fd)
+
+  monkeypatch.setattr(os, "fsync", fsync)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), async_save=async_save)
+  try:
+    ckpt.save(3, {"w": jnp.arange(4.0)}, {"step": 3})
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  step_dir = str(tmp_path / "ckpt" / "3")
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
+  assert files and set(files) <= set(synced)
+  assert step_dir in synced and str(tmp_path / "ckpt") in synced
+
+
+def test_failed_write_remedies_name_the_cause():
+  import errno
+
+  from tgeo_jax import trainer
+  assert trainer._remedy(OSError(errno.ENOSPC, "No space left on device")) == "free space"
+  assert trainer._remedy(OSError(errno.EROFS, "Read-only file system")) == ("make the file system writable again "
+                                                                          "(it is read-only)")
+  assert trainer._remedy(RuntimeError("tensorstore: Read-only file system [os error 30]")).startswith("make the file")
+  assert trainer._remedy(OSError(errno.EIO, "Input/output error")) == "fix the cause"

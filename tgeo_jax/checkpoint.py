@@ -105,6 +105,11 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
     self.manager.wait_until_finished()
+    # orbax renames the finished temporary directory into place; the rename (and the files) reach the disk only
+    # with an fsync of the files and of the directories that hold them: without it a crash or a read-only remount
+    # right after a save can lose the newest step that "was saved".
+    _fsync_tree(os.path.join(self.directory, str(step)))
+    _fsync_path(self.directory)
 
   def _write_in_background(self, step: int, host_state: Any, meta: dict) -> None:
     try:
@@ -231,6 +236,22 @@ class Checkpointer:
       os.rename(src, dst)
     self.steps()  # re-list
     return os.path.basename(dst)
+
+
+def _fsync_path(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+  """fsync every file and directory under ``root`` (deepest first), then ``root`` itself."""
+  for directory, _, files in os.walk(root, topdown=False):
+    for name in files:
+      _fsync_path(os.path.join(directory, name))
+    _fsync_path(directory)
 
 
 def restore_params(directory: str, target: Any, *, what: str) -> tuple[Any, dict, dict]:

@@ -607,7 +607,7 @@ def save(run: Run) -> None:
     run.ckpt.save(run.step, run.state, host_meta)
   except Exception as e:  # noqa: BLE001 - a full or failing disk: the previous checkpoints are intact
     raise RunFault(f"checkpoint: saving step {run.step} in {run.ckpt.directory} failed ({_reason(e)}); the "
-                   "previous checkpoints are intact: free space and run the same command to resume") from None
+                   f"previous checkpoints are intact: {_remedy(e)} and run the same command to resume") from None
   run.last_saved = run.step
 
 
@@ -621,7 +621,7 @@ def wait_for_save(run: Run, *, closing: bool = False) -> None:
       run.ckpt.wait()
   except Exception as e:  # noqa: BLE001 - as in ``save``: the checkpoints before it are intact
     raise RunFault(f"checkpoint: saving step {run.last_saved} in {run.ckpt.directory} failed ({_reason(e)}); the "
-                   "previous checkpoints are intact: free space and run the same command to resume") from None
+                   f"previous checkpoints are intact: {_remedy(e)} and run the same command to resume") from None
 
 
 def evaluate_epoch(run: Run) -> None:
@@ -720,6 +720,16 @@ def _reason(e: BaseException) -> str:
   if isinstance(e, OSError) and e.strerror:
     return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
   return f"{type(e).__name__}: {text[:160]}"
+
+
+def _remedy(e: BaseException) -> str:
+  """What to do about a failed write: free space, make the filesystem writable, or fix what the reason says."""
+  text = " ".join(str(e).split())
+  if "No space left" in text or getattr(e, "errno", None) == errno.ENOSPC:
+    return "free space"
+  if "Read-only file system" in text or getattr(e, "errno", None) == errno.EROFS:
+    return "make the file system writable again (it is read-only)"
+  return "fix the cause"
 
 
 def _write_or_fail(write, workdir: str) -> None:
