@@ -276,3 +276,34 @@ def test_no_pickle_anywhere():
   # Checkpoints are read only through orbax (tensorstore arrays + JSON).
   checkpoint_source = open(os.path.join(ROOT, "tgeo_jax", "checkpoint.py")).read()
   assert "import orbax.checkpoint as ocp" in checkpoint_source and "np.load" not in checkpoint_source
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+  """A 3 MiB tmpfs (a real full disk for a real process); skipped where mounting is not permitted."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
+  if proc.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()[:80]})")
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_full_disk_during_a_save_is_one_line_in_a_real_process(tiny_disk, async_save):
+  """orbax, tensorstore and asyncio report a failed write from their own threads (108-124 lines of tracebacks
+  before); the whole stderr of the real train.py process is now the trainer's one line."""
+  stat = os.statvfs(tiny_disk)
+  with open(tiny_disk / "filler", "wb") as f:  # leave ~60 kB: the run files fit, the first checkpoint does not
+    f.write(b"\0" * (stat.f_bavail * stat.f_frsize - 60_000))
+  workdir = tiny_disk / "run"
+  proc = run_cli(["--config=configs/fashion_mnist.py:teacher", f"--workdir={workdir}", *TINY,
+                  "--config.model.name=cnn_tiny", f"--config.checkpoint.async_save={async_save}"], process=True,
+                 check=False)
+  assert proc.returncode == 1, proc.stderr
+  assert re.fullmatch(rf"error: checkpoint: saving step \d+ in {re.escape(str(workdir / 'checkpoints'))} failed \(no "
+                      r"space left on device\); the previous checkpoints are intact: free space and run the same "
+                      r"command to resume\n", proc.stderr), proc.stderr

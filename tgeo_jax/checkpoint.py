@@ -100,6 +100,7 @@ class Checkpointer:
       raise error
 
   def _write(self, step: int, state: Any, meta: dict) -> None:
+    _quiet_failed_writes()
     meta = dict(meta)
     meta[INTEGRITY_KEY] = {"algorithm": "sha256", "arrays": array_records(state)}
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -406,6 +407,33 @@ class _AbandonedFutureFilter(logging.Filter):
     message = record.getMessage()
     return not ("exception was never retrieved" in message
                 and any(word in message for word in ("tensorstore", "TensorStore", "zarr", "ocdbt", "orbax")))
+
+
+class _OrbaxThreadErrorFilter(logging.Filter):
+  """orbax's ERROR log of a failed write's worker thread ("_SignalingThread.run() raised an exception: ..."): the
+  save raises the same error, which the trainer reports as one line."""
+
+  def filter(self, record):
+    return not (record.levelno >= logging.ERROR and "_SignalingThread.run() raised an exception" in record.getMessage())
+
+
+def _quiet_failed_writes() -> None:
+  """Filters, for the rest of the process, the known reports of a failed checkpoint write (a full or read-only
+  disk): orbax's thread errors, tensorstore callbacks that find orbax's event loop closed (printed through
+  ``sys.excepthook``), and asyncio's "exception was never retrieved" at exit. Each is specific to those reports;
+  anything else still prints."""
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxThreadErrorFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxThreadErrorFilter())
+  sys.unraisablehook = _with_noise_filters(sys.unraisablehook)
+  hook = sys.excepthook
+  if not getattr(hook, "drops_closed_loop_noise", False):
+    def excepthook(exc_type, exc, tb):
+      if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        hook(exc_type, exc, tb)
+
+    excepthook.drops_closed_loop_noise = True
+    sys.excepthook = excepthook
 
 
 def _with_noise_filters(hook):
