@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -228,3 +229,40 @@ if __name__ == "__main__":
                              initialization_timeout=60)
   print(json.dumps(compute()), flush=True)
   jax.distributed.shutdown()
+
+
+def test_when_a_process_dies_the_other_stops_with_one_line(tmp_path):
+  """Two real train.py processes; process 1 is killed mid-training. Process 0 meets the lost connection at its next
+  collective (a step, a transfer or a checkpoint's gather) and exits 1 at once with one line -- no traceback, no
+  wait at the shutdown barrier for the heartbeat timeout and JAX's C++ abort after it."""
+  port = _free_port()
+  procs, errs = [], []
+  for i in range(NUM_PROCESSES):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
+               JAX_NUM_PROCESSES=str(NUM_PROCESSES), JAX_PROCESS_ID=str(i))
+    errs.append(open(tmp_path / f"err{i}.txt", "w+"))
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/fashion_mnist.py:ce", *TINY,
+         "--config.num_epochs=50", f"--workdir={tmp_path / 'run'}", "--config.distributed=True",
+         "--config.distributed_heartbeat_timeout=20"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+        stderr=errs[i]))
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (tmp_path / "run" / "metrics.jsonl").exists():  # training has started on both
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not start"
+      time.sleep(0.1)
+    time.sleep(1.0)
+    procs[1].kill()
+    start = time.monotonic()
+    rc = procs[0].wait(timeout=60)
+    seconds = time.monotonic() - start
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  errs[0].seek(0)
+  stderr = errs[0].read()
+  assert rc == 1 and seconds < 30, (rc, seconds, stderr)
+  assert re.fullmatch(r"error: distributed: (another process|process 1) of 2 stopped or lost contact \(.+\); process "
+                      r"0 stops too, nothing was lost: run the same command on every process to resume\n", stderr), stderr

@@ -126,7 +126,9 @@ def run(config, workdir: str) -> int:
   if logging.get_verbosity() == logging.INFO:
     logging.set_verbosity(logging.WARNING)
   try:
-    parallel.initialize_distributed(bool(config.distributed))
+    parallel.initialize_distributed(bool(config.distributed),
+                                    init_timeout=config.get("distributed_init_timeout", 300),
+                                    heartbeat_timeout=config.get("distributed_heartbeat_timeout", 100))
     method_cls = methods.get_class(config.method)
     summary = (method_cls.run or trainer.train_and_evaluate)(config, workdir)
   except trainer.Interrupted as e:  # SIGTERM/SIGINT: a checkpoint was saved if the loop had started
@@ -135,12 +137,18 @@ def run(config, workdir: str) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except (trainer.NonFiniteError, trainer.RunFault) as e:
+    if parallel.is_peer_failure(e):  # e.g. a save whose gather met a dead process: say that, and exit at once
+      parallel.stop_after_peer_failure(str(e))
     print(f"error: {e}", file=sys.stderr)
     return 1
   except OSError as e:  # a disk fault outside the trainer's own guards: one line, never a traceback
     where = f"{e.filename}: " if e.filename else ""
     print(f"error: {where}{e.strerror or e}", file=sys.stderr)
     return 1
+  except Exception as e:
+    if not parallel.is_peer_failure(e):
+      raise
+    parallel.stop_after_peer_failure(str(e))
   if not summary.get("finished", True):
     return 0
   acc = summary["accuracy"]

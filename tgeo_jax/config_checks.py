@@ -148,6 +148,9 @@ def validate(config) -> None:
   parse_profile_steps(_field(config, "log.profile_steps"))
   require(config, "compilation_cache_dir", lambda v: isinstance(v, str), "a directory path or '' (off)")
   require(config, "nonfinite", lambda v: v in NONFINITE_MODES, "'stop' or 'skip'")
+  for field in ("distributed_init_timeout", "distributed_heartbeat_timeout"):
+    if field in config:
+      positive_int(config, field)
   if _field(config, "data.name") == "synthetic":
     require(config, "data.synthetic.num_classes", lambda v: is_int(v) and v >= 2, "an integer >= 2")
     positive_int(config, "data.synthetic.num_train")

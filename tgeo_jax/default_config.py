@@ -50,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
   # checkpointed) or 'skip' (keep the previous state for that step and count it in metrics/summary).
   c.nonfinite = "stop"
   c.distributed = False  # multi-host: call jax.distributed.initialize() first
+  # Multi-host timeouts (seconds): how long a process waits for the others to start, and after how long without a
+  # heartbeat a process counts as dead (every process then stops with one line, exit 1; nothing is lost).
+  c.distributed_init_timeout = 300
+  c.distributed_heartbeat_timeout = 100
   # float32 | bfloat16: the student's and teacher's convolutions and matmuls in bfloat16 (GPU/TPU); parameters,
   # BatchNorm statistics, heads, logits, losses, DIST's correlations and TGeo-KD's α machinery stay float32.
   c.compute_dtype = "float32"

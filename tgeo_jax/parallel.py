@@ -15,23 +15,63 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from tgeo_jax.errors import UserError
 
-__all__ = ["DATA_AXIS", "initialize_distributed", "make_mesh", "replicated", "batch_sharded", "check_batch_size",
+__all__ = ["DATA_AXIS", "is_peer_failure", "stop_after_peer_failure", "initialize_distributed", "make_mesh", "replicated", "batch_sharded", "check_batch_size",
            "replicate", "shard_batch"]
 
 DATA_AXIS = "data"
 
 
-def initialize_distributed(enabled: bool) -> None:
+_PEER_FAILURE_WORDS = ("Gloo", "Connection closed by peer", "Connection reset by peer", "heartbeat", "UNAVAILABLE",
+                       "coordination service")
+
+
+def is_peer_failure(e: BaseException) -> bool:
+  """Whether ``e``, in a multi-process run, is a collective or transfer failing because another process is gone
+  (JAX raises a ``JaxRuntimeError`` from a step, a ``ValueError`` from a host-to-device transfer; the trainer may
+  have wrapped it in a ``RunFault`` of a checkpoint save)."""
+  if jax.process_count() <= 1:
+    return False
+  text = str(e)
+  return any(word in text for word in _PEER_FAILURE_WORDS)
+
+
+def stop_after_peer_failure(reason: str) -> None:
+  """Ends this process at once with one line (exit 1) after another process of a multi-host run stopped.
+
+  ``os._exit``: a normal exit would wait at the distributed service's shutdown barrier for the dead process and
+  then abort with a C++ stack trace. The checkpoints are atomic, so nothing is lost.
+  """
+  import re
+  import sys
+  text = " ".join(reason.split())
+  task = re.search(r"[Tt]ask (\d+)", text)
+  who = f"process {task.group(1)}" if task else "another process"
+  detail = re.sub(r"\s*\[type\.googleapis.*", "", text)[:160]
+  print(f"error: distributed: {who} of {jax.process_count()} stopped or lost contact ({detail}); process "
+        f"{jax.process_index()} stops too, nothing was lost: run the same command on every process to resume",
+        file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(1)
+
+
+def initialize_distributed(enabled: bool, *, init_timeout: int = 300, heartbeat_timeout: int = 100) -> None:
   """Multi-host set-up (one call per process, before any other JAX call); no-op when disabled.
 
   On Cloud TPU, SLURM and Open MPI, ``jax.distributed.initialize()`` finds the coordinator, the process count and
   this process's index itself. Anywhere else (processes started by hand, several processes on one machine) give
   them in every process's environment: ``JAX_COORDINATOR_ADDRESS=host:port`` (read by JAX itself; process 0's
   host), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. A failed set-up is a one-line ``UserError``.
+
+  ``init_timeout``: seconds to wait for every process at start-up (then one line, exit 2); ``heartbeat_timeout``:
+  seconds without a heartbeat after which a process counts as dead. When a process dies, the others fail at their
+  next collective (a lost connection) and stop there with one line and exit status 1 (``stop_after_peer_failure``,
+  in ``cli.run``). When the coordinator (process 0) dies, JAX's C++ client may detect it first and abort the
+  process itself (exit 134 with JAX's own report); that path has no Python hook (the client's
+  ``missed_heartbeat_callback`` cannot take a Python function in jaxlib 0.10).
   """
   if not enabled:
     return
-  kwargs = {}
+  kwargs = {"initialization_timeout": int(init_timeout), "heartbeat_timeout_seconds": int(heartbeat_timeout)}
   for name, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
     if os.environ.get(name):
       try:

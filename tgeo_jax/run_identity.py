@@ -53,6 +53,8 @@ RESUMABLE_FIELDS = {
     "eval_batch_size": "evaluation is a masked sum over every test example: the batch size changes only the order "
                        "of that sum (accuracy counts are exact)",
     "distributed": "how processes find each other (results do not depend on the device count)",
+    "distributed_init_timeout": "how long processes wait for each other at start-up",
+    "distributed_heartbeat_timeout": "after how long a silent process counts as dead",
     "teacher.logits_cache_dir": "where the teacher-logit table is cached (verified, equal to recomputing it)",
     "data.dir": "where the data lives: its content is in the fingerprint (data.digest)",
     "teacher.checkpoint": "where the teacher lives: its variables' digest is in the fingerprint",
