@@ -232,8 +232,8 @@ def test_a_stale_uncompressed_idx_file_is_refused(tmp_path):
 
 
 BAD = [  # (method, overrides, the error line must contain)
-    ("ce", {"seed": -1}, "seed: expected an integer >= 0, got -1"),
-    ("ce", {"data.split_seed": -1}, "data.split_seed: expected an integer >= 0, got -1"),
+    ("ce", {"seed": -1}, "seed: expected an integer in [0, 2**32), got -1"),
+    ("ce", {"data.split_seed": -1}, "data.split_seed: expected an integer in [0, 2**32), got -1"),
     ("tgeo", {"tgeo.fusion_hidden": (0,)}, "tgeo.fusion_hidden: expected a tuple of positive layer widths"),
     ("tgeo", {"tgeo.fusion_hidden": (32, -4)}, "tgeo.fusion_hidden: expected a tuple of positive layer widths"),
     ("ce", {"optimizer.warmup_epochs": 1e30}, "optimizer.warmup_epochs: expected a number in [0, num_epochs=1]"),
