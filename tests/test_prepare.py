@@ -252,3 +252,10 @@ def test_image_folder_faults_are_one_line(fault, tmp_path, capsys):
   if fault == "flat_val":
     assert "valprep.sh" in err
   assert not data_dir.exists() or not os.listdir(data_dir / "imagenet2012")
+
+
+def test_usage_errors_are_one_line(capsys):
+  assert run([], capsys)[2] == ("error: python -m tgeo_jax.prepare: the following arguments are required: "
+                                "cifar100|imagefolder\n")
+  assert run(["cifar100"], capsys)[2] == ("error: python -m tgeo_jax.prepare cifar100: the following arguments are "
+                                          "required: --archive, --data_dir\n")

@@ -1,6 +1,6 @@
 """Score a finished run's model or an imported teacher on the test and validation parts, without training.
 
-    python -m tgeo_jax.evaluate --config=configs/cifar100.py:teacher:resnet32x4 --workdir=TEACHER_DIR \
+    python -m tgeo_jax.evaluate --config=configs/cifar100.py:teacher:resnet32x4 --workdir=TEACHER_DIR
         [--config.data.dir=DIR] [--config.FIELD=VALUE ...]
 
 ``--config`` gives the task (the data, its split and preprocessing: the same config the students of this teacher

@@ -330,9 +330,16 @@ def prepare_image_folder(root: str, data_dir: str, *, name: str = "imagenet2012"
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
+class _Parser(argparse.ArgumentParser):
+  """argparse whose usage errors are one ``UserError`` line (argparse prints its usage too, and exits itself)."""
+
+  def error(self, message):
+    raise UserError(f"{self.prog}: {message}")
+
+
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m tgeo_jax.prepare", description=__doc__.split("\n")[0])
-  sub = parser.add_subparsers(dest="what", required=True)
+  parser = _Parser(prog="python -m tgeo_jax.prepare", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="what", metavar="cifar100|imagefolder", required=True, parser_class=_Parser)
   cifar = sub.add_parser("cifar100", help="CIFAR-100 from cifar-100-python.tar.gz or cifar-100-binary.tar.gz")
   cifar.add_argument("--archive", required=True, help="the official archive (python or binary version)")
   folder = sub.add_parser("imagefolder", help="ImageNet (or any) train/CLASS/* + val/CLASS/* trees")
@@ -348,8 +355,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
   try:
+    args = _parser().parse_args(argv)
     if args.what == "cifar100":
       prepare_cifar100(args.archive, args.data_dir, overwrite=args.overwrite)
     else:
