@@ -282,3 +282,22 @@ def test_import_tgeo_jax_exposes_the_loss_modules():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.stdout.split() == ["kd_loss", "relation_features", "compute_dtype", "dkd_loss"]
+
+
+def test_edges_found_in_review():
+  """Masking every class but the true one (DKD's non-target set empty), a masked label under label smoothing,
+  numpy float64 hyperparameters under x64, a huge int64 label, a bool temperature, an empty batch with validate."""
+  z = jnp.array([[1.0, -INF, -INF]])
+  value, grad = jax.value_and_grad(lambda a: dkd.dkd_loss(a, jnp.array([[2.0, -INF, -INF]]), jnp.array([0]),
+                                                          temperature=4.0, alpha=1.0, beta=8.0)[0])(z)
+  assert float(value) == 0.0 and np.all(np.asarray(grad) == 0.0)
+  assert float(losses.cross_entropy(jnp.array([[1.0, 0.5, -INF]]), jnp.array([2]), label_smoothing=0.1)[0]) == np.inf
+  with pytest.raises(ValueError, match="^kd_loss: temperature: expected a finite number > 0, got False$"):
+    losses.kd_loss(z, z, temperature=False)
+  assert losses.cross_entropy(jnp.zeros((0, 3)), jnp.zeros((0,), jnp.int32), validate=True).shape == (0,)
+  with jax.enable_x64(True):
+    s = jnp.ones((2, 3), jnp.float32)
+    assert losses.kd_loss(s, 2 * s, temperature=np.float64(4.0)).dtype == jnp.float32
+    assert losses.cross_entropy(s, jnp.array([0, 1]), label_smoothing=np.float64(0.1)).dtype == jnp.float32
+    assert losses.fused_kd_ce(s, s, jnp.array([0, 1]), np.array([0.5, 0.5]), temperature=2.0).dtype == jnp.float32
+    assert np.isnan(float(losses.cross_entropy(jnp.zeros((1, 3)), jnp.array([2**32 + 1], jnp.int64))[0]))

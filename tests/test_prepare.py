@@ -214,7 +214,7 @@ def test_image_folder_matches_torchvision_and_stores_the_files_unchanged(tmp_pat
   np.testing.assert_array_equal(task.test.labels, [label for _, label in want])
 
 
-@pytest.mark.parametrize("fault", ["empty_class", "unreadable", "flat_val", "class_mismatch"])
+@pytest.mark.parametrize("fault", ["empty_class", "unreadable", "truncated", "flat_val", "class_mismatch"])
 def test_image_folder_faults_are_one_line(fault, tmp_path, capsys):
   root = str(tmp_path / "tree")
   files = write_tree(root, per_class=2)
@@ -231,6 +231,13 @@ def test_image_folder_faults_are_one_line(fault, tmp_path, capsys):
     bad = os.path.join(root, "train", "n01_a", "broken.jpg")
     with open(bad, "wb") as f:
       f.write(b"\xff\xd8 not really a jpeg")
+    expected = f"error: --root: {bad} is not a readable image ("
+  elif fault == "truncated":  # a valid header and half the data: PIL opens it, decoding fails part-way
+    bad = next(p for p in sorted(files) if p.endswith(".JPEG"))
+    with open(bad, "rb") as f:
+      data = f.read()
+    with open(bad, "wb") as f:
+      f.write(data[: len(data) // 2])
     expected = f"error: --root: {bad} is not a readable image ("
   elif fault == "flat_val":
     val = os.path.join(root, "val")

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-__all__ = ["compute_dtype", "is_static", "check_positive", "check_unit_interval", "check_nonnegative", "check_logits",
+__all__ = ["compute_dtype", "is_static", "as_static", "check_positive", "check_unit_interval", "check_nonnegative", "check_logits",
            "check_same_shape", "check_logit_pair", "check_labels", "value_checks", "valid_labels"]
 
 
@@ -51,20 +51,37 @@ def _fail(fn: str, arg: str, expected: str, got) -> None:
   raise ValueError(f"{fn}: {arg}: expected {expected}, got {got}")
 
 
+def _require_number(fn: str, arg: str, value, expected: str) -> None:
+  """A bool, None, a string...: neither a static number nor an array (a traced one is checked by ``validate``)."""
+  if isinstance(value, bool) or not (is_static(value) or isinstance(value, jax.Array)):
+    _fail(fn, arg, expected, repr(value))
+
+
+def as_static(value, dtype):
+  """A static number as a weakly typed Python float (a numpy float64 would promote float32 math to float64 under
+  x64), a static array as ``dtype``; traced values unchanged."""
+  if not is_static(value):
+    return value
+  return float(value) if np.ndim(value) == 0 else jnp.asarray(value, dtype)
+
+
 def check_positive(fn: str, arg: str, value) -> None:
   """A static ``value`` must be a finite number ``> 0`` (temperatures); traced values pass (see ``value_checks``)."""
+  _require_number(fn, arg, value, "a finite number > 0")
   if is_static(value) and not (np.all(np.isfinite(value)) and np.all(np.asarray(value) > 0)):
     _fail(fn, arg, "a finite number > 0", repr(value) if np.ndim(value) == 0 else np.asarray(value).tolist())
 
 
 def check_nonnegative(fn: str, arg: str, value) -> None:
   """A static ``value`` must be a finite number ``>= 0`` (loss weights)."""
+  _require_number(fn, arg, value, "a finite number >= 0")
   if is_static(value) and not (np.all(np.isfinite(value)) and np.all(np.asarray(value) >= 0)):
     _fail(fn, arg, "a finite number >= 0", repr(value) if np.ndim(value) == 0 else np.asarray(value).tolist())
 
 
 def check_unit_interval(fn: str, arg: str, value) -> None:
   """A static ``value`` (scalar or array) must lie in ``[0, 1]`` (fusion ratios, smoothing factors)."""
+  _require_number(fn, arg, value, "values in [0, 1]")
   if is_static(value):
     v = np.asarray(value, np.float64)
     if not (np.all(np.isfinite(v)) and np.all(v >= 0) and np.all(v <= 1)):
@@ -117,12 +134,12 @@ def value_checks(fn: str, validate: bool, *, labels=None, num_classes: int | Non
   if labels is not None:
     checkify.check(jnp.all(valid_labels(labels, num_classes)),
                    f"{fn}: labels: expected class indices in [0, {num_classes}), got values in "
-                   "[{lo}, {hi}]", lo=jnp.min(labels), hi=jnp.max(labels))
+                   "[{lo}, {hi}]", lo=jnp.min(labels, initial=0), hi=jnp.max(labels, initial=0))
   if alpha is not None and not is_static(alpha):
     alpha = jnp.asarray(alpha)
     checkify.check(jnp.all((alpha >= 0) & (alpha <= 1)),
                    f"{fn}: alpha: expected values in [0, 1], got values in [{{lo}}, {{hi}}]",
-                   lo=jnp.min(alpha), hi=jnp.max(alpha))
+                   lo=jnp.min(alpha, initial=0.0), hi=jnp.max(alpha, initial=0.0))
   if temperature is not None and not is_static(temperature):
     temperature = jnp.asarray(temperature)
     checkify.check(jnp.all(temperature > 0), f"{fn}: temperature: expected > 0, got {{t}}", t=jnp.min(temperature))

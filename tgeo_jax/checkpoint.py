@@ -100,12 +100,12 @@ class Checkpointer:
       raise error
 
   def _write(self, step: int, state: Any, meta: dict) -> None:
-    _quiet_failed_writes()
     meta = dict(meta)
     meta[INTEGRITY_KEY] = {"algorithm": "sha256", "arrays": array_records(state)}
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
-    self.manager.wait_until_finished()
+    with _quiet_failed_writes():
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+      self.manager.wait_until_finished()
     # orbax renames the finished temporary directory into place; the rename (and the files) reach the disk only
     # with an fsync of the files and of the directories that hold them: without it a crash or a read-only remount
     # right after a save can lose the newest step that "was saved".
@@ -417,23 +417,35 @@ class _OrbaxThreadErrorFilter(logging.Filter):
     return not (record.levelno >= logging.ERROR and "_SignalingThread.run() raised an exception" in record.getMessage())
 
 
-def _quiet_failed_writes() -> None:
-  """Filters, for the rest of the process, the known reports of a failed checkpoint write (a full or read-only
-  disk): orbax's thread errors, tensorstore callbacks that find orbax's event loop closed (printed through
-  ``sys.excepthook``), and asyncio's "exception was never retrieved" at exit. Each is specific to those reports;
-  anything else still prints."""
+@contextlib.contextmanager
+def _quiet_failed_writes():
+  """While a checkpoint is written, and for the rest of the process if the write fails (a full or read-only disk),
+  filters the known reports of a failed write: orbax's thread errors, tensorstore callbacks that find orbax's event
+  loop closed (printed through ``sys.excepthook``) and asyncio's "exception was never retrieved" at exit. Each
+  filter matches those reports' exact text; anything else still prints. After a successful write the previous
+  hooks come back."""
   absl_logger = logging.getLogger("absl")
-  if not any(isinstance(f, _OrbaxThreadErrorFilter) for f in absl_logger.filters):
-    absl_logger.addFilter(_OrbaxThreadErrorFilter())
-  sys.unraisablehook = _with_noise_filters(sys.unraisablehook)
-  hook = sys.excepthook
-  if not getattr(hook, "drops_closed_loop_noise", False):
-    def excepthook(exc_type, exc, tb):
-      if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
-        hook(exc_type, exc, tb)
+  added = _OrbaxThreadErrorFilter()
+  absl_logger.addFilter(added)
+  saved_unraisable, saved_except = sys.unraisablehook, sys.excepthook
+  sys.unraisablehook = _with_noise_filters(saved_unraisable)
 
-    excepthook.drops_closed_loop_noise = True
-    sys.excepthook = excepthook
+  def excepthook(exc_type, exc, tb):
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+      saved_except(exc_type, exc, tb)
+
+  sys.excepthook = excepthook
+  try:
+    yield
+  except BaseException:
+    raise  # the filters stay: the failed write's late reports arrive after this
+  else:
+    absl_logger.removeFilter(added)
+    if sys.unraisablehook is not saved_unraisable and not getattr(saved_unraisable, "drops_abandoned_read_noise",
+                                                                 False):
+      sys.unraisablehook = saved_unraisable
+    if sys.excepthook is excepthook:
+      sys.excepthook = saved_except
 
 
 def _with_noise_filters(hook):

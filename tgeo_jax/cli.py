@@ -126,6 +126,10 @@ def run(config, workdir: str) -> int:
   if logging.get_verbosity() == logging.INFO:
     logging.set_verbosity(logging.WARNING)
   try:
+    from tgeo_jax import config_checks
+    for field in ("distributed_init_timeout", "distributed_heartbeat_timeout"):  # used before validate() runs
+      if field in config:
+        config_checks.positive_int(config, field)
     parallel.initialize_distributed(bool(config.distributed),
                                     init_timeout=config.get("distributed_init_timeout", 300),
                                     heartbeat_timeout=config.get("distributed_heartbeat_timeout", 100))

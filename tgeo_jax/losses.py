@@ -62,15 +62,20 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: floa
   argchecks.value_checks(fn, validate, labels=labels, num_classes=k)
   z = logits.astype(argchecks.compute_dtype(logits))
   z = z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
-  labels = labels.astype(jnp.int32)
-  valid = argchecks.valid_labels(labels, k)
+  valid = argchecks.valid_labels(labels, k)  # before the cast: a huge int64 label must not wrap into range
+  labels = jnp.where(valid, labels, 0).astype(jnp.int32)
   if argchecks.is_static(label_smoothing) and label_smoothing == 0:
-    ce = optax.losses.softmax_cross_entropy_with_integer_labels(z, jnp.where(valid, labels, 0))
+    ce = optax.losses.softmax_cross_entropy_with_integer_labels(z, labels)
   else:
+    eps = argchecks.as_static(label_smoothing, z.dtype)
     present = z > -jnp.inf
-    # optax's smoothing over the classes that are present; masked classes' targets are dropped by the mask below.
-    targets = optax.losses.smooth_labels(jax.nn.one_hot(labels, k, dtype=z.dtype), label_smoothing, where=present)
-    ce = -jnp.sum(masked_log_softmax_terms(targets, jax.nn.log_softmax(z, axis=-1), present), axis=-1)
+    onehot = jax.nn.one_hot(labels, k, dtype=jnp.bool_)
+    # optax's smoothing over the classes that are present; a masked class gets no smoothing mass, but a masked
+    # label keeps its (1 - eps): its log-probability is -inf, so the CE is +inf, as without smoothing.
+    targets = optax.losses.smooth_labels(onehot.astype(z.dtype), eps, where=present)
+    targets = jnp.where(present, targets, jnp.where(onehot, 1.0 - eps, 0.0))
+    counted = present | (onehot & (targets > 0))
+    ce = -jnp.sum(masked_log_softmax_terms(targets, jax.nn.log_softmax(z, axis=-1), counted), axis=-1)
   return jnp.where(valid, ce, jnp.nan)
 
 
@@ -125,6 +130,7 @@ def _kl_divergence(fn: str, student_logits, teacher_logits, temperature, validat
   argchecks.check_positive(fn, "temperature", temperature)
   argchecks.value_checks(fn, validate, temperature=temperature)
   dtype = argchecks.compute_dtype(student_logits, teacher_logits)
+  temperature = argchecks.as_static(temperature, dtype)
   log_s = jax.nn.log_softmax(student_logits.astype(dtype) / temperature, axis=-1)
   log_t = jax.nn.log_softmax(teacher_logits.astype(dtype) / temperature, axis=-1)
   present = log_t > -jnp.inf
@@ -156,7 +162,8 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature
     [0.14536]
   """
   teacher_logits = jax.lax.stop_gradient(teacher_logits)
-  return temperature**2 * _kl_divergence("kd_loss", student_logits, teacher_logits, temperature, validate)
+  kl = _kl_divergence("kd_loss", student_logits, teacher_logits, temperature, validate)
+  return argchecks.as_static(temperature, kl.dtype)**2 * kl
 
 
 def fused_kd_ce(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, alpha, *,
@@ -206,6 +213,7 @@ def convex_mix(alpha, soft: jax.Array, hard: jax.Array) -> jax.Array:
     [0. 1.]
   """
   argchecks.check_unit_interval("convex_mix", "alpha", alpha)
+  alpha = argchecks.as_static(alpha, jnp.result_type(soft))
   return alpha * soft + (1.0 - alpha) * hard
 
 

@@ -21,8 +21,10 @@ __all__ = ["DATA_AXIS", "is_peer_failure", "stop_after_peer_failure", "initializ
 DATA_AXIS = "data"
 
 
-_PEER_FAILURE_WORDS = ("Gloo", "Connection closed by peer", "Connection reset by peer", "heartbeat", "UNAVAILABLE",
-                       "coordination service")
+# What JAX says when another process is gone: a collective or transfer over Gloo that lost its peer, or the
+# coordination service's report of a dead task (not every UNAVAILABLE: storage can say that too).
+_PEER_FAILURE_WORDS = ("Gloo", "Connection closed by peer", "Connection reset by peer", "heartbeat timeout",
+                       "stopped sending heartbeats", "CoordinationService")
 
 
 def is_peer_failure(e: BaseException) -> bool:

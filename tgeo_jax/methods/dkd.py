@@ -45,7 +45,17 @@ def _shift(scaled: jax.Array) -> jax.Array:
   Forming ``z_y - logsumexp(z)`` from unshifted logits rounds ``logsumexp``'s ``max + log(...)`` at the scale of
   the logits; after the shift the row maximum is 0 and the log-probabilities are as precise as ``log_softmax``'s.
   """
-  return scaled - jax.lax.stop_gradient(jnp.max(scaled, axis=-1, keepdims=True))
+  row_max = jnp.max(scaled, axis=-1, keepdims=True)
+  # A row with no finite entry (every class masked) keeps its -inf entries instead of -inf - (-inf) = NaN.
+  return scaled - jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+
+
+def _logsumexp(x: jax.Array, *, keepdims: bool = False) -> jax.Array:
+  """``logsumexp`` over the last axis that is ``-inf`` with a zero gradient for a row with no finite entry (the
+  non-target classes of a row whose every other class is masked), where ``jax.nn.logsumexp``'s gradient is NaN."""
+  some = jnp.any(x > -jnp.inf, axis=-1, keepdims=True)
+  out = jnp.where(some, jax.nn.logsumexp(jnp.where(some, x, 0.0), axis=-1, keepdims=True), -jnp.inf)
+  return out if keepdims else out[..., 0]
 
 
 def _binary_log_probs(scaled: jax.Array, target: jax.Array) -> jax.Array:
@@ -54,16 +64,17 @@ def _binary_log_probs(scaled: jax.Array, target: jax.Array) -> jax.Array:
   ``log(1 - p_y)`` as a difference of two logsumexps, not ``log1p(-p_y)``: finite however close ``p_y`` is to 1.
   """
   scaled = _shift(scaled)
-  lse_all = jax.nn.logsumexp(scaled, axis=-1)
+  lse_all = _logsumexp(scaled)
   logit_target = jnp.sum(jnp.where(target, scaled, 0.0), axis=-1)  # exactly one target per row
-  lse_other = jax.nn.logsumexp(jnp.where(target, -jnp.inf, scaled), axis=-1)
+  lse_other = _logsumexp(jnp.where(target, -jnp.inf, scaled))
   return jnp.stack([logit_target - lse_all, lse_other - lse_all], axis=-1)
 
 
 def _non_target_log_probs(scaled: jax.Array, target: jax.Array) -> jax.Array:
   """``[..., K]``: log-softmax of ``scaled`` over the classes ``k != y``; the target entry is ``-inf``."""
   scaled = _shift(jnp.where(target, -jnp.inf, scaled))
-  return scaled - jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
+  present = scaled > -jnp.inf
+  return jnp.where(present, jnp.where(present, scaled, 0.0) - _logsumexp(scaled, keepdims=True), -jnp.inf)
 
 
 def dkd_terms(student_logits, teacher_logits, labels, *, temperature: float,
@@ -94,8 +105,10 @@ def dkd_terms(student_logits, teacher_logits, labels, *, temperature: float,
   k = student_logits.shape[-1]
   argchecks.value_checks(fn, validate, labels=labels, num_classes=k, temperature=temperature)
   dtype = argchecks.compute_dtype(student_logits, teacher_logits)
+  temperature = argchecks.as_static(temperature, dtype)
   teacher_logits = jax.lax.stop_gradient(teacher_logits)
-  labels = labels.astype(jnp.int32)
+  valid = argchecks.valid_labels(labels, k)  # before the cast: a huge int64 label must not wrap into range
+  labels = jnp.where(valid, labels, 0).astype(jnp.int32)
   s = student_logits.astype(dtype) / temperature
   t = teacher_logits.astype(dtype) / temperature
   target = jax.nn.one_hot(labels, k, dtype=jnp.bool_)
@@ -103,7 +116,6 @@ def dkd_terms(student_logits, teacher_logits, labels, *, temperature: float,
   tckd = jnp.sum(_kl_terms(b_t, _binary_log_probs(s, target), b_t > -jnp.inf), axis=-1)
   q_t = _non_target_log_probs(t, target)
   nckd = jnp.sum(_kl_terms(q_t, _non_target_log_probs(s, target), q_t > -jnp.inf), axis=-1)
-  valid = argchecks.valid_labels(labels, k)
   return (jnp.where(valid, temperature**2 * tckd, jnp.nan), jnp.where(valid, temperature**2 * nckd, jnp.nan))
 
 
