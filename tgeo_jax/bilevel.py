@@ -586,11 +586,12 @@ def implicit(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batch
       positive definite: use damping away from a minimum).
 
   Convergence is never silent: ``diagnostics['solve_residual']`` = ``||(H + damping I) v - g|| / ||g||`` (one
-  extra HVP; ``||r||`` itself if g = 0) and ``diagnostics['solve_converged']``: for CG, residual <= tol; for
-  Neumann (a truncated series, rarely at tol) residual <= tol, or the series still contracts: the residual is
-  finite, below 1 (that of v = 0) and below the previous partial sum's (``||(I - eta A)^{J+1} g||`` <
-  ``||(I - eta A)^J g||``). When not converged a ``HypergradSolveWarning`` is issued on the host
-  (``jax.debug.callback``, rate-limited per call site). A non-finite residual turns the whole meta-gradient
+  extra HVP; ``||r||`` itself if g = 0); ``diagnostics['solve_converged']`` = residual <= tol, for both solvers;
+  ``diagnostics['solve_contracting']``: for Neumann (a truncated series, rarely at tol) whether the series still
+  contracts -- the residual is finite, below 1 (that of v = 0) and below the previous partial sum's
+  (``||(I - eta A)^{J+1} g||`` < ``||(I - eta A)^J g||``); for CG equal to ``solve_converged``. A solve that is
+  neither converged nor contracting issues a ``HypergradSolveWarning`` on the host (``jax.debug.callback``,
+  rate-limited per call site). A non-finite residual turns the whole meta-gradient
   into NaN (CG would otherwise stop at once and return v = 0, a silent zero).
 
   Cost: train forward + backward (also the real step) linearized once, J + 1 HVPs (one for the residual), a
@@ -673,21 +674,24 @@ def implicit(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batch
     previous = None
   residual = relative(_tree_norm(jax.tree.map(jnp.subtract, matvec(v), val_grads)))
   finite = jnp.isfinite(residual)
-  converged = finite & (residual <= tol)
-  if previous is not None:
-    converged = converged | (finite & (residual < 1.0) & (residual < previous))
+  converged = finite & (residual <= tol)  # what "converged" means for both solvers: the linear system is solved
+  # A truncated Neumann series is an approximation by design: it is acceptable (no warning) while it contracts,
+  # but it is reported as converged only when the residual reaches tol.
+  contracting = (finite & (residual < 1.0) & (residual < previous)) if previous is not None else converged
+  acceptable = converged | contracting
   # Non-finite anywhere in the solve: NaN out, never a zero meta-gradient that looks like "nothing to learn".
   v = jax.tree.map(lambda a: jnp.where(finite, a, jnp.nan), v)
 
   report = functools.partial(_warn_not_converged, site=site, solver=solver, terms=terms, damping=float(damping),
                              tol=float(tol))
-  jax.lax.cond(converged, lambda r, c: None, lambda r, c: jax.debug.callback(report, r, c), residual, converged)
+  jax.lax.cond(acceptable, lambda r, c: None, lambda r, c: jax.debug.callback(report, r, c), residual, acceptable)
 
   _, (dsoft, dhard) = jax.jvp(lambda p: fwd(p)[0], (params,), (v,))
   (meta_grad,) = alpha_vjp((-(dsoft - dhard) / n).astype(alpha.dtype))
   new_params, new_opt_state = optimizer_step(tx, grads, opt_state, params)
   return _one_step_result(meta_grad, StudentState(new_params, new_rest, new_opt_state), alpha, soft, hard,
-                          val_loss, context, solve_residual=residual, solve_converged=converged)
+                          val_loss, context, solve_residual=residual, solve_converged=converged,
+                          solve_contracting=contracting)
 
 
 # ------------------------------------------------------------------------------------------------------ head-only

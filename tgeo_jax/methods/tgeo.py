@@ -276,7 +276,8 @@ class MetaReweightKD(base.Method):
     meta_metrics = {"val_loss": diagnostics["val_loss"], "meta_grad_norm": optax.tree.norm(meta_grad)}
     if "solve_residual" in diagnostics:
       meta_metrics.update(solve_residual=diagnostics["solve_residual"],
-                          solve_converged=diagnostics["solve_converged"].astype(jnp.float32))
+                          solve_converged=diagnostics["solve_converged"].astype(jnp.float32),
+                          solve_contracting=diagnostics["solve_contracting"].astype(jnp.float32))
     return dict(state, meta_params=meta_params, meta_opt_state=meta_opt_state), meta_metrics
 
   def _plain_step(self, state, student, per_sample, b, meta_metrics=None):
@@ -341,7 +342,7 @@ class MetaReweightKD(base.Method):
     # Every step kind returns the same metrics so the trainer can average them; a step without a φ update
     # reports zeros for the meta quantities (with meta_interval m their logged averages are scaled by 1/m).
     zero = jnp.zeros((), jnp.float32)
-    names = ["val_loss", "meta_grad_norm"] + (["solve_residual", "solve_converged"]
+    names = ["val_loss", "meta_grad_norm"] + (["solve_residual", "solve_converged", "solve_contracting"]
                                               if self.cfg.hypergrad == "implicit" else [])
     meta_metrics = {name: (meta_metrics or {}).get(name, zero) for name in names}
     return {"loss": loss, "accuracy": base.batch_accuracy(logits, labels), "alpha_mean": jnp.mean(alpha),
