@@ -383,6 +383,19 @@ def _unroll_diagnostics(aux, val_loss) -> dict:
   return _diagnostics(jnp.mean(losses), val_loss, alphas, logits, train_losses=losses)
 
 
+# Loops of at most this many trips are traced fully unrolled. XLA:CPU rewrites convolutions into the layout of its
+# fast kernels only in a module's entry computation: the backward convolutions of a step inside a while-loop body
+# (a scan, a fori_loop) run on a generic kernel, 5-15x slower than their FLOPs (docs/benchmarks.md, "Loops of
+# convolutions"). Unrolled, the same math compiles to straight-line code. Longer loops stay loops (compile time
+# grows with the trip count); on GPUs/TPUs unrolling costs only compile time. 0 turns it off.
+FULL_UNROLL_MAX_TRIPS = 16
+
+
+def _unroll_trips(trips: int):
+  """``unroll=`` for a loop of ``trips`` static trips: all of them when within ``FULL_UNROLL_MAX_TRIPS``."""
+  return True if 0 < trips <= FULL_UNROLL_MAX_TRIPS else 1
+
+
 def _reverse_sweep(weight_fn, meta_params, per_sample_fn, batches, trajectory: StudentState, final: StudentState,
                    val_loss_fn, val_batch, tx):
   """``(meta_grad, val_loss)``: reverse mode over a recorded trajectory, one step's VJP at a time.
@@ -412,7 +425,9 @@ def _reverse_sweep(weight_fn, meta_params, per_sample_fn, batches, trajectory: S
     return (cot_prev, _tree_add(meta_acc, meta_bar)), None
 
   meta_zero = jax.tree.map(jnp.zeros_like, meta_params)
-  (_, meta_grad), _ = jax.lax.scan(body, (cot, meta_zero), (trajectory, batches), reverse=True)
+  trips = jax.tree.leaves(batches)[0].shape[0]
+  (_, meta_grad), _ = jax.lax.scan(body, (cot, meta_zero), (trajectory, batches), reverse=True,
+                                   unroll=_unroll_trips(trips))
   return meta_grad, val_loss
 
 
@@ -463,12 +478,13 @@ def unroll(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batches
       new_state, aux = step(meta_params, state, batch)
       return new_state, (state, aux)
 
-    final, (trajectory, aux) = jax.lax.scan(record, student, batches)
+    final, (trajectory, aux) = jax.lax.scan(record, student, batches, unroll=_unroll_trips(_num_steps(batches)))
     meta_grad, val_loss = _reverse_sweep(weight_fn, meta_params, per_sample_fn, batches, trajectory, final,
                                          val_loss_fn, val_batch, tx)
   else:
     def objective(meta):
-      final, aux = jax.lax.scan(lambda s, b: step(meta, s, b), student, batches)
+      final, aux = jax.lax.scan(lambda s, b: step(meta, s, b), student, batches,
+                                unroll=_unroll_trips(_num_steps(batches)))
       return val_loss_fn(final.params, final.rest, val_batch), (final, aux)
 
     (val_loss, (final, aux)), meta_grad = jax.value_and_grad(objective, has_aux=True)(meta_params)
@@ -667,7 +683,7 @@ def implicit(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batch
       return jax.tree.map(lambda a, b: a + neumann_lr * b, v, p), p
 
     v0 = jax.tree.map(lambda a: neumann_lr * a, val_grads)
-    v, p_last = jax.lax.fori_loop(0, terms, term, (v0, val_grads))
+    v, p_last = jax.lax.fori_loop(0, terms, term, (v0, val_grads), unroll=bool(_unroll_trips(terms) is True))
     previous = relative(_tree_norm(p_last))  # the residual of the partial sum with one term fewer
   else:
     v, _ = jax.scipy.sparse.linalg.cg(matvec, val_grads, tol=tol, maxiter=terms)
