@@ -41,7 +41,8 @@ def test_teacher_and_kd_student_outputs(tiny_teacher, tmp_path):
 
 
 def test_resume_is_bit_exact(tiny_teacher, tmp_path):
-  """N steps in one process == N/2 steps, a new process, N/2 more (mid-epoch, with the optimizer's momentum)."""
+  """N steps in one run == N/2 steps, a second run of the same command (resuming from the checkpoint), N/2 more
+  (mid-epoch, with the optimizer's momentum)."""
   common = ["--config=configs/fashion_mnist.py:kd", *TINY, "--config.num_epochs=2",
             f"--config.teacher.checkpoint={tiny_teacher}"]
   straight, split = str(tmp_path / "straight"), str(tmp_path / "split")

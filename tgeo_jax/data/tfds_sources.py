@@ -182,10 +182,6 @@ def decode_image(data, draft_size: int | None = None) -> np.ndarray:
   return image.astype(np.uint8, copy=False)
 
 
-def _image(record) -> np.ndarray:
-  return decode_image(record["image"])
-
-
 def split_files(src) -> list[tuple[str, int, int]] | None:
   """``(path, skip, take)`` of each array_record shard behind a TFDS split, or None (e.g. mock data)."""
   try:

@@ -13,8 +13,8 @@ jit-able::
 plus ``teacher_logits(state, frozen, inputs)`` for distillation methods (evaluation reports the teacher too).
 
 ``state`` is what training changes: it is checkpointed, restored and donated to the jitted step.
-``state["step"]`` (int32 scalar) is the only entry the trainer reads. Students use ``params`` / ``rest``
-(BatchNorm statistics) / ``opt_state``.
+``state["step"]`` (int32 scalar) counts the method's own steps (DKD's warm-up and TGeo-KD's windows read it; the
+trainer keeps its own step count). Students use ``params`` / ``rest`` (BatchNorm statistics) / ``opt_state``.
 ``frozen`` is what training never changes (the frozen teacher's variables, quantities derived from it such as its
 logit table): built by ``init``, passed to every call, never checkpointed (it is rebuilt from the teacher).
 
