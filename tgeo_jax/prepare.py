@@ -103,8 +103,9 @@ def _check_split(split: str, images: np.ndarray, fine: np.ndarray, coarse: np.nd
     raise UserError(f"--archive: {archive}: the {split} split's fine labels span {len(np.unique(fine))} values in "
                     f"[{fine.min()}, {fine.max()}]; CIFAR-100 has the 100 classes 0..99")
   if len(coarse) != want or coarse.min() < 0 or coarse.max() > 19:
-    raise UserError(f"--archive: {archive}: the {split} split has {len(coarse)} coarse labels in [{coarse.min()}, "
-                    f"{coarse.max()}]; CIFAR-100 has one per image in 0..19")
+    span = f" in [{coarse.min()}, {coarse.max()}]" if len(coarse) else ""
+    raise UserError(f"--archive: {archive}: the {split} split has {len(coarse)} coarse labels{span}; CIFAR-100 has "
+                    "one per image in 0..19")
 
 
 def read_cifar100(archive: str) -> dict:
