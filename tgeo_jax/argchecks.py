@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-__all__ = ["compute_dtype", "is_static", "as_static", "check_positive", "check_unit_interval", "check_nonnegative", "check_logits",
-           "check_same_shape", "check_logit_pair", "check_labels", "value_checks", "valid_labels"]
+__all__ = ["compute_dtype", "is_static", "as_static", "check_positive", "check_unit_interval", "check_nonnegative",
+           "check_logits", "check_same_shape", "check_logit_pair", "check_labels", "value_checks", "valid_labels"]
 
 
 def compute_dtype(*arrays) -> jnp.dtype:

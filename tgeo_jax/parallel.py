@@ -15,8 +15,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from tgeo_jax.errors import UserError
 
-__all__ = ["DATA_AXIS", "is_peer_failure", "stop_after_peer_failure", "initialize_distributed", "make_mesh", "replicated", "batch_sharded", "check_batch_size",
-           "replicate", "shard_batch"]
+__all__ = ["DATA_AXIS", "is_peer_failure", "stop_after_peer_failure", "initialize_distributed", "make_mesh",
+           "replicated", "batch_sharded", "check_batch_size", "replicate", "shard_batch"]
 
 DATA_AXIS = "data"
 
