@@ -3,8 +3,9 @@
 ``tfds.data_source`` reads a dataset prepared in the ``array_record`` format without TensorFlow: by
 ``python -m tgeo_jax.prepare`` from the published CIFAR-100 archives or class-folder trees (``tgeo_jax/prepare.py``),
 or by ``tfds build NAME --file_format=array_record`` where TensorFlow is installed. Records are opened with the
-image feature left encoded (``tfds.decode.SkipDecoding``): labels are read without decoding a single image, and images are decoded
-here with PIL (the decoder TFDS itself uses without OpenCV), optionally at a reduced JPEG scale (``data.jpeg_draft``).
+image feature left encoded (``tfds.decode.SkipDecoding``): labels are read without decoding a single image, and
+images are decoded here with PIL (the decoder TFDS itself uses without OpenCV), optionally at a reduced JPEG scale
+(``data.jpeg_draft``).
 
 ``data.tfds_name`` points either protocol at another prepared dataset with the same features (``image``,
 ``label``), e.g. one built locally with ``tgeo_jax.data.tfds_build``; its class count is read from its features.
