@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tgeo_jax import argchecks
 from tgeo_jax.errors import UserError
 
 __all__ = ["LAYOUTS", "feature_dim", "class_mean_teacher", "relation_features"]
@@ -71,11 +72,6 @@ def _check_layout(layout: str) -> None:
     raise UserError(f"unknown relation-feature layout {layout!r}; expected one of {list(LAYOUTS)}")
 
 
-def _float_dtype(dtype) -> jnp.dtype:
-  # At least float32 (bfloat16 logits are upcast), but float64 stays float64 so tests can check exactly.
-  return jnp.promote_types(dtype, jnp.float32)
-
-
 def class_mean_teacher(teacher_probs: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
   """Class-mean teacher prediction T̄ (one row per class).
 
@@ -97,7 +93,7 @@ def class_mean_teacher(teacher_probs: jax.Array, labels: jax.Array, num_classes:
     >>> print(np.round(np.asarray(cm, np.float64), 3).tolist())
     [[0.7, 0.3, 0.0], [0.1, 0.9, 0.0], [0.333, 0.333, 0.333]]
   """
-  teacher_probs = teacher_probs.astype(_float_dtype(teacher_probs.dtype))
+  teacher_probs = teacher_probs.astype(argchecks.compute_dtype(teacher_probs))
   labels = labels.astype(jnp.int32)
   sums = jax.ops.segment_sum(teacher_probs, labels, num_segments=num_classes)  # [K, K]
   counts = jax.ops.segment_sum(jnp.ones_like(labels, teacher_probs.dtype), labels, num_segments=num_classes)
@@ -137,7 +133,7 @@ def relation_features(student_logits: jax.Array, teacher_logits: jax.Array, labe
     [[0.5  0.5  0.75 0.25 1.   0.   0.75 0.25]]
   """
   _check_layout(layout)
-  dtype = _float_dtype(student_logits.dtype)
+  dtype = argchecks.compute_dtype(student_logits)
   k = student_logits.shape[-1]
   labels = labels.astype(jnp.int32)
   s = jax.nn.softmax(student_logits.astype(dtype), axis=-1)
