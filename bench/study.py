@@ -64,7 +64,15 @@ SETTINGS = {
     "full": dict(overrides={"data.train_subset": 0}, batch_size=128, num_epochs=5),
     "subset10": dict(overrides={"data.train_subset": 5400, "data.val_subset": 600}, batch_size=64, num_epochs=10),
     "noise20": dict(overrides={"data.train_subset": 0, "data.label_noise": 0.2}, batch_size=128, num_epochs=5),
+    # The fourth study (docs/study4.md): the full training part, clean labels, and the study-only teacher made
+    # confidently wrong on a known set S (tgeo_jax/study_teacher.py): a random 30% of the examples, or every
+    # example of the first three classes (also 30%). CE, which reads no teacher, runs without it.
+    "wrong30": dict(overrides={"data.train_subset": 0, "study_wrong_teacher.kind": "random_examples",
+                               "study_wrong_teacher.fraction": 0.3}, batch_size=128, num_epochs=5),
+    "wrongcls": dict(overrides={"data.train_subset": 0, "study_wrong_teacher.kind": "classes",
+                                "study_wrong_teacher.classes": (0, 1, 2)}, batch_size=128, num_epochs=5),
 }
+WRONG_TEACHER_SETTINGS = ("wrong30", "wrongcls")
 
 # α: the weight of the teacher term, KD = (1 - α) CE + α τ² KL (the library's kd.w_ce / kd.w_kd).
 ALPHA_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -78,6 +86,8 @@ def kd_at(alpha: float) -> dict:
 METHODS = {
     "ce": {"method": "ce"},
     **{f"kd_a{a:g}": kd_at(a) for a in ALPHA_GRID},
+    # The fourth study's oracle grid: α = 0 on the teacher's wrong set S, α elsewhere (wrong-teacher settings only).
+    **{f"kd_oracle_a{a:g}": dict(kd_at(a), **{"study_wrong_teacher.oracle": True}) for a in ALPHA_GRID},
     "anl_kd": {"method": "anl_kd"},
     "ada_kd": {"method": "ada_kd"},
     "wls_kd": {"method": "wls_kd"},
@@ -87,6 +97,10 @@ METHODS = {
     "tgeo": {"method": "tgeo"},  # hypergrad one_step (the default)
     "tgeo_unroll4": {"method": "tgeo", "tgeo.hypergrad": "unroll", "tgeo.unroll_steps": 4},
     "tgeo_unroll8": {"method": "tgeo", "tgeo.hypergrad": "unroll", "tgeo.unroll_steps": 8},
+    # Horizon or speed: unroll K = 4 updates φ once per 4 steps; with a 4x fusion learning rate φ moves as fast per
+    # student step as one_step's.
+    "tgeo_unroll4_flr4": {"method": "tgeo", "tgeo.hypergrad": "unroll", "tgeo.unroll_steps": 4,
+                          "tgeo.fusion_lr": 4e-3},
     "tgeo_implicit": {"method": "tgeo", "tgeo.hypergrad": "implicit"},
     # The default Neumann step η = 0.1 diverges on the MLP (η λ_max(H) > 2); a smaller step keeps the series bounded.
     "tgeo_implicit_eta0.01": {"method": "tgeo", "tgeo.hypergrad": "implicit", "tgeo.implicit_lr": 0.01},
@@ -97,12 +111,12 @@ METHODS = {
     # The paper's outlier probe: Gaussian-noise images with random labels appended to the training part.
     "tgeo_outliers": {"method": "tgeo", "data.outliers": 500},
 }
-DERIVED = ("kd_best", "kd_trainval", "kd_tgeo_mean_alpha", "tgeo_center")
+DERIVED = ("kd_best", "kd_trainval", "kd_tgeo_mean_alpha", "tgeo_center", "kd_oracle")
 # What the study runs by default, in this order (a derived control after what it is derived from).
 DEFAULT_ORDER = ("ce", *(f"kd_a{a:g}" for a in ALPHA_GRID), "kd_best", "tgeo", "tgeo_unroll4", "tgeo_implicit",
                  "tgeo_head_only", "tgeo_center", "kd_tgeo_mean_alpha", "kd_trainval", "dist", "dkd", "anl_kd",
                  "rw_kd", "ada_kd", "wls_kd")
-LEARNED = ("tgeo", "tgeo_unroll4", "tgeo_unroll8", "tgeo_implicit", "tgeo_implicit_eta0.01", "tgeo_implicit_eta0.01_m5",
+LEARNED = ("tgeo", "tgeo_unroll4", "tgeo_unroll4_flr4", "tgeo_unroll8", "tgeo_implicit", "tgeo_implicit_eta0.01", "tgeo_implicit_eta0.01_m5",
            "tgeo_head_only", "tgeo_center",
            "tgeo_outliers", "rw_kd")
 
@@ -382,17 +396,79 @@ def alpha_table(records_by_seed: list[list[dict]]) -> list[dict]:
   for epoch in sorted(by_epoch):
     rs = by_epoch[epoch]
     row = {"epoch": epoch, "seeds": len(rs)}
-    for key in ("alpha_mean", "alpha_std", *(f"alpha_{g}" for g in GROUPS), "alpha_outlier", "alpha_normal"):
+    for key in ("alpha_mean", "alpha_std", *(f"alpha_{g}" for g in GROUPS), "alpha_outlier", "alpha_normal",
+                *WRONG_TEACHER_KEYS):
       values = [r[key] for r in rs if r.get(key) is not None]
       row[key] = statistics.mean(values) if values else None
     table.append(row)
   return table
 
 
+WRONG_TEACHER_KEYS = ("alpha_wrong_teacher", "alpha_right_teacher", "auc_alpha_wrong_teacher",
+                      "auc_disbelief_wrong_teacher")
+
+
+def adaptivity_rows(runs: dict[str, list[dict]], alpha_records: dict[str, list[list[dict]]]) -> dict:
+  """The fourth study's answers for one pair with the wrong teacher: the room for adaptivity (the oracle's gain over
+  the best constant α, Welch p) and, per method, its gain, the fraction of the oracle's gain it closes and, for a
+  learned α, the last epoch's AUC of α (and of the teacher's disbelief ``1 - p_T(y)``) for finding S, mean ± std
+  over seeds."""
+  def acc(name):
+    return [r["accuracy"] for r in runs.get(name, []) if "accuracy" in r]
+
+  ref, oracle = acc("kd_best"), acc("kd_oracle")
+  if not ref:
+    return {}
+  ref_mean = statistics.mean(ref)
+  room = dict(oracle_mean=statistics.mean(oracle) if oracle else None,
+              oracle_std=statistics.stdev(oracle) if len(oracle) > 1 else None,
+              constant_mean=ref_mean, constant_std=statistics.stdev(ref) if len(ref) > 1 else None,
+              gain=statistics.mean(oracle) - ref_mean if oracle else None, p=welch(oracle, ref))
+  rows = []
+  for name in runs:
+    mine = acc(name)
+    if not mine or name == "kd_best" or name.startswith(("kd_a", "kd_oracle_a")):  # grids: at their own seeds
+      continue
+    gain = statistics.mean(mine) - ref_mean
+    row = dict(method=name, n=len(mine), mean=statistics.mean(mine),
+               std=statistics.stdev(mine) if len(mine) > 1 else None, gain=gain, p=welch(mine, ref),
+               closed=gain / room["gain"] if room["gain"] else None)
+    for key in ("auc_alpha_wrong_teacher", "auc_disbelief_wrong_teacher", "alpha_wrong_teacher",
+                "alpha_right_teacher"):
+      last = [records[-1][key] for records in alpha_records.get(name, []) if records and records[-1].get(key)
+              is not None]
+      row[key] = statistics.mean(last) if last else None
+      row[key + "_std"] = statistics.stdev(last) if len(last) > 1 else None
+    rows.append(row)
+  return dict(room=room, rows=rows)
+
+
+def adaptivity_markdown(res: dict) -> str:
+  room = res["room"]
+  pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+  lines = [f"Room for adaptivity: oracle {pct(room['oracle_mean'])} ± {pct(room['oracle_std'])} vs best constant α "
+           f"{pct(room['constant_mean'])} ± {pct(room['constant_std'])}: gain {pct(room['gain'])} pp "
+           f"(Welch p {_fmt(room['p'], '.3g')})", "",
+           "| method | n | test acc % | gain vs best constant α, pp (p) | share of the oracle's gain | AUC of α for S "
+           "| AUC of 1 - p_T(y) | α on S / elsewhere (last epoch) |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in sorted(res["rows"], key=lambda r: -r["gain"]):
+    auc = (f"{r['auc_alpha_wrong_teacher']:.3f} ± {r['auc_alpha_wrong_teacher_std'] or 0:.3f}"
+           if r["auc_alpha_wrong_teacher"] is not None else "-")
+    alphas = (f"{r['alpha_wrong_teacher']:.3f} / {r['alpha_right_teacher']:.3f}"
+              if r["alpha_wrong_teacher"] is not None else "-")
+    lines.append(f"| {r['method']} | {r['n']} | {pct(r['mean'])} ± {pct(r['std'] or 0)} | "
+                 f"{100 * r['gain']:+.2f} ({_fmt(r['p'], '.3f')}) | {_fmt(r['closed'], '.2f')} | {auc} | "
+                 f"{_fmt(r['auc_disbelief_wrong_teacher'], '.3f')} | {alphas} |")
+  return "\n".join(lines)
+
+
 def alpha_markdown(table: list[dict]) -> str:
   from tgeo_jax.alpha_report import GROUPS
   outliers = any(r.get("alpha_outlier") is not None for r in table)
   extra = ("outlier", "normal") if outliers else ()
+  if any(r.get("alpha_wrong_teacher") is not None for r in table):
+    extra += ("wrong_teacher", "right_teacher")
   head = "| epoch | mean α | std α | " + " | ".join((*GROUPS, *extra)) + " |"
   lines = [head, "|" + "---|" * (3 + len(GROUPS) + len(extra))]
   for r in table:
@@ -416,6 +492,13 @@ def alpha_figure(path: str, title: str, tables: dict) -> None:
   for ax, name in zip(axes.flat, names):
     table = tables[name]
     epochs = [r["epoch"] for r in table]
+    if any(r.get("alpha_wrong_teacher") is not None for r in table):  # the fourth study: S against the rest
+      ax.plot(epochs, [r.get("alpha_wrong_teacher") or math.nan for r in table], "r", marker="o", markersize=3,
+              label="teacher made wrong (S)")
+      ax.plot(epochs, [r.get("alpha_right_teacher") or math.nan for r in table], "b", marker="o", markersize=3,
+              label="teacher untouched")
+      ax.set(title=name, xlabel="epoch", ylim=(0, 1))
+      continue
     for group in GROUPS:
       ax.plot(epochs, [math.nan if r[f"alpha_{group}"] is None else r[f"alpha_{group}"] for r in table],
               marker="o", markersize=3, label=GROUP_LABELS[group])
@@ -460,12 +543,12 @@ def teacher_digest(teacher_dir: str) -> tuple[str, str, dict]:
   return config["model"]["name"], loaded.identity["variables_sha256"], summary
 
 
-def best_alpha(run_lists: dict) -> tuple[float | None, list[dict]]:
-  """The α of the KD grid with the best mean validation accuracy over its seeds (the first on a tie), and the
-  grid's ``[{alpha, val_mean, test_mean, n}]``."""
+def best_alpha(run_lists: dict, prefix: str = "kd_a") -> tuple[float | None, list[dict]]:
+  """The α of the KD grid (runs ``<prefix><α>``) with the best mean validation accuracy over its seeds (the first
+  on a tie), and the grid's ``[{alpha, val_mean, test_mean, n}]``."""
   grid = []
   for a in ALPHA_GRID:
-    ok = [r for r in run_lists.get(f"kd_a{a:g}", []) if "val_accuracy" in r]
+    ok = [r for r in run_lists.get(f"{prefix}{a:g}", []) if "val_accuracy" in r]
     if ok:
       grid.append(dict(alpha=a, n=len(ok), val_mean=statistics.mean(r["val_accuracy"] for r in ok),
                        test_mean=statistics.mean(r["accuracy"] for r in ok)))
@@ -540,7 +623,7 @@ def main(argv=None) -> int:
   def n_seeds(name):
     if name in seeds_of:
       return seeds_of[name]
-    if args.grid_seeds and name.startswith("kd_a") and name in METHODS:
+    if args.grid_seeds and name.startswith(("kd_a", "kd_oracle_a")) and name in METHODS:
       return args.grid_seeds
     return args.seeds
 
@@ -607,7 +690,10 @@ def main(argv=None) -> int:
     c.num_epochs = epochs.get(setting, spec["num_epochs"])
     c.optimizer.learning_rate = lr
     c.log.progress = False
-    apply_overrides(c, spec["overrides"])
+    setting_overrides = spec["overrides"]
+    if overrides.get("method", "tgeo") == "ce":  # CE reads no teacher: the study's wrong teacher does not apply
+      setting_overrides = {k: v for k, v in setting_overrides.items() if not k.startswith("study_wrong_teacher.")}
+    apply_overrides(c, setting_overrides)
     apply_overrides(c, extra)
     apply_overrides(c, overrides)
     return c
@@ -701,7 +787,7 @@ def main(argv=None) -> int:
   # kd_tgeo_mean_alpha after tgeo).
   runs = {pair: {} for pair in pairs}
   notes = {pair: {} for pair in pairs}
-  chosen_alpha = {}
+  chosen_alpha, oracle_alpha = {}, {}
 
   def run_derived(name, specs):
     """``specs``: ``[(pair, overrides, run name, note)]``; every seed of each."""
@@ -744,6 +830,18 @@ def main(argv=None) -> int:
                       f"KD at α = {alpha:g}: the grid's best validation accuracy (grid at "
                       f"{min(g['n'] for g in grid)} seed(s), then {n_seeds(name)} seeds at the chosen α)"))
       run_derived(name, specs)
+    elif name == "kd_oracle":
+      needs(name, [f"kd_oracle_a{a:g}" for a in ALPHA_GRID])
+      specs = []
+      for pair in (p for p in pairs if p[0] in WRONG_TEACHER_SETTINGS):
+        alpha, grid = best_alpha(runs[pair], "kd_oracle_a")
+        if alpha is None:
+          continue
+        oracle_alpha[pair] = dict(alpha=alpha, grid=grid)
+        specs.append((pair, METHODS[f"kd_oracle_a{alpha:g}"], f"kd_oracle_a{alpha:g}",
+                      f"the oracle: α = 0 on the teacher's wrong set S and {alpha:g} elsewhere (the oracle grid's "
+                      "best validation accuracy)"))
+      run_derived(name, specs)
     elif name in ("kd_trainval", "tgeo_center"):
       needs(name, ["kd_best"])
       specs = []
@@ -779,10 +877,15 @@ def main(argv=None) -> int:
       found = [(runner.archived(os.path.join(root, r["workdir"])) or {}).get("label_noise") for r in rs_]
       if any(found):
         label_noise[name] = [f for f in found if f]
-    results["/".join(pair)] = dict(label_noise=label_noise,
+    adaptivity = {}
+    if pair[0] in WRONG_TEACHER_SETTINGS:
+      adaptivity = adaptivity_rows(rs, {name: [runner.alpha_records(os.path.join(root, r["workdir"]))
+                                               for r in rs_ if "accuracy" in r] for name, rs_ in learned.items()})
+    results["/".join(pair)] = dict(label_noise=label_noise, adaptivity=adaptivity,
         rows=aggregate(rs), runs=rs, alpha=tables, alpha_summary={k: alpha_summary(t) for k, t in tables.items()},
         tgeo_vs={m: key_comparisons(rs, m) for m in rs if m.startswith("tgeo")},
         notes=notes[pair], learning_rate=chosen_lr[pair], best_alpha=chosen_alpha.get(pair),
+        oracle_alpha=oracle_alpha.get(pair),
         seeds={k: len(v) for k, v in rs.items()})
 
   total = time.time() - start
@@ -795,6 +898,9 @@ def main(argv=None) -> int:
     print(markdown_table(res["rows"]))
     for name, note in res["notes"].items():
       print(f"- {name}: {note}")
+    if res["adaptivity"]:
+      print(f"\nAdaptivity ({key}; S: the examples the teacher was made wrong on):\n")
+      print(adaptivity_markdown(res["adaptivity"]))
     for m, comps in res["tgeo_vs"].items():
       if comps:
         print(f"\n{m} minus control (test accuracy, percentage points; Welch p): " + ", ".join(

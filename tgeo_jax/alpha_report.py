@@ -6,7 +6,10 @@ fusion net, and summarised by group:
 * teacher correct / incorrect (top-1 on the example's training label), crossed with
 * student–teacher discrepancy ``‖t − s‖²`` (probabilities at τ = 1) in the top / bottom 20% of all examples;
 
-plus the injected outliers against the normal examples when ``data.outliers`` > 0. Records go to
+plus the injected outliers against the normal examples when ``data.outliers`` > 0, and, with the study's wrong
+teacher on (``study_wrong_teacher``), α on its set S against the rest with two detection AUCs: α's own
+(``auc_alpha_wrong_teacher``: a low α ranks an example of S first) and the trivial detector's, the teacher's
+disbelief in the training label ``1 - p_T(y)`` (``auc_disbelief_wrong_teacher``). Records go to
 ``WORKDIR/alpha.jsonl``; ``alpha_hist.png`` (the distribution by group, this epoch) and ``alpha_groups.png``
 (group means over epochs) are redrawn each epoch.
 """
@@ -38,8 +41,10 @@ def group_masks(teacher_correct: np.ndarray, discrepancy: np.ndarray, quantile: 
 
 
 def summarize(alpha: np.ndarray, teacher_correct: np.ndarray, discrepancy: np.ndarray,
-              outlier_mask: np.ndarray | None = None) -> dict:
-  """Mean α overall, per group (None for an empty group) and for outliers vs normal examples."""
+              outlier_mask: np.ndarray | None = None, wrong_teacher_mask: np.ndarray | None = None,
+              teacher_label_prob: np.ndarray | None = None) -> dict:
+  """Mean α overall, per group (None for an empty group), for outliers vs normal examples and, given
+  ``wrong_teacher_mask`` (and ``teacher_label_prob`` ``p_T(y)``), on the study's set S vs the rest with the AUCs."""
   out = {"alpha_mean": float(alpha.mean()), "alpha_std": float(alpha.std())}
   for name, mask in group_masks(teacher_correct, discrepancy).items():
     out[f"alpha_{name}"] = float(alpha[mask].mean()) if mask.any() else None  # JSON null: an empty group
@@ -47,13 +52,23 @@ def summarize(alpha: np.ndarray, teacher_correct: np.ndarray, discrepancy: np.nd
   if outlier_mask is not None and outlier_mask.any():
     out["alpha_outlier"] = float(alpha[outlier_mask].mean())
     out["alpha_normal"] = float(alpha[~outlier_mask].mean())
+  if wrong_teacher_mask is not None and wrong_teacher_mask.any() and not wrong_teacher_mask.all():
+    from tgeo_jax import metrics
+    out["alpha_wrong_teacher"] = float(alpha[wrong_teacher_mask].mean())
+    out["alpha_right_teacher"] = float(alpha[~wrong_teacher_mask].mean())
+    out["auc_alpha_wrong_teacher"] = metrics.roc_auc(wrong_teacher_mask.astype(np.int32), -alpha)
+    if teacher_label_prob is not None:
+      out["auc_disbelief_wrong_teacher"] = metrics.roc_auc(wrong_teacher_mask.astype(np.int32),
+                                                           1.0 - teacher_label_prob)
   return out
 
 
 def write(workdir: str, epoch: int, step: int, alpha: np.ndarray, teacher_correct: np.ndarray,
-          discrepancy: np.ndarray, outlier_mask: np.ndarray | None = None) -> dict:
+          discrepancy: np.ndarray, outlier_mask: np.ndarray | None = None,
+          wrong_teacher_mask: np.ndarray | None = None, teacher_label_prob: np.ndarray | None = None) -> dict:
   """Appends the epoch's summary to alpha.jsonl and redraws the figures; returns the summary."""
-  summary = dict(epoch=epoch, step=step, **summarize(alpha, teacher_correct, discrepancy, outlier_mask))
+  summary = dict(epoch=epoch, step=step, **summarize(alpha, teacher_correct, discrepancy, outlier_mask,
+                                                     wrong_teacher_mask, teacher_label_prob))
   path = os.path.join(workdir, "alpha.jsonl")
   records = []
   if os.path.exists(path):

@@ -176,6 +176,8 @@ def validate(config) -> None:
   require(config, "teacher.verify_provenance", lambda v: isinstance(v, bool), "True or False")
   require(config, "teacher.cache_logits", lambda v: v in ("auto", "on", "off"), "'auto', 'on' or 'off'")
   models.compute_dtype(config)  # 'float32' (also when absent) | 'bfloat16'; anything else is a UserError
+  from tgeo_jax import study_teacher
+  study_teacher.validate(config)
   method_cls.validate_config(config)
 
 

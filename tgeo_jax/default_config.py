@@ -134,6 +134,11 @@ def base_config() -> ml_collections.ConfigDict:
   for group, defaults in method_groups().items():
     c[group] = defaults
 
+  # Study only, off: a teacher made confidently wrong on a known set of training examples (tgeo_jax/study_teacher.py,
+  # docs/study4.md). kind: none | random_examples (a fraction of the examples) | classes (every example of these).
+  from tgeo_jax import study_teacher
+  c.study_wrong_teacher = study_teacher.defaults()
+
   # every_steps: a 'kind: train' record (training averages, steps/s, examples/s) in metrics.jsonl/TensorBoard.
   # profile_steps: '' or 'A:B', a jax.profiler trace of steps A <= step < B into <workdir>/profile.
   # wandb: the same records to Weights & Biases (pip install 'tgeo_jax[wandb]'; WANDB_MODE respected; report.py).

@@ -82,8 +82,15 @@ def flatten(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+# Config groups that leave a run's results untouched while off: an off group is not part of the fingerprint, so
+# adding one keeps every earlier run's fingerprint (and its work directory resumable). group -> "is it off?".
+OPTIONAL_GROUPS = {"study_wrong_teacher": lambda group: group.get("kind", "none") == "none"}
+
+
 def config_record(config_dict: dict) -> dict:
   """The fingerprinted part of a config (a JSON dict, e.g. ``json.loads(config.to_json_best_effort())``)."""
+  config_dict = {k: v for k, v in config_dict.items()
+                 if not (k in OPTIONAL_GROUPS and isinstance(v, dict) and OPTIONAL_GROUPS[k](v))}
   return {k: v for k, v in sorted(flatten(config_dict).items()) if k not in RESUMABLE_FIELDS}
 
 

@@ -393,6 +393,11 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
     raise UserError(f"batch_size: {config.batch_size} exceeds the {len(task.train)} training examples")
   with teacher_lib.collect_loaded() as teachers:
     method = build_method(config, task, steps_per_epoch, teacher=teacher)
+  if method.study_teacher_shift is not None:  # never a silent mix-up of a study teacher with a real one
+    wrong = int(np.count_nonzero(method.study_teacher_shift))
+    print(f"warning: study_wrong_teacher: the teacher is made confidently wrong on {wrong} of {len(task.train)} "
+          f"training examples ({config.study_wrong_teacher.kind}; a study setting, not a real teacher)",
+          file=sys.stderr, flush=True)
   for t in teachers:
     run_identity.check_teacher_provenance(t, task, verify=bool(config.teacher.verify_provenance))
   identity = run_identity.make_identity(

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tgeo_jax import losses, models
+from tgeo_jax import losses, models, study_teacher
 from tgeo_jax.errors import UserError
 from tgeo_jax import teacher as teacher_lib
 from tgeo_jax.teacher import Teacher
@@ -63,6 +63,15 @@ class Method:
     # teacher); step functions never read it.
     self.config, self.spec, self.task = config, spec, task
     self.student, self.tx, self.teacher = student, tx, teacher
+    # The study-only wrong teacher (tgeo_jax/study_teacher.py): per training example, the rotation of its teacher
+    # logits (0 = untouched); None when off.
+    self.study_teacher_shift = None
+    if teacher is not None and task is not None and study_teacher.active(config):
+      study_teacher.validate(config, spec.num_classes)
+      g = config[study_teacher.FIELD]
+      self.study_teacher_shift = study_teacher.wrong_teacher_shift(
+          task.train.labels, spec.num_classes, kind=g.kind, fraction=g.fraction, classes=tuple(g.classes),
+          seed=g.seed)
 
   # A method whose CLI run is more than one training run (TriKD's generations) sets ``run(config, workdir)``.
   run = None
@@ -80,6 +89,8 @@ class Method:
     frozen = {}
     if self.teacher is not None:
       frozen["teacher"] = self.teacher.variables
+      if self.study_teacher_shift is not None:
+        frozen["study_teacher_shift"] = jnp.asarray(self.study_teacher_shift)
       if self.caches_teacher_logits():
         frozen["teacher_logits_table"] = self.teacher_logits_over_train(frozen)
     return state, frozen
@@ -98,7 +109,8 @@ class Method:
     return mode == "on"
 
   def teacher_logits_over_train(self, frozen: dict, chunk: int = 1000) -> jax.Array:
-    """``[len(train), K]`` frozen-teacher logits of every training example (one jitted pass, in chunks).
+    """``[len(train), K]`` frozen-teacher logits of every training example (one jitted pass, in chunks), with the
+    study's wrong teacher applied when it is on (the stored table is always the real teacher's).
 
     With ``teacher.logits_cache_dir`` set, the table is stored there under a hash of the teacher's variables and
     the training inputs, with a checksum verified on every read (``teacher_lib.LogitCache``), so runs that share
@@ -115,7 +127,7 @@ class Method:
 
     cache_dir = self.config.teacher.logits_cache_dir
     if not cache_dir:
-      return jnp.asarray(compute())
+      return self._study_wrong(jnp.asarray(compute()), self.study_teacher_shift)
     # Everything that changes the table's values is in the key: the teacher's variables, the training inputs (after
     # preprocessing), and how the logits are computed -- the model graph, the compute dtype (a bfloat16 student
     # runs its teacher in bfloat16) and the method's teacher path.
@@ -124,15 +136,23 @@ class Method:
                       "teacher_logits": f"{type(self).teacher_logits.__module__}."
                                         f"{type(self).teacher_logits.__qualname__}"}, sort_keys=True)
     cache = teacher_lib.LogitCache(cache_dir, key=(frozen["teacher"], inputs, np.frombuffer(how.encode(), np.uint8)))
-    return jnp.asarray(cache.get_or_compute(compute, shape=(len(source), self.spec.num_classes)))
+    table = jnp.asarray(cache.get_or_compute(compute, shape=(len(source), self.spec.num_classes)))
+    return self._study_wrong(table, self.study_teacher_shift)
+
+  @staticmethod
+  def _study_wrong(logits, shift):
+    """``logits [B, K]`` of training examples with the study's wrong teacher applied (``shift [B]``; None = off)."""
+    return logits if shift is None else study_teacher.shift_logits(logits, shift)
 
   def batch_teacher_logits(self, state: dict, frozen: dict, batch: dict) -> jax.Array:
     """The teacher's logits for a training batch ``[B, K]``: looked up by example index when cached
     (``frozen['teacher_logits_table']``), else one forward pass of the teacher."""
     table = frozen.get("teacher_logits_table")
     if table is not None:
-      return table[batch["index"]]
-    return self.teacher_logits(state, frozen, batch["inputs"])
+      return table[batch["index"]]  # the study's wrong teacher, when on, is in the table already
+    shift = frozen.get("study_teacher_shift")
+    return self._study_wrong(self.teacher_logits(state, frozen, batch["inputs"]),
+                             None if shift is None else shift[batch["index"]])
 
   def train_step(self, state: dict, frozen: dict, batch: dict, kind=None) -> tuple[dict, dict]:
     """``kind`` is ``step_kind(step)``, a static (hashable) choice among compiled variants of the step."""
@@ -148,8 +168,13 @@ class Method:
     return None
 
   def epoch_report(self, state: dict, frozen: dict, workdir: str, epoch: int) -> dict:
-    """Method-specific analysis after each evaluation (host side); scalars are added to metrics.jsonl."""
-    del state, frozen, workdir, epoch
+    """Method-specific analysis after each evaluation (host side); scalars are added to metrics.jsonl.
+
+    With the study's wrong teacher on, the set S (training positions and shifts) is written once to
+    ``WORKDIR/study_wrong_teacher.npz`` for analysis."""
+    del state, frozen, epoch
+    if self.study_teacher_shift is not None:
+      study_teacher.record(workdir, self.study_teacher_shift)
     return {}
 
   def predict(self, state: dict, frozen: dict, inputs: jax.Array) -> jax.Array:
@@ -202,6 +227,8 @@ class LossMethod(Method):
   def train_step(self, state, frozen, batch, kind=None):
     del kind  # one compiled variant
     teacher_logits = self.batch_teacher_logits(state, frozen, batch) if self.teacher is not None else None
+    if "study_teacher_shift" in frozen:  # what the study's oracle reads: which examples the teacher is wrong on
+      batch = dict(batch, study_teacher_wrong=frozen["study_teacher_shift"][batch["index"]] > 0)
 
     def loss_from_logits(logits):
       loss, metrics = self.loss(logits, teacher_logits, batch, state["step"])

@@ -56,5 +56,15 @@ class KD(base.LossMethod):
   def loss(self, student_logits, teacher_logits, batch, step):
     del step
     cfg = self.config.kd
+    if "study_teacher_wrong" in batch and self.config.study_wrong_teacher.oracle:
+      # The study's oracle (tgeo_jax/study_teacher.py): α = 0 where the teacher was made wrong, the configured
+      # weights elsewhere; the total weight w_ce + w_kd is kept per sample.
+      wrong = batch["study_teacher_wrong"]
+      soft = losses.kd_loss(student_logits, teacher_logits, temperature=cfg.temperature)
+      hard = losses.cross_entropy(student_logits, batch["labels"])
+      w_kd = jnp.where(wrong, 0.0, cfg.w_kd)
+      w_ce = jnp.where(wrong, cfg.w_ce + cfg.w_kd, cfg.w_ce)
+      return jnp.mean(w_ce * hard + w_kd * soft), {"soft": jnp.mean(soft), "ce": jnp.mean(hard),
+                                                   "alpha_mean": jnp.mean(w_kd) / max(cfg.w_ce + cfg.w_kd, 1e-12)}
     return hinton_loss(student_logits, teacher_logits, batch["labels"], temperature=cfg.temperature,
                        w_ce=cfg.w_ce, w_kd=cfg.w_kd)

@@ -309,7 +309,7 @@ class MetaReweightKD(base.Method):
   def epoch_report(self, state, frozen, workdir, epoch):
     """α by group over (up to ``analysis_examples`` of) the training examples; see ``alpha_report``."""
     if not self.cfg.analysis_examples:
-      return {}
+      return super().epoch_report(state, frozen, workdir, epoch)
     source = self.task.train
     n = min(len(source), self.cfg.analysis_examples)
     # A fixed, seed-independent sample so epochs (and runs) are compared on the same examples; outliers kept.
@@ -326,17 +326,21 @@ class MetaReweightKD(base.Method):
         teacher_logits = self.batch_teacher_logits(state, frozen, batch)
         alpha = self.alpha(state["meta_params"], frozen, batch, logits, teacher_logits)
         s, t = jax.nn.softmax(logits), jax.nn.softmax(teacher_logits)
-        return alpha, jnp.argmax(teacher_logits, -1) == labels, jnp.sum((t - s) ** 2, -1)
+        p_label = jnp.take_along_axis(t, labels[:, None], axis=-1)[:, 0]
+        return alpha, jnp.argmax(teacher_logits, -1) == labels, jnp.sum((t - s) ** 2, -1), p_label
       self._alpha_fn = jax.jit(alpha_fn)
     parts = []
     for start in range(0, len(indices), 1000):
       idx = indices[start:start + 1000]
       parts.append(jax.device_get(self._alpha_fn(state, frozen, source.gather(idx), source.labels[idx],
                                                  idx.astype(np.int32))))
-    alpha, teacher_correct, gap = (np.concatenate(x) for x in zip(*parts))
+    alpha, teacher_correct, gap, p_label = (np.concatenate(x) for x in zip(*parts))
+    shift = self.study_teacher_shift
     summary = alpha_report.write(workdir, epoch, int(state["step"]), alpha, teacher_correct, gap,
-                                 None if outliers is None else outliers[indices])
-    return {k: v for k, v in summary.items() if k.startswith("alpha_")}
+                                 None if outliers is None else outliers[indices],
+                                 None if shift is None else shift[indices] > 0, p_label)
+    super().epoch_report(state, frozen, workdir, epoch)
+    return {k: v for k, v in summary.items() if k.startswith(("alpha_", "auc_"))}
 
   def _metrics(self, loss, logits, labels, alpha, meta_metrics):
     # Every step kind returns the same metrics so the trainer can average them; a step without a φ update
