@@ -156,4 +156,5 @@ def test_alpha_report_scores_finding_the_wrong_set():
 
 def test_docstring_examples():
   import doctest
-  assert doctest.testmod(study_teacher, raise_on_error=True).attempted == 2
+  result = doctest.testmod(study_teacher)
+  assert result.failed == 0 and result.attempted >= 6
