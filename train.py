@@ -35,6 +35,10 @@ signal.signal(signal.SIGTERM, _exit_quietly)
 signals.quiet_swallowed_exits()
 
 if __name__ == "__main__":
-  from tgeo_jax import cli  # after the handlers: a signal during the imports exits quietly too
+  from tgeo_jax import supervise  # after the handlers: a signal during the imports exits quietly too
+
+  if supervise.wanted(sys.argv):  # multi-host: the run is a child whose JAX aborts become one line
+    sys.exit(supervise.run(sys.argv))
+  from tgeo_jax import cli
 
   sys.exit(cli.main(sys.argv))

@@ -24,6 +24,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from conftest import ROOT, TINY, run_cli
 
@@ -266,3 +267,107 @@ def test_when_a_process_dies_the_other_stops_with_one_line(tmp_path):
   assert rc == 1 and seconds < 30, (rc, seconds, stderr)
   assert re.fullmatch(r"error: distributed: (another process|process 1) of 2 stopped or lost contact \(.+\); process "
                       r"0 stops too, nothing was lost: run the same command on every process to resume\n", stderr), stderr
+
+
+def _start_train_py(tmp_path, i, port, *extra):
+  """Process ``i`` of a two-process ``train.py`` CE run on the synthetic task (stderr to ``tmp_path/err<i>.txt``)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
+             JAX_NUM_PROCESSES=str(NUM_PROCESSES), JAX_PROCESS_ID=str(i))
+  err = open(tmp_path / f"err{i}.txt", "w+")
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/fashion_mnist.py:ce", *TINY,
+       "--config.num_epochs=50", f"--workdir={tmp_path / 'run'}", "--config.distributed=True", *extra],
+      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+  return proc, err
+
+
+def test_when_the_coordinator_dies_the_other_stops_with_one_line(tmp_path):
+  """Process 0 (the coordinator) is killed mid-training. JAX's C++ client in process 1 aborts the training process
+  itself (SIGABRT, a C++ stack); train.py's supervising parent turns that into one line naming the coordinator, exit
+  1, and keeps JAX's report in the work directory."""
+  port = _free_port()
+  procs = [_start_train_py(tmp_path, i, port) for i in range(NUM_PROCESSES)]
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (tmp_path / "run" / "metrics.jsonl").exists():
+      assert time.monotonic() < deadline and all(p.poll() is None for p, _ in procs), "the run did not start"
+      time.sleep(0.1)
+    time.sleep(1.0)
+    procs[0][0].kill()
+    start = time.monotonic()
+    rc = procs[1][0].wait(timeout=60)
+    seconds = time.monotonic() - start
+  finally:
+    for p, _ in procs:
+      if p.poll() is None:
+        p.kill()
+  procs[1][1].seek(0)
+  stderr = procs[1][1].read()
+  assert rc == 1 and seconds < 30, (rc, seconds, stderr)
+  assert re.fullmatch(r"error: distributed: process 0 \(the coordinator\) of 2 stopped or lost contact \(UNAVAILABLE: "
+                      r"Failed to send RPC to coordination service\); process 1 stops too, nothing was lost: run the "
+                      r"same command on every process to resume\n", stderr), stderr
+  with open(tmp_path / "run" / "distributed_abort.1.log") as f:
+    assert "Terminating process because the JAX distributed service detected fatal errors" in f.read()
+
+
+def test_a_peer_that_never_starts_is_one_line(tmp_path):
+  """Only process 0 of 2 starts: after ``distributed_init_timeout`` JAX aborts it (SIGABRT); one line, exit 1."""
+  proc, err = _start_train_py(tmp_path, 0, _free_port(), "--config.distributed_init_timeout=3")
+  start = time.monotonic()
+  try:
+    rc = proc.wait(timeout=90)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  seconds = time.monotonic() - start
+  err.seek(0)
+  stderr = err.read()
+  assert rc == 1 and seconds < 60, (rc, seconds, stderr)
+  assert stderr == ("error: distributed: process 0 of 2: not every process joined the run within "
+                    "distributed_init_timeout=3 s (DEADLINE_EXCEEDED: Deadline Exceeded); start the same command on "
+                    "each of the 2 processes\n"), stderr
+
+
+_FAKE_NATIVE = "W1207 08:47:52.624149   13914 preemption_sync_manager.cc:147] Failed to retrieve preemption notice"
+
+
+@pytest.mark.parametrize("script, rc, stderr", [
+    # Not an abort: every line reaches stderr unchanged (native ones held, then written), the exit status kept.
+    (f"import sys; print('warning: a', file=sys.stderr); print({_FAKE_NATIVE!r}, file=sys.stderr); "
+     "print('more', file=sys.stderr); sys.exit(3)", 3, f"warning: a\n{_FAKE_NATIVE}\nmore\n"),
+    # JAX's coordination client aborting the process: one line, exit 1.
+    (f"import os, sys; print({_FAKE_NATIVE!r}, file=sys.stderr); print('F1207 08:47:52.624272   13914 client.h:80] "
+     "Terminating process because the JAX distributed service detected fatal errors. absl::Status: UNAVAILABLE: "
+     "Failed to send RPC to coordination service. Either the leader task was preempted/died', file=sys.stderr); "
+     "sys.stderr.flush(); os.abort()", 1,
+     "error: distributed: process 0 (the coordinator) of 2 stopped or lost contact (UNAVAILABLE: Failed to send RPC "
+     "to coordination service); process 1 stops too, nothing was lost: run the same command on every process to "
+     "resume\n"),
+    # Any other abort is left as it is: its lines, 128 + SIGABRT.
+    (f"import os, sys; print({_FAKE_NATIVE!r}, file=sys.stderr); sys.stderr.flush(); os.abort()", 134,
+     f"{_FAKE_NATIVE}\n"),
+])
+def test_the_supervisor_rewrites_only_jax_aborts(tmp_path, monkeypatch, capfd, script, rc, stderr):
+  from tgeo_jax import supervise
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  monkeypatch.setenv("JAX_PROCESS_ID", "1")
+  assert supervise.supervise([sys.executable, "-c", script], str(tmp_path)) == rc
+  assert capfd.readouterr().err == stderr
+  assert os.path.exists(tmp_path / "distributed_abort.1.log") == (rc == 1)
+
+
+def test_sigterm_reaches_the_supervised_child(tmp_path):
+  """The parent forwards SIGTERM; the child's own handler decides the exit (here 143 after a last line)."""
+  import signal
+  child = ("import signal, sys, time\n"
+           "def stop(*_):\n  print('child stopping', file=sys.stderr); sys.exit(143)\n"
+           "signal.signal(signal.SIGTERM, stop)\nprint('ready', file=sys.stderr, flush=True)\ntime.sleep(60)\n")
+  parent = (f"import sys; sys.path.insert(0, {ROOT!r}); from tgeo_jax import supervise; "
+            f"sys.exit(supervise.supervise([sys.executable, '-c', {child!r}], {str(tmp_path)!r}))")
+  proc = subprocess.Popen([sys.executable, "-c", parent], stderr=subprocess.PIPE, text=True)
+  assert proc.stderr.readline() == "ready\n"
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=30) == 143
+  assert proc.stderr.read() == "child stopping\n"

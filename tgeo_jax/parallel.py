@@ -48,6 +48,7 @@ def stop_after_peer_failure(reason: str) -> None:
   text = " ".join(reason.split())
   task = re.search(r"[Tt]ask (\d+)", text)
   who = f"process {task.group(1)}" if task else "another process"
+  text = re.sub(r"((?:[^:]{3,80}): )\1+", r"\1", text)  # XLA nests "Error dispatching computation: " per level
   detail = re.sub(r"\s*\[type\.googleapis.*", "", text)[:160]
   print(f"error: distributed: {who} of {jax.process_count()} stopped or lost contact ({detail}); process "
         f"{jax.process_index()} stops too, nothing was lost: run the same command on every process to resume",
@@ -67,9 +68,9 @@ def initialize_distributed(enabled: bool, *, init_timeout: int = 300, heartbeat_
   ``init_timeout``: seconds to wait for every process at start-up (then one line, exit 2); ``heartbeat_timeout``:
   seconds without a heartbeat after which a process counts as dead. When a process dies, the others fail at their
   next collective (a lost connection) and stop there with one line and exit status 1 (``stop_after_peer_failure``,
-  in ``cli.run``). When the coordinator (process 0) dies, JAX's C++ client may detect it first and abort the
-  process itself (exit 134 with JAX's own report); that path has no Python hook (the client's
-  ``missed_heartbeat_callback`` cannot take a Python function in jaxlib 0.10).
+  in ``cli.run``). When the coordinator (process 0) dies, or peers never start, JAX's C++ client aborts the process
+  itself (no Python hook in jaxlib 0.10): ``train.py`` runs multi-host training under ``tgeo_jax.supervise``, which
+  turns that abort into one line, exit 1.
   """
   if not enabled:
     return
