@@ -307,3 +307,47 @@ def test_a_full_disk_during_a_save_is_one_line_in_a_real_process(tiny_disk, asyn
   assert re.fullmatch(rf"error: checkpoint: saving step \d+ in {re.escape(str(workdir / 'checkpoints'))} failed \(no "
                       r"space left on device\); the previous checkpoints are intact: free space and run the same "
                       r"command to resume\n", proc.stderr), proc.stderr
+
+
+def test_a_read_only_checkpoint_directory_is_one_line_and_keeps_the_newest_checkpoint(tmp_path):
+  """The checkpoints directory turns read-only mid-run (a read-only bind mount over it, as after an ext4 journal
+  abort): the next save fails with one line that says read-only (not "free space"), exit 1; made writable again,
+  the same command resumes from the newest checkpoint written before (it was fsynced and is intact)."""
+  workdir = tmp_path / "run"
+  args = ["--config=configs/fashion_mnist.py:ce", f"--workdir={workdir}", *TINY, "--config.num_epochs=6",
+          "--config.checkpoint.every_steps=4", "--config.log.progress=False"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  ckpt = workdir / "checkpoints"
+  mounted = False
+  try:
+    deadline = time.monotonic() + 120
+    while not (ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())):
+      assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "no save"
+      time.sleep(0.05)
+    bind = subprocess.run(["mount", "--bind", str(ckpt), str(ckpt)], capture_output=True, text=True)
+    if bind.returncode != 0:
+      proc.kill()
+      pytest.skip(f"cannot bind-mount here ({bind.stderr.strip()[:80]})")
+    mounted = True
+    for _ in range(100):  # "busy" while a save has a file open for writing: retry until between two saves
+      remount = subprocess.run(["mount", "-o", "remount,bind,ro", str(ckpt)], capture_output=True, text=True)
+      if remount.returncode == 0:
+        break
+      time.sleep(0.02)
+    assert remount.returncode == 0, remount.stderr
+    newest = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    stderr = proc.communicate(timeout=120)[1]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    if mounted:
+      subprocess.run(["umount", str(ckpt)], capture_output=True)
+  assert proc.returncode == 1, stderr
+  assert re.fullmatch(rf"error: checkpoint: saving step \d+ in {re.escape(str(ckpt))} failed \(read-only file "
+                      r"system\); the previous checkpoints are intact: make the file system writable again \(it is "
+                      r"read-only\) and run the same command to resume\n", stderr), stderr
+  assert max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) >= newest
+  done = run_cli(args, process=True)
+  assert re.search(rf"^Resuming ce in .* from step {newest} of 84 ", done.stdout, re.M), done.stdout

@@ -722,6 +722,8 @@ def _reason(e: BaseException) -> str:
   text = " ".join(str(e).split())
   if "No space left" in text or getattr(e, "errno", None) == errno.ENOSPC:
     return "no space left on device"
+  if "Read-only file system" in text or getattr(e, "errno", None) == errno.EROFS:
+    return "read-only file system"
   if isinstance(e, OSError) and e.strerror:
     return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
   return f"{type(e).__name__}: {text[:160]}"
