@@ -92,7 +92,7 @@ from tgeo_jax import losses
 __all__ = ["Context", "WeightFn", "PerSampleFn", "ValLossFn", "HeadPredicate", "train_loss", "optimizer_step",
            "StudentState", "HypergradResult", "HypergradSolveWarning", "SOLVERS", "weighted_step", "one_step",
            "one_step_autodiff", "alpha_hypergrad_jvp_oracle", "unroll", "unroll_python_loop",
-           "unroll_from_trajectory", "implicit", "head_by_name", "DEFAULT_HEAD", "head_only"]
+           "unroll_from_trajectory", "implicit", "linear_solve", "head_by_name", "DEFAULT_HEAD", "head_only"]
 
 # context: {"student_logits": [N, K], ...}, any pytree of arrays in a dict.
 Context = Mapping[str, Any]
@@ -574,6 +574,48 @@ def _warn_not_converged(residual, converged, *, site: str, solver: str, terms: i
         HypergradSolveWarning, filename="tgeo_jax.bilevel.implicit", lineno=0, module="tgeo_jax.bilevel")
 
 
+def linear_solve(matvec, g, *, solver: str, terms: int, neumann_lr: float, damping: float, tol: float,
+                 site: str):
+  """``v ~ A^-1 g`` for the symmetric ``matvec(u) = A u`` (``A = H + damping I``) by ``solver``, with its report:
+  ``(v, residual, converged, contracting)`` -- ``residual = ||A v - g|| / ||g||`` (one extra matvec; ``||r||``
+  itself if g = 0), ``converged = residual <= tol``, ``contracting`` (Neumann: the truncated series still shrinks
+  its residual, ``||(I - eta A)^{J+1} g|| < ||(I - eta A)^J g||``; CG: ``converged``). A non-finite solve gives a
+  NaN ``v``, never a silent zero; a solve neither converged nor contracting warns once per call site (rate-limited,
+  ``HypergradSolveWarning`` naming ``site``). Shared by every implicit hypergradient (``implicit`` here,
+  ``tgeo_jax.hypergrad.implicit``)."""
+  g_norm = _tree_norm(g)
+
+  def relative(r_norm):
+    return jnp.where(g_norm > 0, r_norm / jnp.where(g_norm > 0, g_norm, 1.0), r_norm)
+
+  if solver == "neumann":
+    def term(_, carry):
+      v, p = carry
+      p = jax.tree.map(lambda a, b: a - neumann_lr * b, p, matvec(p))  # p_j = (I - eta A)^j g
+      return jax.tree.map(lambda a, b: a + neumann_lr * b, v, p), p
+
+    v0 = jax.tree.map(lambda a: neumann_lr * a, g)
+    v, p_last = jax.lax.fori_loop(0, terms, term, (v0, g), unroll=bool(_unroll_trips(terms) is True))
+    previous = relative(_tree_norm(p_last))  # the residual of the partial sum with one term fewer
+  else:
+    v, _ = jax.scipy.sparse.linalg.cg(matvec, g, tol=tol, maxiter=terms)
+    previous = None
+  residual = relative(_tree_norm(jax.tree.map(jnp.subtract, matvec(v), g)))
+  finite = jnp.isfinite(residual)
+  converged = finite & (residual <= tol)  # what "converged" means for both solvers: the linear system is solved
+  # A truncated Neumann series is an approximation by design: it is acceptable (no warning) while it contracts,
+  # but it is reported as converged only when the residual reaches tol.
+  contracting = (finite & (residual < 1.0) & (residual < previous)) if previous is not None else converged
+  acceptable = converged | contracting
+  # Non-finite anywhere in the solve: NaN out, never a zero meta-gradient that looks like "nothing to learn".
+  v = jax.tree.map(lambda a: jnp.where(finite, a, jnp.nan), v)
+
+  report = functools.partial(_warn_not_converged, site=site, solver=solver, terms=terms, damping=float(damping),
+                             tol=float(tol))
+  jax.lax.cond(acceptable, lambda r, c: None, lambda r, c: jax.debug.callback(report, r, c), residual, acceptable)
+  return v, residual, converged, contracting
+
+
 def implicit(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batch,
              val_loss_fn: ValLossFn, val_batch, student: StudentState, tx: optax.GradientTransformation, *,
              solver: str = "neumann", terms: int = 5, neumann_lr: float = 1e-2, damping: float = 0.0,
@@ -671,36 +713,8 @@ def implicit(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batch
     return hu if damping == 0.0 else jax.tree.map(lambda a, b: a + damping * b, hu, u)
 
   val_loss, val_grads = jax.value_and_grad(val_loss_fn)(params, new_rest, val_batch)
-  g_norm = _tree_norm(val_grads)
-
-  def relative(r_norm):
-    return jnp.where(g_norm > 0, r_norm / jnp.where(g_norm > 0, g_norm, 1.0), r_norm)
-
-  if solver == "neumann":
-    def term(_, carry):
-      v, p = carry
-      p = jax.tree.map(lambda a, b: a - neumann_lr * b, p, matvec(p))  # p_j = (I - eta A)^j g
-      return jax.tree.map(lambda a, b: a + neumann_lr * b, v, p), p
-
-    v0 = jax.tree.map(lambda a: neumann_lr * a, val_grads)
-    v, p_last = jax.lax.fori_loop(0, terms, term, (v0, val_grads), unroll=bool(_unroll_trips(terms) is True))
-    previous = relative(_tree_norm(p_last))  # the residual of the partial sum with one term fewer
-  else:
-    v, _ = jax.scipy.sparse.linalg.cg(matvec, val_grads, tol=tol, maxiter=terms)
-    previous = None
-  residual = relative(_tree_norm(jax.tree.map(jnp.subtract, matvec(v), val_grads)))
-  finite = jnp.isfinite(residual)
-  converged = finite & (residual <= tol)  # what "converged" means for both solvers: the linear system is solved
-  # A truncated Neumann series is an approximation by design: it is acceptable (no warning) while it contracts,
-  # but it is reported as converged only when the residual reaches tol.
-  contracting = (finite & (residual < 1.0) & (residual < previous)) if previous is not None else converged
-  acceptable = converged | contracting
-  # Non-finite anywhere in the solve: NaN out, never a zero meta-gradient that looks like "nothing to learn".
-  v = jax.tree.map(lambda a: jnp.where(finite, a, jnp.nan), v)
-
-  report = functools.partial(_warn_not_converged, site=site, solver=solver, terms=terms, damping=float(damping),
-                             tol=float(tol))
-  jax.lax.cond(acceptable, lambda r, c: None, lambda r, c: jax.debug.callback(report, r, c), residual, acceptable)
+  v, residual, converged, contracting = linear_solve(matvec, val_grads, solver=solver, terms=terms,
+                                                     neumann_lr=neumann_lr, damping=damping, tol=tol, site=site)
 
   _, (dsoft, dhard) = jax.jvp(lambda p: fwd(p)[0], (params,), (v,))
   (meta_grad,) = alpha_vjp((-(dsoft - dhard) / n).astype(alpha.dtype))
