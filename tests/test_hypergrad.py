@@ -268,6 +268,45 @@ def test_bad_calls_are_one_line():
     hypergrad.implicit(inner, {"s": jnp.ones(3)}, None, val, None, student, tx, solver="lu")
 
 
+@pytest.mark.parametrize("variant", ["one_step", "unroll", "implicit"])
+def test_fast_path_ergonomics_scalar_weight_and_a_context_without_student_logits(variant):
+  """bilevel's α-mix: a scalar α (one weight for the batch) equals the same α broadcast to [N]; a context without
+  'student_logits' is accepted (diagnostics then report None for it); a context that is not a dict is one line."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from tgeo_jax import bilevel
+  with jax.enable_x64(True):
+    per_sample_fn, _, _ = _mix_problem()
+    tx = optax.sgd(0.1, momentum=0.9)
+    params = jax.tree.map(jnp.asarray, _params())
+    student = bilevel.StudentState(params, None, tx.init(params))
+    val_batch = jax.tree.map(jnp.asarray, _data(100))
+    meta = {"a": jnp.asarray(0.3)}
+
+    def bare(params, rest, batch):  # the context holds only what the weight reads
+      (soft, hard), (rest, _) = per_sample_fn(params, rest, batch)
+      return (soft, hard), (rest, {})
+
+    scalar = lambda m, c: jax.nn.sigmoid(m["a"])  # noqa: E731
+    broadcast = lambda m, c: jnp.full(N, jax.nn.sigmoid(m["a"]))  # noqa: E731
+    if variant == "unroll":
+      batch = jax.tree.map(lambda *xs: jnp.stack(xs), *[_data(s) for s in range(3)])
+    else:
+      batch = jax.tree.map(jnp.asarray, _data(0))
+    fn = {"one_step": bilevel.one_step, "unroll": bilevel.unroll,
+          "implicit": lambda *a: bilevel.implicit(*a, terms=3, neumann_lr=0.1, damping=0.1, tol=0.9)}[variant]
+    a = fn(scalar, meta, bare, batch, _val_loss, val_batch, student, tx)
+    b = fn(broadcast, meta, per_sample_fn, batch, _val_loss, val_batch, student, tx)
+    assert abs(float(b.meta_grad["a"])) > 1e-6
+    assert float(a.meta_grad["a"]) == pytest.approx(float(b.meta_grad["a"]), rel=1e-12)
+    assert a.diagnostics["student_logits"] is None and b.diagnostics["student_logits"] is not None
+    with pytest.raises(ValueError, match=r"context a dict \(what weight_fn reads; 'student_logits' \[N, K\] is "
+                                         r"reported in diagnostics when present\); got tuple"):
+      fn(scalar, meta, lambda p, r, bt: (per_sample_fn(p, r, bt)[0], (r, ())), batch, _val_loss, val_batch,
+         student, tx)
+
+
 # ------------------------------------------------------------------------------------------- parallel programs
 
 

@@ -727,9 +727,19 @@ class ArgumentTest(absltest.TestCase):
     every_leaf = {"is_head": lambda path: True}
     for fn, kw in ((bilevel.one_step, {}), (bilevel.one_step_autodiff, {}), (bilevel.head_only, every_leaf),
                    (bilevel.implicit, {})):
-      with self.subTest(fn=fn.__name__), self.assertRaisesRegex(ValueError, "student_logits"):
-        jax.eval_shape(lambda fn=fn, kw=kw: fn(r.weight_fn, r.meta, no_logits, r.batch, r.val_loss_fn, r.val,
-                                               self.student, self.tx, **kw))
+      # The context is what weight_fn reads: 'student_logits' is optional (issue 30; diagnostics report None), a
+      # context that is not a dict is one line naming the function.
+      def x_alpha(meta, context):
+        return jax.nn.sigmoid(jnp.sum(context["x"].reshape(context["x"].shape[0], -1), -1) * 0.0 + meta["b"])
+
+      with self.subTest(fn=fn.__name__):
+        out = jax.eval_shape(lambda fn=fn, kw=kw: fn(x_alpha, r.meta, no_logits, r.batch, r.val_loss_fn, r.val,
+                                                     self.student, self.tx, **kw))
+        self.assertIsNone(out.diagnostics["student_logits"])
+      with self.subTest(fn=fn.__name__), self.assertRaisesRegex(ValueError, f"^{fn.__name__}: per_sample_fn must "
+                                                                "return \\(new_rest, context\\) with context a dict"):
+        jax.eval_shape(lambda fn=fn, kw=kw: fn(r.weight_fn, r.meta, lambda p, rs, b: (no_logits(p, rs, b)[0], (rs, [])),
+                                               r.batch, r.val_loss_fn, r.val, self.student, self.tx, **kw))
 
 
 if __name__ == "__main__":

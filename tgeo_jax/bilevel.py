@@ -21,8 +21,11 @@ Conventions, shared by every function:
 * the student is a ``StudentState(params, rest, opt_state)`` (``rest``: BatchNorm statistics and other
   non-parameter state);
 * ``per_sample_fn(params, rest, batch) -> ((soft [N], hard [N]), (new_rest, context))`` is one train-mode
-  forward; ``context`` is a dict with at least ``"student_logits"`` [N, K] and whatever the weight network reads;
-* ``weight_fn(meta_params, context) -> alpha [N]`` in (0, 1); it receives the stop-gradient context;
+  forward; ``context`` is a dict of whatever the weight network reads (``"student_logits"`` [N, K], when present,
+  is reported in ``diagnostics``; absent, that entry is None);
+* ``weight_fn(meta_params, context) -> alpha [N]`` (or a scalar, one weight for the batch); it receives the
+  stop-gradient context. alpha is used as returned: in [0, 1] the loss is a convex mix (a sigmoid output keeps it
+  in (0, 1)); outside it the affine mix is still differentiated exactly, nothing clips it;
 * ``val_loss_fn(params, rest, val_batch) -> scalar``, the outer objective (the caller picks the BatchNorm mode
   inside);
 * every variant returns a ``HypergradResult(meta_grad, student, diagnostics)``; the student is the real step(s)
@@ -94,9 +97,9 @@ __all__ = ["Context", "WeightFn", "PerSampleFn", "ValLossFn", "HeadPredicate", "
            "one_step_autodiff", "alpha_hypergrad_jvp_oracle", "unroll", "unroll_python_loop",
            "unroll_from_trajectory", "implicit", "linear_solve", "head_by_name", "DEFAULT_HEAD", "head_only"]
 
-# context: {"student_logits": [N, K], ...}, any pytree of arrays in a dict.
+# context: {"student_logits": [N, K] (optional), ...}, any pytree of arrays in a dict.
 Context = Mapping[str, Any]
-# weight_fn(meta_params, context) -> alpha [N] in (0, 1); it receives a stop-gradient context.
+# weight_fn(meta_params, context) -> alpha [N] (or a scalar); it receives a stop-gradient context.
 WeightFn = Callable[[Any, Context], jax.Array]
 # per_sample_fn(params, rest, batch) -> ((soft [N], hard [N]), (new_rest, context)): one train-mode forward.
 PerSampleFn = Callable[[Any, Any, Any], tuple[tuple[jax.Array, jax.Array], tuple[Any, Context]]]
@@ -152,10 +155,10 @@ SOLVERS = ("neumann", "cg")
 def _checked_context(context, where: str):
   # Stop-gradient: alpha must depend on phi alone (the weighting network reads, it does not steer theta), and
   # the alpha-fixed training loss then has a symmetric Hessian (implicit).
-  if not isinstance(context, Mapping) or "student_logits" not in context:
-    got = sorted(context) if isinstance(context, Mapping) else type(context).__name__
-    raise ValueError(f"{where}: per_sample_fn must return (new_rest, context) with context a dict holding at "
-                     f"least 'student_logits' [N, K]; got {got}")
+  if not isinstance(context, Mapping):
+    raise ValueError(f"{where}: per_sample_fn must return (new_rest, context) with context a dict (what weight_fn "
+                     f"reads; 'student_logits' [N, K] is reported in diagnostics when present); got "
+                     f"{type(context).__name__}")
   return jax.lax.stop_gradient(dict(context))
 
 
@@ -172,8 +175,10 @@ def _checked_alpha(alpha, soft, hard, where: str):
   if len(n) != 1 or jnp.shape(hard) != n:
     raise ValueError(f"{where}: per_sample_fn must return soft and hard of shape [N]; got {jnp.shape(soft)} and "
                      f"{jnp.shape(hard)}")
+  if jnp.shape(alpha) == ():  # one weight for the whole batch
+    return jnp.broadcast_to(alpha, n)
   if jnp.shape(alpha) != n:
-    raise ValueError(f"{where}: weight_fn must return alpha of shape [N] = {n}; got {jnp.shape(alpha)}")
+    raise ValueError(f"{where}: weight_fn must return alpha of shape [N] = {n} or a scalar; got {jnp.shape(alpha)}")
   return alpha
 
 
@@ -235,7 +240,7 @@ def _real_step(weight_fn, per_sample_fn, tx, meta_params, state: StudentState, b
   alpha = _checked_alpha(weight_fn(meta_params, context), soft, hard, where).astype(soft.dtype)
   (grads,) = vjp_fn(_mix_cotangent(alpha, soft, hard))
   new_params, new_opt_state = optimizer_step(tx, grads, opt_state, params)
-  aux = (train_loss(alpha, soft, hard), alpha, context["student_logits"])
+  aux = (train_loss(alpha, soft, hard), alpha, context.get("student_logits"))
   return StudentState(new_params, new_rest, new_opt_state), aux
 
 
@@ -261,7 +266,7 @@ def _one_step_result(meta_grad, student: StudentState, alpha, soft, hard, val_lo
   """The result of a variant that takes one real step (one_step, implicit, head_only)."""
   return HypergradResult(meta_grad=meta_grad, student=jax.lax.stop_gradient(student),
                          diagnostics=_diagnostics(train_loss(alpha.astype(soft.dtype), soft, hard), val_loss,
-                                                  alpha, context["student_logits"], **extra))
+                                                  alpha, context.get("student_logits"), **extra))
 
 
 # --------------------------------------------------------------------------------------------- one-step lookahead
@@ -298,8 +303,7 @@ def one_step(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batch
   (soft, hard), lin, (new_rest, context) = jax.linearize(lambda p: per_sample_fn(p, rest, batch), params,
                                                          has_aux=True)
   context = _checked_context(context, "one_step")
-  alpha, alpha_vjp = jax.vjp(lambda m: weight_fn(m, context), meta_params)
-  _checked_alpha(alpha, soft, hard, "one_step")
+  alpha, alpha_vjp = jax.vjp(lambda m: _checked_alpha(weight_fn(m, context), soft, hard, "one_step"), meta_params)
   n = soft.shape[0]
   (grads,) = jax.linear_transpose(lin, params)(_mix_cotangent(alpha, soft, hard))
   # theta and its optimizer state do not depend on phi: the VJP of U is taken with respect to g only.
@@ -333,7 +337,7 @@ def one_step_autodiff(weight_fn: WeightFn, meta_params, per_sample_fn: PerSample
     (loss, (new_rest, context, alpha)), grads = jax.value_and_grad(inner, has_aux=True)(params)
     new_params, new_opt_state = optimizer_step(tx, grads, opt_state, params)
     val_loss = val_loss_fn(new_params, new_rest, val_batch)
-    return val_loss, (StudentState(new_params, new_rest, new_opt_state), loss, alpha, context["student_logits"])
+    return val_loss, (StudentState(new_params, new_rest, new_opt_state), loss, alpha, context.get("student_logits"))
 
   (val_loss, (new_student, loss, alpha, logits)), meta_grad = jax.value_and_grad(outer, has_aux=True)(meta_params)
   return HypergradResult(meta_grad=meta_grad, student=jax.lax.stop_gradient(new_student),
@@ -705,7 +709,7 @@ def implicit(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batch
 
   # One linearization of the training gradient: its value is the real step's gradient, its linear map the HVP.
   grads, hvp, (soft, hard, new_rest, context) = jax.linearize(train_grad, params, has_aux=True)
-  alpha, alpha_vjp = jax.vjp(lambda m: weight_fn(m, context), meta_params)
+  alpha, alpha_vjp = jax.vjp(lambda m: _checked_alpha(weight_fn(m, context), soft, hard, "implicit"), meta_params)
   n = soft.shape[0]
 
   def matvec(u):
@@ -799,8 +803,7 @@ def head_only(weight_fn: WeightFn, meta_params, per_sample_fn: PerSampleFn, batc
 
   (soft, hard), vjp_fn, (new_rest, context) = jax.vjp(fwd, params, has_aux=True)
   context = _checked_context(context, "head_only")
-  alpha, alpha_vjp = jax.vjp(lambda m: weight_fn(m, context), meta_params)
-  _checked_alpha(alpha, soft, hard, "head_only")
+  alpha, alpha_vjp = jax.vjp(lambda m: _checked_alpha(weight_fn(m, context), soft, hard, "head_only"), meta_params)
   n = soft.shape[0]
   (grads,) = vjp_fn(_mix_cotangent(alpha, soft, hard))
   new_params, step_vjp, new_opt_state = jax.vjp(lambda g: optimizer_step(tx, g, opt_state, params), grads,
