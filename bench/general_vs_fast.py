@@ -61,16 +61,16 @@ def main(argv=None) -> int:
       "kd step": (lambda s, f, b: kd.train_step(s, f, b), (kd_state, kd_frozen, batch)),
       "one_step fast": (lambda m, b, v, st: bilevel.one_step(weight_fn, m, per_sample, b, val_loss_fn, v, st, tx),
                         (meta, sbs[0], val, student)),
-      "one_step general": (lambda m, b, v, st: hypergrad.one_step(inner, m, b, val_loss_fn, v, st, tx),
+      "one_step general": (lambda m, b, v, st: hypergrad.one_step(inner, m, b, val_loss_fn, v, st, tx, path="general"),
                            (meta, sbs[0], val, student)),
       "unroll K=4 fast": (lambda m, b, v, st: bilevel.unroll(weight_fn, m, per_sample, b, val_loss_fn, v, st, tx),
                           (meta, stacked, val, student)),
-      "unroll K=4 general": (lambda m, b, v, st: hypergrad.unroll(inner, m, b, val_loss_fn, v, st, tx),
+      "unroll K=4 general": (lambda m, b, v, st: hypergrad.unroll(inner, m, b, val_loss_fn, v, st, tx, path="general"),
                              (meta, stacked, val, student)),
       "implicit J=5 fast": (lambda m, b, v, st: bilevel.implicit(weight_fn, m, per_sample, b, val_loss_fn, v, st,
                                                                    tx, **implicit_kw), (meta, sbs[0], val, student)),
       "implicit J=5 general": (lambda m, b, v, st: hypergrad.implicit(inner, m, b, val_loss_fn, v, st, tx,
-                                                                        **implicit_kw), (meta, sbs[0], val, student)),
+                                                                        path="general", **implicit_kw), (meta, sbs[0], val, student)),
   }
   compiled, flops, loops = {}, {}, {}
   for name, (fn, fargs) in programs.items():

@@ -184,18 +184,19 @@ def test_the_alpha_mix_through_the_general_path_equals_the_fast_path(variant):
     if variant == "unroll":
       batch = jax.tree.map(lambda *xs: jnp.stack(xs), *[_data(s) for s in range(3)])
       fast = bilevel.unroll(weight_fn, meta, per_sample_fn, batch, _val_loss, val_batch, student, tx)
-      general = hypergrad.unroll(inner, meta, batch, _val_loss, val_batch, student, tx)
+      general = hypergrad.unroll(inner, meta, batch, _val_loss, val_batch, student, tx, path="general")
     elif variant == "implicit":
       batch = jax.tree.map(jnp.asarray, _data(0))
       kw = dict(solver="neumann", terms=4, neumann_lr=0.1, damping=0.01, tol=1e-3)
       fast = bilevel.implicit(weight_fn, meta, per_sample_fn, batch, _val_loss, val_batch, student, tx, **kw)
-      general = hypergrad.implicit(inner, meta, batch, _val_loss, val_batch, student, tx, **kw)
+      general = hypergrad.implicit(inner, meta, batch, _val_loss, val_batch, student, tx, path="general", **kw)
       assert float(general.diagnostics["solve_residual"]) == pytest.approx(
           float(fast.diagnostics["solve_residual"]), rel=1e-10)
     else:
       batch = jax.tree.map(jnp.asarray, _data(0))
       fast = bilevel.one_step(weight_fn, meta, per_sample_fn, batch, _val_loss, val_batch, student, tx)
-      general = hypergrad.one_step(inner, meta, batch, _val_loss, val_batch, student, tx)
+      general = hypergrad.one_step(inner, meta, batch, _val_loss, val_batch, student, tx, path="general")
+    assert "aux" in general.diagnostics and "aux" not in fast.diagnostics  # two different programs
     for key in meta:
       assert np.abs(np.asarray(fast.meta_grad[key])).max() > 1e-6
       np.testing.assert_allclose(np.asarray(general.meta_grad[key]), np.asarray(fast.meta_grad[key]), rtol=1e-10,
@@ -203,6 +204,39 @@ def test_the_alpha_mix_through_the_general_path_equals_the_fast_path(variant):
     for a, b in zip(jax.tree.leaves(general.student.params), jax.tree.leaves(fast.student.params)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
     assert float(general.diagnostics["val_loss"]) == pytest.approx(float(fast.diagnostics["val_loss"]), rel=1e-12)
+
+
+def test_an_alpha_mix_takes_the_fast_path_by_default_and_by_name():
+  """``path='auto'`` runs bilevel's fast path for an AlphaMix (the same program: identical results), the general
+  path where only it applies (hyperparams_fn); ``path='fast'`` refuses what it cannot do, in one line."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from tgeo_jax import bilevel, hypergrad
+  per_sample_fn, weight_fn, meta = _mix_problem()
+  tx = optax.sgd(0.1, momentum=0.9)
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), _params())
+  student = bilevel.StudentState(params, None, tx.init(params))
+  batch, val_batch = (jax.tree.map(jnp.asarray, _data(s)) for s in (0, 100))
+  mix = hypergrad.AlphaMix(weight_fn, per_sample_fn)
+  auto = hypergrad.one_step(mix, meta, batch, _val_loss, val_batch, student, tx)
+  fast = bilevel.one_step(weight_fn, meta, per_sample_fn, batch, _val_loss, val_batch, student, tx)
+  assert set(auto.diagnostics) == set(fast.diagnostics)  # the fast path's own result
+  for a, b in zip(jax.tree.leaves(auto.meta_grad), jax.tree.leaves(fast.meta_grad)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  injected = optax.inject_hyperparams(lambda learning_rate: optax.sgd(learning_rate, momentum=0.9))(learning_rate=0.1)
+  general = hypergrad.one_step(mix, meta, batch, _val_loss, val_batch,
+                               bilevel.StudentState(params, None, injected.init(params)), injected,
+                               hyperparams_fn=lambda m: {"learning_rate": 0.1})
+  assert "aux" in general.diagnostics
+  with pytest.raises(ValueError, match=r"^one_step: path='fast' has no hyperparams_fn; use path='auto' or "
+                                       r"'general'$"):
+    hypergrad.one_step(mix, meta, batch, _val_loss, val_batch, student, injected,
+                       hyperparams_fn=lambda m: {"learning_rate": 0.1}, path="fast")
+  with pytest.raises(ValueError, match=r"^unroll: path='fast' needs an AlphaMix inner loss"):
+    hypergrad.unroll(_plain_loss, meta, batch, _val_loss, val_batch, student, tx, path="fast")
+  with pytest.raises(ValueError, match=r"^implicit: path 'quick', expected one of \('auto', 'general', 'fast'\)$"):
+    hypergrad.implicit(mix, meta, batch, _val_loss, val_batch, student, tx, path="quick")
 
 
 def test_implicit_is_exact_at_the_minimiser_of_a_ridge_problem():
@@ -331,7 +365,7 @@ def parallel_results() -> dict:
   import jax.numpy as jnp
   import optax
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from tgeo_jax import bilevel
+  from tgeo_jax import bilevel, hypergrad
   jax.config.update("jax_enable_x64", True)
   mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))  # as the trainer's
   params = jax.tree.map(jnp.asarray, _params())
@@ -363,6 +397,30 @@ def parallel_results() -> dict:
                                      out_specs=P()))
       in_shard_map = grads_of(mapped(data, val_batch))
       out[f"{name}/{variant}"] = {"single": single, "named_sharding": sharded, "shard_map": in_shard_map}
+  # The α-mix: on one device the fast path (bilevel.one_step), inside shard_map the general path (axis_name).
+  per_sample_fn, weight_fn, meta = _mix_problem()
+  tx = optax.sgd(0.1, momentum=0.9)
+  student = bilevel.StudentState(params, None, tx.init(params))
+  mix = hypergrad.AlphaMix(weight_fn, per_sample_fn)
+  batch, val_batch = jax.tree.map(jnp.asarray, _data(0)), jax.tree.map(jnp.asarray, _data(100))
+
+  def fn(b, v, axis=None):
+    return hypergrad.one_step(mix, meta, b, _val_loss, v, student, tx, axis_name=axis)
+
+  def grads_of(result):  # the per-example diagnostics (α) stay on their devices: compare what is global
+    return [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(result)]
+
+  def global_part(b, v, axis=None):
+    result = fn(b, v, axis)
+    return result.meta_grad, result.student.params
+
+  mapped = jax.jit(jax.shard_map(lambda b, v: global_part(b, v, "data"), mesh=mesh,
+                                 in_specs=(P("data"), P("data")), out_specs=P()))
+  out["alpha_mix/one_step"] = {"single": grads_of(jax.jit(global_part)(batch, val_batch)),
+                               "named_sharding": grads_of(jax.jit(global_part)(
+                                   jax.device_put(batch, NamedSharding(mesh, P("data"))),
+                                   jax.device_put(val_batch, NamedSharding(mesh, P("data"))))),
+                               "shard_map": grads_of(mapped(batch, val_batch))}
   return out
 
 
@@ -372,8 +430,8 @@ def test_shard_map_equals_one_device_and_named_sharding():
                         timeout=300, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert sorted(results) == ["learning_rate/one_step", "temperature/implicit", "temperature/one_step",
-                             "temperature/unroll"]
+  assert sorted(results) == ["alpha_mix/one_step", "learning_rate/one_step", "temperature/implicit",
+                             "temperature/one_step", "temperature/unroll"]
   for key, r in results.items():
     single = np.concatenate([np.asarray(x) for x in r["single"]])
     assert np.abs(single).max() > 1e-3, key

@@ -21,9 +21,11 @@ Three variants, each returning ``bilevel.HypergradResult(meta_grad, student, dia
   by ``bilevel.linear_solve`` (Neumann or CG, with its residual and convergence report). It differentiates the
   loss only: an optimizer hyperparameter has no implicit meta-gradient (refused).
 
-The α-mix of ``tgeo_jax.bilevel`` is an instance (``mix_inner_loss``); there the explicit-JVP fast path computes the
-same numbers at lower cost, so prefer ``bilevel.one_step`` when the problem has that form (``bench/hypergrad_cost.py``
-measures both).
+The α-mix of ``tgeo_jax.bilevel`` is an instance (``AlphaMix(weight_fn, per_sample_fn)``, an inner loss): given
+one, every function here runs ``bilevel``'s explicit-JVP fast path automatically when it applies (``path="auto"``;
+the same numbers, by construction at the cost XLA reaches for the general path: ``bench/general_vs_fast.py``), and
+the general path where only it applies (``hyperparams_fn``, ``axis_name``); ``path="general"`` or ``"fast"``
+chooses by name.
 
 **Parallel programs.** With ``axis_name`` every function runs inside ``jax.shard_map`` (or ``pmap``) on per-device
 batches: the inner loss and gradient are averaged over the axis before the optimizer update (every device takes the
@@ -63,7 +65,7 @@ import optax
 from tgeo_jax import bilevel
 from tgeo_jax.bilevel import HypergradResult, StudentState
 
-__all__ = ["InnerLossFn", "HyperparamsFn", "one_step", "unroll", "implicit", "mix_inner_loss"]
+__all__ = ["InnerLossFn", "HyperparamsFn", "PATHS", "AlphaMix", "one_step", "unroll", "implicit", "mix_inner_loss"]
 
 # inner_loss_fn(params, rest, meta_params, batch) -> (scalar loss, (new_rest, aux)); aux: any pytree (diagnostics).
 InnerLossFn = Callable[[Any, Any, Any, Any], tuple[jax.Array, tuple[Any, Any]]]
@@ -142,7 +144,7 @@ def _result(meta_grad, student, val_loss, train_loss, aux, **extra) -> Hypergrad
 
 def one_step(inner_loss_fn: InnerLossFn, meta_params, batch, val_loss_fn: bilevel.ValLossFn, val_batch,
              student: StudentState, tx: optax.GradientTransformation, *, hyperparams_fn: HyperparamsFn | None = None,
-             axis_name: str | None = None, reduce_rest: bool = False) -> HypergradResult:
+             axis_name: str | None = None, reduce_rest: bool = False, path: str = "auto") -> HypergradResult:
   """The one-step lookahead meta-gradient ``d L_val(θ'(φ)) / dφ`` of a general inner problem.
 
   Args:
@@ -156,10 +158,15 @@ def one_step(inner_loss_fn: InnerLossFn, meta_params, batch, val_loss_fn: bileve
       step (e.g. ``lambda m: {"learning_rate": base_lr * jnp.exp(m["log_lr_scale"])}``).
     axis_name: the mapped axis inside ``shard_map``/``pmap`` (module docstring); None outside.
     reduce_rest: average ``rest`` (BatchNorm statistics) over ``axis_name`` after the forward.
+    path: 'auto' (``bilevel``'s fast path for an ``AlphaMix`` when it applies), 'general' or 'fast'.
   Returns:
     ``HypergradResult``: ``meta_grad`` (tree of φ), ``student`` after the real step, ``diagnostics``
-    ``{"train_loss", "val_loss" (at θ'), "aux"}``.
+    ``{"train_loss", "val_loss" (at θ'), "aux"}`` (the fast path's own diagnostics on that path).
   """
+  if _fast(inner_loss_fn, path, "one_step", hyperparams_fn=hyperparams_fn, axis_name=axis_name,
+           reduce_rest=reduce_rest):
+    return bilevel.one_step(inner_loss_fn.weight_fn, meta_params, inner_loss_fn.per_sample_fn, batch, val_loss_fn,
+                            val_batch, student, tx)
   student = _checked(student, "one_step")
 
   def outer(meta):
@@ -174,7 +181,8 @@ def one_step(inner_loss_fn: InnerLossFn, meta_params, batch, val_loss_fn: bileve
 
 def unroll(inner_loss_fn: InnerLossFn, meta_params, batches, val_loss_fn: bilevel.ValLossFn, val_batch,
            student: StudentState, tx: optax.GradientTransformation, *, hyperparams_fn: HyperparamsFn | None = None,
-           axis_name: str | None = None, reduce_rest: bool = False, remat: bool = True) -> HypergradResult:
+           axis_name: str | None = None, reduce_rest: bool = False, remat: bool = True,
+           path: str = "auto") -> HypergradResult:
   """The K-step unrolled meta-gradient ``d L_val(θ_K(φ)) / dφ`` over K real batches.
 
   Args:
@@ -185,6 +193,10 @@ def unroll(inner_loss_fn: InnerLossFn, meta_params, batches, val_loss_fn: bileve
   Returns:
     ``HypergradResult`` with ``diagnostics["train_losses"]`` [K] and ``train_loss`` their mean, ``aux`` stacked.
   """
+  if _fast(inner_loss_fn, path, "unroll", hyperparams_fn=hyperparams_fn, axis_name=axis_name,
+           reduce_rest=reduce_rest):
+    return bilevel.unroll(inner_loss_fn.weight_fn, meta_params, inner_loss_fn.per_sample_fn, batches, val_loss_fn,
+                          val_batch, student, tx, remat=remat)
   student = _checked(student, "unroll")
   k = bilevel._num_steps(batches)  # noqa: SLF001
 
@@ -206,7 +218,7 @@ def unroll(inner_loss_fn: InnerLossFn, meta_params, batches, val_loss_fn: bileve
 def implicit(inner_loss_fn: InnerLossFn, meta_params, batch, val_loss_fn: bilevel.ValLossFn, val_batch,
              student: StudentState, tx: optax.GradientTransformation, *, solver: str = "neumann", terms: int = 5,
              neumann_lr: float = 1e-2, damping: float = 0.0, tol: float = 1e-6, axis_name: str | None = None,
-             reduce_rest: bool = False) -> HypergradResult:
+             reduce_rest: bool = False, path: str = "auto") -> HypergradResult:
   """The implicit-function meta-gradient at the current θ (module docstring), then one real step.
 
   ``-(∂_φ ∇_θ L_in(θ; φ))^T v`` with ``v`` solved from ``(∇²_θ L_in + damping I) v = ∇_θ L_val(θ)`` by
@@ -226,6 +238,10 @@ def implicit(inner_loss_fn: InnerLossFn, meta_params, batch, val_loss_fn: bileve
     raise ValueError(f"neumann_lr: expected > 0, got {neumann_lr!r}")
   if not float(damping) >= 0.0 or not float(tol) > 0.0:
     raise ValueError(f"damping >= 0 and tol > 0 expected, got damping={damping!r}, tol={tol!r}")
+  if _fast(inner_loss_fn, path, "implicit", axis_name=axis_name, reduce_rest=reduce_rest):
+    return bilevel.implicit(inner_loss_fn.weight_fn, meta_params, inner_loss_fn.per_sample_fn, batch, val_loss_fn,
+                            val_batch, student, tx, solver=solver, terms=terms, neumann_lr=neumann_lr,
+                            damping=damping, tol=tol)
   caller = traceback.extract_stack(limit=2)[0]
   site = f"{caller.filename}:{caller.lineno}"
   params, rest, opt_state = _checked(student, "implicit")
@@ -259,17 +275,47 @@ def implicit(inner_loss_fn: InnerLossFn, meta_params, batch, val_loss_fn: bileve
                  solve_residual=residual, solve_converged=converged, solve_contracting=contracting)
 
 
-def mix_inner_loss(weight_fn: bilevel.WeightFn, per_sample_fn: bilevel.PerSampleFn) -> InnerLossFn:
-  """The α-mix of ``tgeo_jax.bilevel`` as a general inner loss: ``mean_i [α_i soft_i + (1 - α_i) hard_i]`` with
-  ``α = weight_fn(φ, stop_gradient(context))``; aux = ``{"alpha", "student_logits"}``. ``one_step`` on it equals
-  ``bilevel.one_step`` (the fast path) to rounding; the tests hold them together in float64."""
+class AlphaMix:
+  """The α-mix of ``tgeo_jax.bilevel`` as a general inner loss (it is callable as one):
+  ``mean_i [α_i soft_i + (1 - α_i) hard_i]`` with ``α = weight_fn(φ, stop_gradient(context))``; aux =
+  ``{"alpha", "student_logits"}``.
 
-  def inner_loss_fn(params, rest, meta_params, batch):
-    (soft, hard), (new_rest, context) = per_sample_fn(params, rest, batch)
-    context = bilevel._checked_context(context, "mix_inner_loss")  # noqa: SLF001
-    alpha = bilevel._checked_alpha(weight_fn(meta_params, context), soft, hard, "mix_inner_loss")  # noqa: SLF001
+  Passed to ``one_step`` / ``unroll`` / ``implicit`` with ``path="auto"`` (the default) it runs on ``bilevel``'s
+  explicit-JVP fast path whenever that applies (no ``hyperparams_fn``, no ``axis_name``; the same numbers, see
+  docs/bilevel.md), else through the general path; ``path="general"`` / ``"fast"`` choose by name.
+  """
+
+  def __init__(self, weight_fn: bilevel.WeightFn, per_sample_fn: bilevel.PerSampleFn):
+    self.weight_fn, self.per_sample_fn = weight_fn, per_sample_fn
+
+  def __call__(self, params, rest, meta_params, batch):
+    (soft, hard), (new_rest, context) = self.per_sample_fn(params, rest, batch)
+    context = bilevel._checked_context(context, "AlphaMix")  # noqa: SLF001
+    alpha = bilevel._checked_alpha(self.weight_fn(meta_params, context), soft, hard, "AlphaMix")  # noqa: SLF001
     alpha = alpha.astype(soft.dtype)
     return bilevel.train_loss(alpha, soft, hard), (new_rest, {"alpha": alpha,
-                                                              "student_logits": context["student_logits"]})
+                                                              "student_logits": context.get("student_logits")})
 
-  return inner_loss_fn
+
+def mix_inner_loss(weight_fn: bilevel.WeightFn, per_sample_fn: bilevel.PerSampleFn) -> AlphaMix:
+  """``AlphaMix(weight_fn, per_sample_fn)``: the α-mix as an inner loss (see ``AlphaMix``)."""
+  return AlphaMix(weight_fn, per_sample_fn)
+
+
+PATHS = ("auto", "general", "fast")
+
+
+def _fast(inner_loss_fn, path: str, where: str, **general_only) -> bool:
+  """Whether to run ``bilevel``'s fast path: ``path`` 'auto' picks it for an ``AlphaMix`` when nothing only the
+  general path has is asked for (``general_only``: hyperparams_fn, axis_name, reduce_rest)."""
+  if path not in PATHS:
+    raise ValueError(f"{where}: path {path!r}, expected one of {PATHS}")
+  needs_general = sorted(k for k, v in general_only.items() if v)
+  if path == "fast":
+    if not isinstance(inner_loss_fn, AlphaMix):
+      raise ValueError(f"{where}: path='fast' needs an AlphaMix inner loss (hypergrad.mix_inner_loss(weight_fn, "
+                       f"per_sample_fn)); got {type(inner_loss_fn).__name__}")
+    if needs_general:
+      raise ValueError(f"{where}: path='fast' has no {', '.join(needs_general)}; use path='auto' or 'general'")
+    return True
+  return path == "auto" and isinstance(inner_loss_fn, AlphaMix) and not needs_general
