@@ -37,6 +37,7 @@ signals.quiet_swallowed_exits()
 if __name__ == "__main__":
   from tgeo_jax import supervise  # after the handlers: a signal during the imports exits quietly too
 
+  supervise.become_child()  # a supervised multi-host child dies with its parent
   if supervise.wanted(sys.argv):  # multi-host: the run is a child whose JAX aborts become one line
     sys.exit(supervise.run(sys.argv))
   from tgeo_jax import cli

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-__all__ = ["ENV", "HOLD_SECONDS", "wanted", "run", "supervise", "describe_abort"]
+__all__ = ["ENV", "HOLD_SECONDS", "wanted", "become_child", "run", "supervise", "describe_abort"]
 
 ENV = "TGEO_SUPERVISED"
 # A line JAX's C++ runtime logs: severity, date, time, thread, file:line (absl/glog).
@@ -66,15 +66,19 @@ def describe_abort(report: str, init_timeout: int | None = None) -> str:
           "nothing was lost: run the same command on every process to resume")
 
 
-def _die_with_parent() -> None:
-  """In the child, before exec: its own process group (a terminal's Ctrl-C reaches the parent only, which forwards
-  it once) and SIGKILL when the parent dies."""
-  os.setpgid(0, 0)
+def become_child() -> None:
+  """In the supervised child (``TGEO_SUPERVISED=1``), first thing: die with the parent (``PR_SET_PDEATHSIG``), so
+  killing the parent kills the run. Set here rather than between fork and exec: a ``preexec_fn`` forces a fork of
+  a multithreaded parent."""
+  if os.environ.get(ENV) != "1":
+    return
   try:
     import ctypes
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-  except OSError:
-    pass
+  except (OSError, AttributeError):
+    return
+  if os.getppid() == 1:  # the parent died before the line above: nobody supervises this run
+    os._exit(1)
 
 
 def run(argv: list[str]) -> int:
@@ -86,8 +90,8 @@ def run(argv: list[str]) -> int:
 
 def supervise(command: list[str], workdir: str, init_timeout: int | None = None) -> int:
   """Runs ``command`` as the supervised child (module docstring); returns the exit status to use."""
-  child = subprocess.Popen(command, env=dict(os.environ, **{ENV: "1"}), stderr=subprocess.PIPE,
-                           preexec_fn=_die_with_parent)
+  # Its own process group: a terminal's Ctrl-C reaches the parent only, which forwards it once.
+  child = subprocess.Popen(command, env=dict(os.environ, **{ENV: "1"}), stderr=subprocess.PIPE, process_group=0)
 
   def forward(signum, frame):
     del frame
