@@ -32,6 +32,6 @@ run2 study4_mlp --students mlp --settings wrong30,wrongcls --seeds 5 --grid_seed
 # On the full training part the room (oracle - best constant α) was inside the seed noise: the clean teacher is worth
 # 0.08 points over CE there. subset10's part, where it is worth 1.5 points, is the setting that can discriminate.
 run2 study4_mlp_s10 --students mlp --settings s10_wrong30,s10_wrongcls --seeds 5 --grid_seeds 1 --methods $ALL
-# The CNN on subset10 with the random 30%: the main comparison and the variants that are cheap on a CNN.
+# The CNN on subset10 with the random 30%: the main comparison, then the unroll pair (horizon or speed).
 run2 study4_cnn_s10 --students cnn_small --lr_grid 0.1,0.2 --settings s10_wrong30 --seeds 5 --grid_seeds 1 \
-    --methods ce,$GRID,kd_best,$ORACLE,kd_oracle,tgeo,tgeo_head_only,ada_kd,wls_kd
+    --methods ce,$GRID,kd_best,$ORACLE,kd_oracle,tgeo,tgeo_head_only,ada_kd,wls_kd,tgeo_unroll4,tgeo_unroll4_flr4
