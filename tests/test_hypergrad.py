@@ -397,6 +397,31 @@ def parallel_results() -> dict:
                                      out_specs=P()))
       in_shard_map = grads_of(mapped(data, val_batch))
       out[f"{name}/{variant}"] = {"single": single, "named_sharding": sharded, "shard_map": in_shard_map}
+  # reduce_rest: per-device statistics (a running mean of the inputs, as BatchNorm keeps) averaged over the axis
+  # equal the statistics of the global batch.
+  def stats_loss(params, rest, meta, batch):
+    loss, _ = _temperature_loss(params, None, meta, batch)
+    return loss, ({"mean": 0.9 * rest["mean"] + 0.1 * jnp.mean(batch["x"], 0)}, {})
+
+  tx = optax.sgd(0.1)
+  stats_student = bilevel.StudentState(params, {"mean": jnp.zeros(D)}, tx.init(params))
+  log_tau = {"log_tau": jnp.asarray(np.log(3.0))}
+
+  def stats_fn(b, v, axis=None):
+    result = hypergrad.one_step(stats_loss, log_tau, b, _val_loss, v, stats_student, tx, axis_name=axis,
+                                reduce_rest=axis is not None)
+    return result.meta_grad, result.student.rest
+
+  batch, val_batch = jax.tree.map(jnp.asarray, _data(0)), jax.tree.map(jnp.asarray, _data(100))
+  stats_mapped = jax.jit(jax.shard_map(lambda b, v: stats_fn(b, v, "data"), mesh=mesh,
+                                       in_specs=(P("data"), P("data")), out_specs=P()))
+  leaves = lambda tree: [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(tree)]  # noqa: E731
+  out["reduce_rest/one_step"] = {"single": leaves(jax.jit(stats_fn)(batch, val_batch)),
+                                 "named_sharding": leaves(jax.jit(stats_fn)(
+                                     jax.device_put(batch, NamedSharding(mesh, P("data"))),
+                                     jax.device_put(val_batch, NamedSharding(mesh, P("data"))))),
+                                 "shard_map": leaves(stats_mapped(batch, val_batch))}
+
   # The α-mix: on one device the fast path (bilevel.one_step), inside shard_map the general path (axis_name).
   per_sample_fn, weight_fn, meta = _mix_problem()
   tx = optax.sgd(0.1, momentum=0.9)
@@ -430,8 +455,8 @@ def test_shard_map_equals_one_device_and_named_sharding():
                         timeout=300, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert sorted(results) == ["alpha_mix/one_step", "learning_rate/one_step", "temperature/implicit",
-                             "temperature/one_step", "temperature/unroll"]
+  assert sorted(results) == ["alpha_mix/one_step", "learning_rate/one_step", "reduce_rest/one_step",
+                             "temperature/implicit", "temperature/one_step", "temperature/unroll"]
   for key, r in results.items():
     single = np.concatenate([np.asarray(x) for x in r["single"]])
     assert np.abs(single).max() > 1e-3, key
