@@ -21,6 +21,8 @@ import os
 
 import numpy as np
 
+from tgeo_jax import fileio
+
 __all__ = ["GROUPS", "GROUP_LABELS", "group_masks", "summarize", "write"]
 
 GROUPS = ("tc_large", "tc_small", "ti_large", "ti_small")
@@ -75,9 +77,7 @@ def write(workdir: str, epoch: int, step: int, alpha: np.ndarray, teacher_correc
     with open(path) as f:
       records = [r for r in (json.loads(line) for line in f if line.strip()) if r["epoch"] < epoch]
   records.append(summary)
-  with open(path + ".tmp", "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in records)
-  os.replace(path + ".tmp", path)
+  fileio.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
   _plot(workdir, epoch, records, alpha, group_masks(teacher_correct, discrepancy), outlier_mask)
   return summary
 

@@ -49,7 +49,10 @@ def stop_after_peer_failure(reason: str) -> None:
   task = re.search(r"[Tt]ask (\d+)", text)
   who = f"process {task.group(1)}" if task else "another process"
   text = re.sub(r"((?:[^:]{3,80}): )\1+", r"\1", text)  # XLA nests "Error dispatching computation: " per level
-  detail = re.sub(r"\s*\[type\.googleapis.*", "", text)[:160]
+  # From the words that say what failed (e.g. "Gloo AllGather failed: ... Connection closed by peer"), not the
+  # wrappers around them (a checkpoint save's path).
+  starts = [i for i in (text.find(word) for word in _PEER_FAILURE_WORDS) if i >= 0]
+  detail = re.sub(r"\s*\[type\.googleapis.*", "", text[min(starts) if starts else 0:])[:160].rstrip(" )")
   print(f"error: distributed: {who} of {jax.process_count()} stopped or lost contact ({detail}); process "
         f"{jax.process_index()} stops too, nothing was lost: run the same command on every process to resume",
         file=sys.stderr, flush=True)

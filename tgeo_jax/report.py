@@ -27,6 +27,8 @@ import sys
 
 import numpy as np
 
+from tgeo_jax import fileio
+
 __all__ = ["WANDB_ID_FILE", "WANDB_DEFAULT_PROJECT", "start_wandb", "MetricWriter", "evaluation_records",
            "read_jsonl", "read_json", "write_json", "format_table"]
 
@@ -175,16 +177,8 @@ def read_jsonl(path: str, *, torn_tail: str = "error") -> list[dict]:
   return records
 
 
-def read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
-
-
-def _atomic_write(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+read_json = fileio.read_json
+_atomic_write = fileio.write_text  # fsynced, the temporary named by process and thread
 
 
 def write_json(path: str, obj: dict) -> None:

@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+from tgeo_jax import fileio
 from tgeo_jax.errors import UserError
 
 __all__ = ["RESUMABLE_FIELDS", "flatten", "config_record", "make_identity", "config_fingerprint",
@@ -170,27 +171,9 @@ def resume_error(workdir: str, diffs: list[str]) -> UserError:
 # ------------------------------------------------------------------------------------------------ run files
 
 
-def read_json_file(path: str) -> dict | None:
-  """A JSON object file, or None when absent or unreadable (a file torn by a kill is rewritten, not trusted)."""
-  try:
-    with open(path) as f:
-      value = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return value if isinstance(value, dict) else None
-
-
-def _write_atomic(path: str, write) -> None:
-  tmp = f"{path}.{os.getpid()}.tmp"
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+# A JSON object file, or None when absent or unreadable (a file torn by a kill is rewritten, not trusted).
+read_json_file = fileio.read_json_or_none
+_write_atomic = fileio.atomic_write
 
 
 def write_run_files(workdir: str, config_dict: dict, identity: dict, membership: dict) -> None:

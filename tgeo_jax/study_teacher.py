@@ -142,10 +142,10 @@ def record(workdir: str, shift: np.ndarray) -> None:
   path = os.path.join(workdir, RECORD_FILE)
   if os.path.exists(path):
     return
+  from tgeo_jax import fileio
   positions = np.flatnonzero(shift).astype(np.int32)
-  tmp = f"{path}.{os.getpid()}.tmp.npz"
-  np.savez(tmp, positions=positions, shifts=shift[positions], num_examples=np.int64(len(shift)))
-  os.replace(tmp, path)
+  fileio.atomic_write(path, lambda f: np.savez(f, positions=positions, shifts=shift[positions],
+                                               num_examples=np.int64(len(shift))))
 
 
 def read_record(workdir: str) -> tuple[np.ndarray, np.ndarray] | None:

@@ -140,13 +140,23 @@ def supervise(command: list[str], workdir: str, init_timeout: int | None = None)
   rc = child.wait()
   if rc == -signal.SIGABRT and _FATAL in report:
     text = report.decode(errors="replace")
-    index = os.environ.get("JAX_PROCESS_ID", "0")
-    if os.path.isdir(workdir):
-      log = os.path.join(workdir, f"distributed_abort.{index}.log")
-      with open(log, "w") as f:
-        f.write(text)
+    _keep_report(workdir, text)
     emit((describe_abort(text, init_timeout) + "\n").encode())
+    return 1
+  if held and rc == 1 and any(line.startswith(b"error: distributed:") for line in held):
+    # The child met the lost peer in Python first and said so in one line (parallel.stop_after_peer_failure):
+    # JAX's own lines about the same event go to the report file, not to stderr.
+    _keep_report(workdir, report.decode(errors="replace"))
+    emit(b"".join(line for line in held if line.startswith(b"error: ")))
     return 1
   if held:
     emit(b"".join(held))
   return 128 - rc if rc < 0 else rc
+
+
+def _keep_report(workdir: str, text: str) -> None:
+  """JAX's native report of this process, whole, in ``WORKDIR/distributed_abort.<process>.log``."""
+  if os.path.isdir(workdir):
+    index = os.environ.get("JAX_PROCESS_ID", "0")
+    with open(os.path.join(workdir, f"distributed_abort.{index}.log"), "w") as f:
+      f.write(text)

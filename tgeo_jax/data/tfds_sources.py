@@ -62,6 +62,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from tgeo_jax import fileio
 from tgeo_jax.data import sources
 from tgeo_jax.errors import UserError
 
@@ -268,15 +269,7 @@ def _get_records(src, keys: list[int]) -> list:
   return [src[k] for k in keys]
 
 
-def _save_atomic(path: str, write) -> None:
-  tmp = f"{path}.{os.getpid()}.tmp"
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+_save_atomic = fileio.atomic_write
 
 
 def _normalize(images_uint8: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
