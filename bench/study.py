@@ -155,6 +155,7 @@ class Runner:
                archive: str | None = None):
     self.root, self.log, self.teacher_sha256, self.read_only = root, log, teacher_sha256, read_only
     self.archive = archive
+    self.runs_started = 0  # runs this process trained (not read back)
 
   def _workdir_summary(self, workdir: str):
     for name in ("summary.json", "failed.json"):
@@ -248,6 +249,7 @@ class Runner:
         return None
       time.sleep(5)
     self.log(f"run {os.path.relpath(workdir, self.root)}")
+    self.runs_started += 1
     start = time.time()
     try:
       summary = trainer.train_and_evaluate(config, workdir)
@@ -930,7 +932,11 @@ def main(argv=None) -> int:
         command=" ".join(["python", "bench/study.py", *(argv if argv is not None else sys.argv[1:])]),
         teacher=dict(teacher_summary, dir=os.path.relpath(teacher_dir, ROOT), variables_sha256=digest),
         learning_rates=lr_search, settings={k: SETTINGS[k] for k in settings}, epochs_override=epochs,
-        seeds=args.seeds, method_seeds=seeds_of, results=results, worker_wall_seconds=total))
+        seeds=args.seeds, method_seeds=seeds_of, results=results,
+        # A pure read-back keeps the wall time of the invocation that trained the runs.
+        worker_wall_seconds=total if runner.runs_started or not os.path.exists(args.out) else
+        (run_identity.read_json_file(args.out) or {}).get("worker_wall_seconds", total),
+        runs_trained_by_this_invocation=runner.runs_started))
     print(f"wrote {args.out}")
   return 0
 
