@@ -246,12 +246,9 @@ def implicit(inner_loss_fn: InnerLossFn, meta_params, batch, val_loss_fn: bileve
   site = f"{caller.filename}:{caller.lineno}"
   params, rest, opt_state = _checked(student, "implicit")
 
-  def inner_grad(p, meta):
-    loss, (new_rest, aux) = inner_loss_fn(p, rest, meta, batch)
-    return loss, (new_rest, aux)
-
   def grad_at(p, meta):
-    (loss, (new_rest, aux)), g = jax.value_and_grad(inner_grad, has_aux=True)(_per_device(p, axis_name), meta)
+    (loss, (new_rest, aux)), g = jax.value_and_grad(lambda q: inner_loss_fn(q, rest, meta, batch), has_aux=True)(
+        _per_device(p, axis_name))
     new_rest = _pmean(new_rest, axis_name) if reduce_rest else new_rest
     return _pmean(g, axis_name), (_pmean(loss, axis_name), new_rest, aux)
 
