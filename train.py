@@ -14,6 +14,15 @@ import sys
 from tgeo_jax import signals  # imports nothing heavy
 
 
+def _flush_and_exit(status: int):
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except Exception:  # noqa: BLE001 (a closed or broken stream: exit regardless)
+      pass
+  os._exit(status)
+
+
 def _exit_quietly(signum, frame):
   """SIGINT/SIGTERM before the trainer installs its own handler (while flags, config and data load): exit with
   128 + signal and no traceback; there is nothing to save yet."""
@@ -22,12 +31,7 @@ def _exit_quietly(signum, frame):
   # os._exit, not sys.exit: the signal can land inside a native extension's import (jaxlib's nanobind module
   # init, seen in CI), where a Python exception becomes std::terminate: an abort with a traceback. Nothing needs
   # unwinding yet: the work-directory lock is the OS's (released at exit) and every file is written atomically.
-  for stream in (sys.stdout, sys.stderr):
-    try:
-      stream.flush()
-    except Exception:  # noqa: BLE001 (a closed or broken stream: exit regardless)
-      pass
-  os._exit(128 + signum)
+  _flush_and_exit(128 + signum)
 
 
 signal.signal(signal.SIGINT, _exit_quietly)
@@ -42,4 +46,10 @@ if __name__ == "__main__":
     sys.exit(supervise.run(sys.argv))
   from tgeo_jax import cli
 
-  sys.exit(cli.main(sys.argv))
+  status = cli.main(sys.argv)
+  if signals.pending() is not None:
+    # A signal stopped the run; its checkpoint, if the loop had started, is written and closed. Skip the
+    # interpreter's teardown: a signal during setup can leave a compilation running in jaxlib's thread pool,
+    # which segfaults once the modules it uses are torn down (seen in CI: exit -11 after the one line).
+    _flush_and_exit(status)
+  sys.exit(status)
