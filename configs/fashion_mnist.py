@@ -12,9 +12,7 @@ where the teacher's soft labels matter; set it to 0 for the whole training part.
 
 import ml_collections
 
-from tgeo_jax.default_config import base_config, meta_config  # noqa: F401 (re-exported for tests/configs)
-
-# Defaults shared by every paper-setting config (the other configs start from this one and override).
+from tgeo_jax.default_config import base_config
 
 
 def get_config(arg: str = "kd") -> ml_collections.ConfigDict:

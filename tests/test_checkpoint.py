@@ -234,9 +234,9 @@ def test_a_save_is_fsynced_files_and_directories(tmp_path, monkeypatch, async_sa
 def test_failed_write_remedies_name_the_cause():
   import errno
 
-  from tgeo_jax import trainer
-  assert trainer._remedy(OSError(errno.ENOSPC, "No space left on device")) == "free space"
-  assert trainer._remedy(OSError(errno.EROFS, "Read-only file system")) == ("make the file system writable again "
+  from tgeo_jax import fileio
+  assert fileio.failure_remedy(OSError(errno.ENOSPC, "No space left on device")) == "free space"
+  assert fileio.failure_remedy(OSError(errno.EROFS, "Read-only file system")) == ("make the file system writable again "
                                                                           "(it is read-only)")
-  assert trainer._remedy(RuntimeError("tensorstore: Read-only file system [os error 30]")).startswith("make the file")
-  assert trainer._remedy(OSError(errno.EIO, "Input/output error")) == "fix the cause"
+  assert fileio.failure_remedy(RuntimeError("tensorstore: Read-only file system [os error 30]")).startswith("make the file")
+  assert fileio.failure_remedy(OSError(errno.EIO, "Input/output error")) == "fix the cause"

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import TINY, run_cli
 from configs import fashion_mnist
-from tgeo_jax import checkpoint, config_checks, models
+from tgeo_jax import checkpoint, config_checks, generations, models
 from tgeo_jax.data import TaskSpec
 from tgeo_jax.errors import UserError
 from tgeo_jax.methods import trikd
@@ -127,9 +127,9 @@ def test_bad_input(tmp_path):
   with pytest.raises(UserError, match=r"^trikd.generations: expected an integer >= 1, got 0"):
     config_checks.validate(c)
   with pytest.raises(UserError, match=r"^trikd.generations: expected an integer >= 1, got 0"):
-    trikd.run_generations(c, str(tmp_path / "run"))
+    generations.run(c, str(tmp_path / "run"))
   c.trikd.generations = 3
-  with pytest.raises(UserError, match=r"^trikd.generations: 3 generations are trained by .*run_generations"):
+  with pytest.raises(UserError, match=r"^trikd.generations: 3 generations are trained by tgeo_jax.generations.run"):
     config_checks.validate(c)
   with pytest.raises(UserError, match=r"^trikd.anchor_checkpoint: no checkpoint directory"):
     make_method(make_config(str(tmp_path / "nowhere")))
@@ -156,7 +156,7 @@ def test_generations_chain_anchors_and_resume(tiny_teacher, tmp_path, capsys):
   c.batch_size, c.eval_batch_size, c.num_epochs, c.log.progress = 32, 64, 1, False
   c.trikd.anchor_checkpoint, c.trikd.generations = tiny_teacher, 2
   workdir = str(tmp_path / "gens")
-  summary = trikd.run_generations(c, workdir)
+  summary = generations.run(c, workdir)
   assert [g["anchor"] for g in summary["generations"]] == [tiny_teacher, os.path.join(workdir, "gen_1")]
   assert summary["finished"] and json.load(open(os.path.join(workdir, "summary.json"))) == summary
   for g in (1, 2):
@@ -167,6 +167,6 @@ def test_generations_chain_anchors_and_resume(tiny_teacher, tmp_path, capsys):
   assert saved_config["trikd"]["anchor_checkpoint"] == os.path.join(workdir, "gen_1")
   capsys.readouterr()
   # Running again trains nothing: both generations are skipped.
-  again = trikd.run_generations(c, workdir)
+  again = generations.run(c, workdir)
   assert capsys.readouterr().out.count("already finished") == 2
   assert again["accuracy"] == summary["accuracy"]

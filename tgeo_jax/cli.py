@@ -7,6 +7,7 @@ disk), 128 + signal for SIGTERM/SIGINT. It never exits the process itself, so te
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -118,6 +119,33 @@ def _one_line_warnings() -> None:
   warnings.formatwarning = formatwarning
 
 
+def use_compilation_cache(directory: str) -> None:
+  """Points JAX's persistent compilation cache at ``directory`` (``compilation_cache_dir``; '' leaves JAX's own
+  setting, e.g. ``JAX_COMPILATION_CACHE_DIR``). A directory that cannot be created or written is a one-line
+  ``UserError``; a later failed write of one entry is JAX's warning, and the run continues."""
+  if not directory or not isinstance(directory, str):  # '' is off; another type is config_checks' one line
+    return
+  import tempfile
+
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+
+  from tgeo_jax import fileio
+  directory = os.path.abspath(os.path.expanduser(directory))
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe"):
+      pass
+  except OSError as e:
+    raise UserError(f"compilation_cache_dir: cannot write in {directory!r} ({fileio.failurefileio.failure_reason(e)}); expected a writable "
+                    "directory, or '' to turn the cache off") from None
+  if jax.config.jax_compilation_cache_dir != directory:
+    # The cache is opened once per process, at the first compilation: reset it, in case this process compiled
+    # with another (or no) cache before (tests, notebooks, bench/study.py).
+    compilation_cache.reset_cache()
+    compilation_cache.set_cache_dir(directory)
+
+
 def run(config, workdir: str) -> int:
   from absl import logging
   from tgeo_jax import methods, parallel, trainer
@@ -128,13 +156,17 @@ def run(config, workdir: str) -> int:
   try:
     from tgeo_jax import config_checks
     for field in ("distributed_init_timeout", "distributed_heartbeat_timeout"):  # used before validate() runs
-      if field in config:
-        config_checks.positive_int(config, field)
+      config_checks.positive_int(config, field)
     parallel.initialize_distributed(bool(config.distributed),
-                                    init_timeout=config.get("distributed_init_timeout", 300),
-                                    heartbeat_timeout=config.get("distributed_heartbeat_timeout", 100))
+                                    init_timeout=config.distributed_init_timeout,
+                                    heartbeat_timeout=config.distributed_heartbeat_timeout)
+    use_compilation_cache(config.compilation_cache_dir)
     method_cls = methods.get_class(config.method)
-    summary = (method_cls.run or trainer.train_and_evaluate)(config, workdir)
+    if method_cls.generations is not None:  # a chain of runs (TriKD's curriculum), driven above the trainer
+      from tgeo_jax import generations
+      summary = generations.run(config, workdir)
+    else:
+      summary = trainer.train_and_evaluate(config, workdir)
   except trainer.Interrupted as e:  # SIGTERM/SIGINT: a checkpoint was saved if the loop had started
     return 128 + e.signum
   except UserError as e:

@@ -68,7 +68,7 @@ def adapt_to_mock_data(config) -> list[str]:
   batch is fitted once the data is loaded, ``fit_mock_validation_batch``). The changes are in the run's config (and
   so in its fingerprint), which is a mock run's anyway. Real-data runs are never changed.
   """
-  if config.data.get("mock") is not True:
+  if config.data.mock is not True:
     return []
   notes = []
   if config.method == "dkd" and is_number(config.dkd.warmup_epochs) and is_number(config.num_epochs) \
@@ -81,7 +81,7 @@ def adapt_to_mock_data(config) -> list[str]:
 def fit_mock_validation_batch(config, held_out: int, device_count: int) -> list[str]:
   """On mock data, lowers ``val_batch_size`` to the largest multiple of ``device_count`` that the ``held_out``
   validation examples fill, for the methods that draw validation batches; returns the note (or nothing)."""
-  if not (config.data.get("mock") is True and methods.get_class(config.method).uses_validation_batch):
+  if not (config.data.mock is True and methods.get_class(config.method).uses_validation_batch):
     return []
   fitted = held_out // device_count * device_count
   if not 0 < fitted < config.val_batch_size:

@@ -8,19 +8,13 @@ Kept in the package so that config files, which are not a package, share one def
 
 import ml_collections
 
-__all__ = ["meta_config", "method_groups", "base_config", "set_temperature", "load_config_file", "override",
+__all__ = ["method_groups", "base_config", "set_temperature", "load_config_file", "override",
            "CONFIG_FILES", "train_command"]
 
 # The config file of each dataset's protocol (what a hint tells a user to run for this run's data).
 CONFIG_FILES = {"fashion_mnist": "configs/fashion_mnist.py", "synthetic": "configs/fashion_mnist.py",
                 "cifar100": "configs/cifar100.py", "imagenet2012": "configs/imagenet.py",
                 "attack": "configs/attack.py", "criteo": "configs/criteo.py"}
-
-
-def meta_config() -> ml_collections.ConfigDict:
-  """Bilevel settings shared by TGeo-KD and RW-KD (docs/methods.md §2)."""
-  from tgeo_jax.methods.tgeo import meta_defaults
-  return meta_defaults()
 
 
 def method_groups() -> dict:

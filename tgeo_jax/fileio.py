@@ -10,12 +10,14 @@ removes those of dead writers by name).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import threading
 from typing import Any, BinaryIO, Callable
 
-__all__ = ["atomic_write", "write_text", "write_json", "read_json", "read_json_or_none"]
+__all__ = ["atomic_write", "write_text", "write_json", "read_json", "read_json_or_none", "failure_reason",
+           "failure_remedy"]
 
 
 def _fsync_directory(directory: str) -> None:
@@ -67,3 +69,25 @@ def read_json_or_none(path: str) -> dict | None:
   except (OSError, ValueError):
     return None
   return value if isinstance(value, dict) else None
+
+
+def failure_reason(e: BaseException) -> str:
+  """A failed write in a few words: no space, a read-only file system, the OS's reason, or the exception."""
+  text = " ".join(str(e).split())
+  if "No space left" in text or getattr(e, "errno", None) == errno.ENOSPC:
+    return "no space left on device"
+  if "Read-only file system" in text or getattr(e, "errno", None) == errno.EROFS:
+    return "read-only file system"
+  if isinstance(e, OSError) and e.strerror:
+    return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+  return f"{type(e).__name__}: {text[:160]}"
+
+
+def failure_remedy(e: BaseException) -> str:
+  """What to do about a failed write: free space, make the filesystem writable, or fix what the reason says."""
+  text = " ".join(str(e).split())
+  if "No space left" in text or getattr(e, "errno", None) == errno.ENOSPC:
+    return "free space"
+  if "Read-only file system" in text or getattr(e, "errno", None) == errno.EROFS:
+    return "make the file system writable again (it is read-only)"
+  return "fix the cause"

@@ -400,3 +400,23 @@ def prepare_workdir(workdir: str) -> str:
   if os.path.lexists(checkpoints) and not os.path.isdir(checkpoints):
     raise UserError(f"workdir: {checkpoints!r} is a file, expected the checkpoint directory (move it away)")
   return workdir
+
+
+def refuse_differences(workdir: str, saved: dict, current: dict) -> None:
+  """A ``UserError`` naming every field in which ``current`` differs from ``saved`` (identity records)."""
+  diffs = identity_differences(saved, current)
+  if diffs:
+    raise resume_error(workdir, diffs)
+
+
+def check_resume_compatible(saved_meta: dict, identity: dict, num_classes: int, workdir: str) -> None:
+  """The checkpoint's identity record (or, for a checkpoint written before identity records, its config) must
+  equal this run's; otherwise a ``UserError`` naming every differing field."""
+  saved_identity = saved_meta.get("identity")
+  if saved_identity is None:
+    saved_identity = {"config": config_record(saved_meta.get("config", {}))}
+  diffs = identity_differences(saved_identity, identity)
+  if saved_meta.get("num_classes", num_classes) != num_classes:
+    diffs.append(f"num_classes: {saved_meta['num_classes']} -> {num_classes}")
+  if diffs:
+    raise resume_error(workdir, diffs)

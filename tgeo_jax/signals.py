@@ -8,7 +8,11 @@ Imports nothing heavy: ``train.py`` installs its handler before importing JAX.
 
 from __future__ import annotations
 
-__all__ = ["received", "record", "pending", "quiet_swallowed_exits"]
+import os
+import signal
+import sys
+
+__all__ = ["Interrupted", "StopRequest", "received", "record", "pending", "quiet_swallowed_exits"]
 
 received: list[int] = []  # signals delivered to this process, in order
 
@@ -26,7 +30,6 @@ def quiet_swallowed_exits() -> None:
   """Drops Python's "Exception ignored in ..." report of a stop a handler raised inside a gc callback (the stop
   is recorded and acted on; the report would be a traceback on the console). Anything else still reaches the
   previous hook."""
-  import sys
   previous = sys.unraisablehook
   if getattr(previous, "drops_swallowed_stops", False):
     return
@@ -40,3 +43,56 @@ def quiet_swallowed_exits() -> None:
 
   hook.drops_swallowed_stops = True
   sys.unraisablehook = hook
+
+
+class Interrupted(BaseException):
+  """SIGTERM/SIGINT ended the run (after a checkpoint when inside the loop). A ``BaseException``, like
+  ``KeyboardInterrupt``, so that no ``except Exception`` of a caller swallows it."""
+
+  def __init__(self, signum: int):
+    super().__init__(f"signal {signum}")
+    self.signum = signum
+
+
+class StopRequest:
+  """SIGTERM/SIGINT: before the loop, ``Interrupted`` at once (nothing to save); inside it, the current step
+  finishes, then ``StopTraining``; a second signal exits without a checkpoint (the last one stays intact)."""
+
+  def __init__(self, log=print):
+    self.signum = None
+    self.log = log  # prints a line (on the host that speaks for the run)
+    self.deferred = False  # set when the training loop starts
+    self._old = {}
+
+  def __enter__(self):
+    if pending() is not None:  # received before this handler existed (its exit may have been swallowed)
+      raise Interrupted(pending())
+    quiet_swallowed_exits()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    record(signum)
+    if not self.deferred:
+      # Raised wherever setup is; should a gc callback swallow it, ``start_loop`` stops on the record.
+      self.log(f"Received signal {signum} before training started: stopping (nothing to save).")
+      raise Interrupted(signum)
+    if self.signum is not None:  # a second signal: the user insists
+      print(f"Received signal {signum} again: exiting without a checkpoint.", file=sys.stderr, flush=True)
+      os._exit(128 + signum)
+    self.signum = signum
+
+  def start_loop(self) -> None:
+    """From here on a signal means: finish the step, save, stop. One received during setup stops now."""
+    if pending() is not None:
+      raise Interrupted(pending())
+    self.deferred = True
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)

@@ -11,7 +11,7 @@ from typing import Any
 from tgeo_jax import checkpoint, models, run_identity
 from tgeo_jax.errors import UserError
 
-__all__ = ["Teacher", "collect_loaded", "variables_digest", "checkpoint_dir", "load_teacher", "load_teacher_from",
+__all__ = ["Teacher", "check_outputs", "collect_loaded", "variables_digest", "checkpoint_dir", "load_teacher", "load_teacher_from",
            "latest_checkpoint_meta", "LogitCache"]
 
 
@@ -258,3 +258,30 @@ def _leaves(tree):
 def _warn(message: str) -> None:
   import sys
   print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_outputs(method, frozen: dict, task, examples: int = 64) -> None:
+  """A frozen teacher's logits on the first training examples (or its cached table) are finite and not the same for
+  every example; else a one-line ``UserError``. Under ``jit`` damaged weights (a NaN, a flipped byte) give finite
+  garbage or NaN logits that the student's own non-finite guard would meet only later, if at all."""
+  if method.teacher is None or not method.teacher_logits_fixed or "teacher" not in frozen:
+    return
+  import jax
+  import numpy as np
+  table = frozen.get("teacher_logits_table")
+  if table is not None:
+    logits, what = np.asarray(jax.device_get(table)), f"over the {len(task.train)} training examples"
+  else:
+    n = min(examples, len(task.train))
+    inputs = task.train.gather(np.arange(n))
+    logits = np.asarray(jax.jit(lambda f, x: method.teacher_logits(None, f, x))(frozen, inputs))
+    what = f"on the first {n} training examples"
+  field = (method.teacher.identity or {}).get("field", "teacher.checkpoint")
+  path = (method.teacher.identity or {}).get("path", "")
+  bad = int(logits.size - np.count_nonzero(np.isfinite(logits)))
+  if bad:
+    raise UserError(f"{field}: the teacher in {path!r} gives {bad} non-finite logits {what}: its weights are "
+                    "damaged (NaN/Inf or a negative BatchNorm variance); refused")
+  if len(logits) > 1 and np.all(np.ptp(logits, axis=0) == 0):
+    raise UserError(f"{field}: the teacher in {path!r} gives the same logits for every example {what}: a constant "
+                    "function (damaged or untrained weights); refused")

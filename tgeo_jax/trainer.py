@@ -22,10 +22,8 @@ signal), so callers that run several trainings in one process (TriKD generations
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -36,10 +34,11 @@ import numpy as np
 import tqdm
 
 from tgeo_jax import checkpoint as checkpoint_lib
-from tgeo_jax import config_checks, data, evaluation, methods, models, optim, parallel, report, run_identity
-from tgeo_jax import signals
+from tgeo_jax import config_checks, data, evaluation, fileio, methods, models, optim, parallel, report, run_identity
+from tgeo_jax import profiling, signals
 from tgeo_jax import teacher as teacher_lib
 from tgeo_jax.errors import UserError
+from tgeo_jax.signals import Interrupted
 from tgeo_jax.health import NonFiniteError, initial_health, make_guarded_step, nonfinite_message, nonfinite_what
 
 __all__ = ["Interrupted", "NonFiniteError", "RunFault", "build_method", "evaluate", "initial_health",
@@ -50,15 +49,6 @@ evaluate = evaluation.evaluate  # the loop calls it through this module (tests s
 
 class RunFault(RuntimeError):
   """A runtime fault outside the user's input (a full or failing disk): one line, exit status 1."""
-
-
-class Interrupted(BaseException):
-  """SIGTERM/SIGINT ended the run (after a checkpoint when inside the loop). A ``BaseException``, like
-  ``KeyboardInterrupt``, so that no ``except Exception`` of a caller swallows it."""
-
-  def __init__(self, signum: int):
-    super().__init__(f"signal {signum}")
-    self.signum = signum
 
 
 class StopTraining(Exception):
@@ -93,91 +83,9 @@ def build_method(config, task: data.TaskData, steps_per_epoch: int, *, teacher: 
   return method_cls(config, spec, student=models.split(student_model), tx=tx, teacher=teacher, task=task)
 
 
-# ------------------------------------------------------------------------------------------------ signals
-
-
-class _StopRequest:
-  """SIGTERM/SIGINT: before the loop, ``Interrupted`` at once (nothing to save); inside it, the current step
-  finishes, then ``StopTraining``; a second signal exits without a checkpoint (the last one stays intact)."""
-
-  def __init__(self):
-    self.signum = None
-    self.deferred = False  # set when the training loop starts
-    self._old = {}
-
-  def __enter__(self):
-    if signals.pending() is not None:  # received before this handler existed (its exit may have been swallowed)
-      raise Interrupted(signals.pending())
-    signals.quiet_swallowed_exits()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    signals.record(signum)
-    if not self.deferred:
-      # Raised wherever setup is; should a gc callback swallow it, ``start_loop`` stops on the record.
-      _log(f"Received signal {signum} before training started: stopping (nothing to save).")
-      raise Interrupted(signum)
-    if self.signum is not None:  # a second signal: the user insists
-      print(f"Received signal {signum} again: exiting without a checkpoint.", file=sys.stderr, flush=True)
-      os._exit(128 + signum)
-    self.signum = signum
-
-  def start_loop(self) -> None:
-    """From here on a signal means: finish the step, save, stop. One received during setup stops now."""
-    if signals.pending() is not None:
-      raise Interrupted(signals.pending())
-    self.deferred = True
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-
-
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
-
-
-# ------------------------------------------------------------------------------------------------ profiling
-
-
-class Profile:
-  """A ``jax.profiler`` trace of the steps ``log.profile_steps`` names, written to ``<workdir>/profile`` (open it
-  with TensorBoard's profile plugin or Perfetto). The trace stops after the device has finished the last traced
-  step, so it holds that step's device work, not only its dispatch."""
-
-  def __init__(self, profile_steps: str, workdir: str):
-    self.range = config_checks.parse_profile_steps(profile_steps)
-    self.directory = os.path.join(workdir, "profile")
-    self.active = False
-
-  def check(self, total_steps: int) -> None:
-    if self.range is not None and self.range[1] > total_steps:
-      raise UserError(f"log.profile_steps: {self.range[0]}:{self.range[1]} reaches past the run's {total_steps} "
-                      f"steps (expected B <= {total_steps})")
-
-  def before_step(self, step: int) -> None:
-    if self.range is not None and not self.active and self.range[0] <= step < self.range[1]:
-      jax.profiler.start_trace(self.directory)
-      self.active = True
-      _log(f"Profiling steps {step}:{self.range[1]} into {self.directory}.")
-
-  def after_step(self, step: int, state) -> None:
-    if self.active and step >= self.range[1]:
-      jax.block_until_ready(state)
-      self.stop()
-
-  def stop(self) -> None:
-    if self.active:
-      jax.profiler.stop_trace()
-      self.active = False
-      self.range = None  # once per process
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -227,6 +135,7 @@ class Run:
   workdir: str
   mesh: Any
   task: data.TaskData
+  pipeline: data.Pipeline
   method: Any
   state: dict
   frozen: dict
@@ -246,13 +155,11 @@ class Run:
   quantity_names: list
   eval_step: Any
   fixed_teacher: Any
-  val_stream: Any
   health: dict
   log: TrainLog
   best_accuracy: float
   last_saved: int | None
-  profile: "Profile"
-  workers: int = 0  # input-pipeline worker processes (data.workers, resolved)
+  profile: profiling.Profile
   log_clock: tuple = (0, 0.0)  # (step, time.perf_counter()) where the current logging interval began
 
   @property
@@ -281,11 +188,10 @@ def train_and_evaluate(config, workdir: str, *, teacher: teacher_lib.Teacher | N
   for note in config_checks.adapt_to_mock_data(config):
     print(f"warning: {note}", file=sys.stderr, flush=True)
   config_checks.validate(config)
-  use_compilation_cache(config.compilation_cache_dir)
   created = not os.path.exists(workdir)
   run_identity.prepare_workdir(workdir)
   lock = run_identity.WorkdirLock(workdir)
-  with lock.acquire(process_index=jax.process_index(), process_count=jax.process_count()), _StopRequest() as stop:
+  with lock.acquire(process_index=jax.process_index(), process_count=jax.process_count()), signals.StopRequest(log=_log) as stop:
     try:
       run = setup(config, workdir, teacher=teacher)
     except UserError:
@@ -309,54 +215,6 @@ def train_and_evaluate(config, workdir: str, *, teacher: teacher_lib.Teacher | N
       run.close()
 
 
-def use_compilation_cache(directory: str) -> None:
-  """Points JAX's persistent compilation cache at ``directory`` (``compilation_cache_dir``; '' leaves JAX's own
-  setting, e.g. ``JAX_COMPILATION_CACHE_DIR``). A directory that cannot be created or written is a one-line
-  ``UserError``; a later failed write of one entry is JAX's warning, and the run continues."""
-  if not directory:
-    return
-  import tempfile
-  from jax.experimental.compilation_cache import compilation_cache
-  directory = os.path.abspath(os.path.expanduser(directory))
-  try:
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe"):
-      pass
-  except OSError as e:
-    raise UserError(f"compilation_cache_dir: cannot write in {directory!r} ({_reason(e)}); expected a writable "
-                    "directory, or '' to turn the cache off") from None
-  if jax.config.jax_compilation_cache_dir != directory:
-    # The cache is opened once per process, at the first compilation: reset it, in case this process compiled
-    # with another (or no) cache before (tests, notebooks, bench/study.py).
-    compilation_cache.reset_cache()
-    compilation_cache.set_cache_dir(directory)
-
-
-def check_teacher_outputs(method, frozen: dict, task, examples: int = 64) -> None:
-  """A frozen teacher's logits on the first training examples (or its cached table) are finite and not the same for
-  every example; else a one-line ``UserError``. Under ``jit`` damaged weights (a NaN, a flipped byte) give finite
-  garbage or NaN logits that the student's own non-finite guard would meet only later, if at all."""
-  if method.teacher is None or not method.teacher_logits_fixed or "teacher" not in frozen:
-    return
-  table = frozen.get("teacher_logits_table")
-  if table is not None:
-    logits, what = np.asarray(jax.device_get(table)), f"over the {len(task.train)} training examples"
-  else:
-    n = min(examples, len(task.train))
-    inputs = task.train.gather(np.arange(n))
-    logits = np.asarray(jax.jit(lambda f, x: method.teacher_logits(None, f, x))(frozen, inputs))
-    what = f"on the first {n} training examples"
-  field = (method.teacher.identity or {}).get("field", "teacher.checkpoint")
-  path = (method.teacher.identity or {}).get("path", "")
-  bad = int(logits.size - np.count_nonzero(np.isfinite(logits)))
-  if bad:
-    raise UserError(f"{field}: the teacher in {path!r} gives {bad} non-finite logits {what}: its weights are "
-                    "damaged (NaN/Inf or a negative BatchNorm variance); refused")
-  if len(logits) > 1 and np.all(np.ptp(logits, axis=0) == 0):
-    raise UserError(f"{field}: the teacher in {path!r} gives the same logits for every example {what}: a constant "
-                    "function (damaged or untrained weights); refused")
-
-
 def _checkpoint_steps_on_disk(ckpt_dir: str) -> list[int]:
   """Finished checkpoint steps, listed without opening orbax (which would create or clean the directory)."""
   try:
@@ -366,10 +224,11 @@ def _checkpoint_steps_on_disk(ckpt_dir: str) -> list[int]:
 
 
 def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -> Run:
-  """Builds the run; restores the newest good checkpoint of this run's identity, refusing any other."""
+  """Builds the run: the task and its pipeline, the method and its state (restored from the newest good checkpoint
+  of this run's identity; any other is refused before anything is read), the metric writer and the jitted steps."""
   start_time = time.time()
   task = None
-  if config.data.get("mock") is True:
+  if config.data.mock is True:
     # Mock data is small and cheap to load: load it first, so that a paper config's validation batch can be fitted
     # to what the mock split holds out before the config is recorded (config_checks.adapt_to_mock_data).
     task = data.load(config.data, seed=config.seed)
@@ -380,8 +239,8 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
   saved_identity = (run_identity.read_json_file(os.path.join(workdir, run_identity.IDENTITY_FILE))
                     if _checkpoint_steps_on_disk(ckpt_dir) else None)
   if saved_identity is not None:  # the config part first: a changed field stops before any data is loaded
-    _refuse_differences(workdir, {"config": saved_identity.get("config", {})},
-                        {"config": run_identity.config_record(config_dict)})
+    run_identity.refuse_differences(workdir, {"config": saved_identity.get("config", {})},
+                                    {"config": run_identity.config_record(config_dict)})
   mesh = parallel.make_mesh()
   parallel.check_batch_size("batch_size", config.batch_size, mesh)
   parallel.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
@@ -405,60 +264,86 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
       [{k: t.identity[k] for k in ("field", "model", "path", "variables_sha256", "run_fingerprint")}
        for t in teachers])
   if saved_identity is not None:
-    _refuse_differences(workdir, saved_identity, identity)
+    run_identity.refuse_differences(workdir, saved_identity, identity)
   if method.uses_validation_batch:
     parallel.check_batch_size("val_batch_size", config.val_batch_size, mesh)
     if config.val_batch_size > len(task.val):
       raise UserError(f"val_batch_size: {config.val_batch_size} exceeds the {len(task.val)} held-out validation "
                       "examples (raise data.val_fraction or lower val_batch_size)")
+  pipeline = data.Pipeline(task, batch_size=config.batch_size, seed=config.seed,
+                           val_batch_size=config.val_batch_size if method.uses_validation_batch else None,
+                           workers=data.resolve_workers(config.data, task.train),
+                           process_index=jax.process_index(), process_count=jax.process_count())
+  total_steps = steps_per_epoch * config.num_epochs
+  profile = profiling.Profile(config.log.profile_steps, workdir)
+  profile.check(total_steps)
 
   state, frozen = parallel.replicate(method.init(jax.random.PRNGKey(config.seed)), mesh)
-  check_teacher_outputs(method, frozen, task)
+  teacher_lib.check_outputs(method, frozen, task)
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, max_to_keep=config.checkpoint.max_to_keep, cleanup_tmp=True,
                                      async_save=config.checkpoint.async_save)
   try:
-    return _restore_or_start(config, workdir, start_time=start_time, config_dict=config_dict, identity=identity,
-                             mesh=mesh, task=task, method=method, state=state, frozen=frozen, ckpt=ckpt,
-                             steps_per_epoch=steps_per_epoch)
+    step0, state, meta = restore(ckpt, state, identity=identity, num_classes=task.num_classes, workdir=workdir,
+                                 mesh=mesh)
+    resumed = step0 is not None
+    if resumed:
+      _log(f"Resuming {config.method} in {workdir} from step {step0} of {total_steps} (epoch {meta['epoch']}).")
+    else:
+      step0 = 0
+      _log(f"Training {config.method} ({config.model.name}) in {workdir}: {config.num_epochs} epochs x "
+           f"{steps_per_epoch} steps, {len(task.train)} train / {len(task.val)} val / {len(task.test)} test "
+           f"examples, {jax.device_count()} device(s).")
+    pipeline.prepare(step0 // steps_per_epoch)  # the first epoch's order is computed while the step compiles
+    if jax.process_index() == 0 and (not resumed or not os.path.exists(os.path.join(workdir,
+                                                                                    run_identity.IDENTITY_FILE))):
+      _write_or_fail(lambda: run_identity.write_run_files(workdir, config_dict, identity, task.membership), workdir)
+    writer = report.MetricWriter(workdir, resume_step=step0 if resumed else None, tensorboard=config.log.tensorboard,
+                                 wandb=config.log.wandb, config=config_dict)
+    best_accuracy = max([meta.get("best_accuracy", 0.0)] + [r["accuracy"] for r in writer.records
+                                                            if isinstance(r.get("accuracy"), float)])
+    train_log = TrainLog(meta.get("train_log"), meta["skipped_steps"])
+    if train_log.running is not None:  # restored sums, placed as the step returns them (one compilation, not two)
+      train_log.running = parallel.replicate(train_log.running, mesh)
+    train_step, metric_zeros, quantity_names = build_train_step(method, mesh,
+                                                                skip_nonfinite=config.nonfinite == "skip")
+    eval_fn = jax.jit(evaluation.make_eval_step(method, task.metrics))
   except BaseException:
     ckpt.close()
     raise
+  return Run(
+      config=config, workdir=workdir, mesh=mesh, task=task, pipeline=pipeline, method=method, state=state,
+      frozen=frozen, ckpt=ckpt, writer=writer, identity=identity, config_dict=config_dict,
+      steps_per_epoch=steps_per_epoch, total_steps=total_steps, step=step0, step0=step0, resumed=resumed, meta=meta,
+      start_time=start_time, train_step=train_step, metric_zeros=metric_zeros, quantity_names=quantity_names,
+      eval_step=lambda s, b: eval_fn(s, frozen, b),
+      fixed_teacher=(evaluation.FixedTeacherLogits(method, frozen)
+                     if method.teacher is not None and method.teacher_logits_fixed else None),
+      health=parallel.replicate(initial_health(step0, meta["skipped_steps"]), mesh),
+      log=train_log, best_accuracy=best_accuracy, last_saved=step0 if resumed else None, profile=profile,
+      log_clock=(step0, time.perf_counter()))
 
 
-def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mesh, task, method, state, frozen,
-                      ckpt, steps_per_epoch) -> Run:
-  total_steps = steps_per_epoch * config.num_epochs
-  profile = Profile(config.log.profile_steps, workdir)
-  profile.check(total_steps)
+def restore(ckpt: checkpoint_lib.Checkpointer, state, *, identity: dict, num_classes: int, workdir: str, mesh):
+  """``(step, state, meta)`` of the newest good checkpoint in ``ckpt`` (a corrupt one is moved aside with a one-line
+  warning), or ``(None, state, fresh meta)`` when there is none. A checkpoint of another run identity stops the
+  run before anything is read or moved."""
   meta = {"epoch": 0, "best_accuracy": 0.0, "seconds": 0.0, "skipped_steps": 0}
   existing = ckpt.steps()
-  if existing:
-    # The newest good checkpoint (a corrupt one is moved aside with a one-line warning); a checkpoint of another
-    # configuration stops the run before anything is read or moved.
-    restored = ckpt.restore_latest(
-        state, check_meta=lambda saved: _check_resume_compatible(saved, identity, task.num_classes, workdir))
-    if restored is None:
-      raise UserError(f"workdir: no readable checkpoint among steps {existing} in {workdir!r}")
-    step0, state, meta = restored
-    meta.setdefault("skipped_steps", 0)
-    state = parallel.replicate(state, mesh)
-    _log(f"Resuming {config.method} in {workdir} from step {step0} of {total_steps} (epoch {meta['epoch']}).")
-  else:
-    step0 = 0
-    _log(f"Training {config.method} ({config.model.name}) in {workdir}: {config.num_epochs} epochs x "
-         f"{steps_per_epoch} steps, {len(task.train)} train / {len(task.val)} val / {len(task.test)} test "
-         f"examples, {jax.device_count()} device(s).")
-  if jax.process_index() == 0 and (not existing or not os.path.exists(os.path.join(workdir,
-                                                                                   run_identity.IDENTITY_FILE))):
-    _write_or_fail(lambda: run_identity.write_run_files(workdir, config_dict, identity, task.membership), workdir)
+  if not existing:
+    return None, state, meta
+  restored = ckpt.restore_latest(
+      state, check_meta=lambda saved: run_identity.check_resume_compatible(saved, identity, num_classes, workdir))
+  if restored is None:
+    raise UserError(f"workdir: no readable checkpoint among steps {existing} in {workdir!r}")
+  step0, state, meta = restored
+  meta.setdefault("skipped_steps", 0)
+  return step0, parallel.replicate(state, mesh), meta
 
-  writer = report.MetricWriter(workdir, resume_step=step0 if existing else None, tensorboard=config.log.tensorboard,
-                               wandb=config.log.get("wandb", False), config=config_dict)
-  best_accuracy = max([meta.get("best_accuracy", 0.0)] + [r["accuracy"] for r in writer.records
-                                                          if isinstance(r.get("accuracy"), float)])
-  # The first epoch's order is computed while the step compiles.
-  data.prepare_epoch(task.train, batch_size=config.batch_size, seed=config.seed, epoch=step0 // steps_per_epoch)
-  guarded_step, quantity_names = make_guarded_step(method, skip_nonfinite=config.nonfinite == "skip")
+
+def build_train_step(method, mesh, *, skip_nonfinite: bool):
+  """The loop's jitted step ``(state, frozen, batch, kind, health, running sums) -> (state, health, running sums)``
+  (state and sums donated), the zeros of its sums, and the names of the quantities its guard checks."""
+  guarded_step, quantity_names = make_guarded_step(method, skip_nonfinite=skip_nonfinite)
 
   def loop_step(state, frozen, batch, kind, health, running):
     # The running metric sums are added inside the step: one jnp.add per metric and step on the host costs
@@ -466,33 +351,14 @@ def _restore_or_start(config, workdir, *, start_time, config_dict, identity, mes
     state, metrics, health = guarded_step(state, frozen, batch, kind, health)
     return state, health, jax.tree.map(jnp.add, running, metrics)
 
-  train_log = TrainLog(meta.get("train_log"), meta["skipped_steps"])
-  if train_log.running is not None:  # restored sums, placed as the step returns them (one compilation, not two)
-    train_log.running = parallel.replicate(train_log.running, mesh)
-  eval_fn = jax.jit(evaluation.make_eval_step(method, task.metrics))
-  fixed_teacher = (evaluation.FixedTeacherLogits(method, frozen)
-                   if method.teacher is not None and method.teacher_logits_fixed else None)
-  val_stream = (data.validation_batches(task.val, batch_size=config.val_batch_size, seed=config.seed,
-                                        process_index=jax.process_index(), process_count=jax.process_count())
-                if method.uses_validation_batch else None)
-  return Run(
-      config=config, workdir=workdir, mesh=mesh, task=task, method=method, state=state, frozen=frozen, ckpt=ckpt,
-      writer=writer, identity=identity, config_dict=config_dict, steps_per_epoch=steps_per_epoch,
-      total_steps=total_steps, step=step0, step0=step0, resumed=bool(existing), meta=meta,
-      start_time=start_time,
-      train_step=jax.jit(loop_step, donate_argnums=(0, 5), static_argnums=(3,)),
-      metric_zeros=_MetricZeros(guarded_step, mesh), quantity_names=quantity_names,
-      eval_step=lambda s, b: eval_fn(s, frozen, b), fixed_teacher=fixed_teacher, val_stream=val_stream,
-      health=parallel.replicate(initial_health(step0, meta["skipped_steps"]), mesh),
-      log=train_log, best_accuracy=best_accuracy,
-      last_saved=step0 if existing else None, profile=profile,
-      workers=data.resolve_workers(config.data, task.train), log_clock=(step0, time.perf_counter()))
+  train_step = jax.jit(loop_step, donate_argnums=(0, 5), static_argnums=(3,))
+  return train_step, _MetricZeros(guarded_step, mesh), quantity_names
 
 
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def train(run: Run, stop: _StopRequest) -> None:
+def train(run: Run, stop: signals.StopRequest) -> None:
   """Steps until ``run.total_steps``; raises ``StopTraining`` for a signal or the ``steps_per_run`` budget."""
   config = run.config
   if run.resumed and run.at_epoch_end() and not any(r.get("step") == run.step and r.get("kind") != "train"
@@ -501,12 +367,13 @@ def train(run: Run, stop: _StopRequest) -> None:
   budget_end = run.step + config.steps_per_run if config.steps_per_run else None
   while run.step < run.total_steps:
     offset = run.step % run.steps_per_epoch
+    epoch_end = (run.epoch + 1) * run.steps_per_epoch  # the step after which this epoch saves and evaluates
     if run.epoch + 1 < config.num_epochs:  # the next epoch's order, computed while this one trains
-      data.prepare_epoch(run.task.train, batch_size=config.batch_size, seed=config.seed, epoch=run.epoch + 1)
+      run.pipeline.prepare(run.epoch + 1)
     bar = tqdm.tqdm(total=run.steps_per_epoch, initial=offset, desc=f"epoch {run.epoch + 1}/{config.num_epochs}",
                     disable=not config.log.progress or jax.process_index() != 0, leave=False, dynamic_ncols=True)
     try:
-      for batch in data.iterate(epoch_batches(run)[offset:], workers=run.workers):
+      for batch in run.pipeline.epoch(run.epoch, offset):
         run.profile.before_step(run.step)
         batch, kind = parallel.shard_batch(batch, run.mesh), run.method.step_kind(run.step)
         sums = run.log.running if run.log.running is not None else run.metric_zeros(
@@ -516,10 +383,9 @@ def train(run: Run, stop: _StopRequest) -> None:
         run.step += 1
         run.profile.after_step(run.step, run.state)
         bar.update(1)
-        epoch_end = run.at_epoch_end()
-        if itstime(run.step, config.log.every_steps) or epoch_end:
+        if itstime(run.step, config.log.every_steps, last=epoch_end):
           log_train_metrics(run, bar)
-        if epoch_end:
+        if run.step == epoch_end:
           break  # the epoch end saves and evaluates below
         if itstime(run.step, config.checkpoint.every_steps):
           save(run)
@@ -554,20 +420,6 @@ class _MetricZeros:
     # Replicated like the sums the step returns: zeros placed otherwise are another input signature, and the
     # step would be compiled a second time.
     return parallel.replicate(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), self.shapes[kind]), self.mesh)
-
-
-def epoch_batches(run: Run):
-  """This epoch's training batches (a grain ``MapDataset``), each with its step's validation batch under ``"val"``
-  for methods that take one: composed into the input pipeline, so it is prepared off the training thread (in
-  grain's prefetch threads or worker processes) like the training batch itself."""
-  config = run.config
-  batches = data.train_batches(run.task.train, batch_size=config.batch_size, seed=config.seed, epoch=run.epoch,
-                               augment=run.task.augment, process_index=jax.process_index(),
-                               process_count=jax.process_count())
-  if run.val_stream is None:
-    return batches
-  first_step, val_stream = run.epoch * run.steps_per_epoch, run.val_stream
-  return batches.map_with_index(lambda i, batch: dict(batch, val=val_stream[first_step + i]))
 
 
 def log_train_metrics(run: Run, bar) -> None:
@@ -611,8 +463,8 @@ def save(run: Run) -> None:
   try:
     run.ckpt.save(run.step, run.state, host_meta)
   except Exception as e:  # noqa: BLE001 - a full or failing disk: the previous checkpoints are intact
-    raise RunFault(f"checkpoint: saving step {run.step} in {run.ckpt.directory} failed ({_reason(e)}); the "
-                   f"previous checkpoints are intact: {_remedy(e)} and run the same command to resume") from None
+    raise RunFault(f"checkpoint: saving step {run.step} in {run.ckpt.directory} failed ({fileio.failure_reason(e)}); the "
+                   f"previous checkpoints are intact: {fileio.failure_remedy(e)} and run the same command to resume") from None
   run.last_saved = run.step
 
 
@@ -625,8 +477,8 @@ def wait_for_save(run: Run, *, closing: bool = False) -> None:
     else:
       run.ckpt.wait()
   except Exception as e:  # noqa: BLE001 - as in ``save``: the checkpoints before it are intact
-    raise RunFault(f"checkpoint: saving step {run.last_saved} in {run.ckpt.directory} failed ({_reason(e)}); the "
-                   f"previous checkpoints are intact: {_remedy(e)} and run the same command to resume") from None
+    raise RunFault(f"checkpoint: saving step {run.last_saved} in {run.ckpt.directory} failed ({fileio.failure_reason(e)}); the "
+                   f"previous checkpoints are intact: {fileio.failure_remedy(e)} and run the same command to resume") from None
 
 
 def evaluate_epoch(run: Run) -> None:
@@ -675,7 +527,7 @@ def finish(run: Run) -> dict:
       "num_devices": jax.device_count(),
       "finished": True,
   }
-  if config.data.get("mock"):  # TFDS mock data (data.mock): never to be read as a result
+  if config.data.mock:  # TFDS mock data (data.mock): never to be read as a result
     summary["data_mock"] = True
   for key in ("teacher_accuracy", "agreement", "teacher_kl", *run.task.metrics):
     if key in final:
@@ -699,50 +551,10 @@ def finish(run: Run) -> dict:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _refuse_differences(workdir: str, saved: dict, current: dict) -> None:
-  diffs = run_identity.identity_differences(saved, current)
-  if diffs:
-    raise run_identity.resume_error(workdir, diffs)
-
-
-def _check_resume_compatible(saved_meta: dict, identity: dict, num_classes: int, workdir: str) -> None:
-  """The checkpoint's identity record (or, for a checkpoint written before identity records, its config) must
-  equal this run's; otherwise a ``UserError`` naming every differing field."""
-  saved_identity = saved_meta.get("identity")
-  if saved_identity is None:
-    saved_identity = {"config": run_identity.config_record(saved_meta.get("config", {}))}
-  diffs = run_identity.identity_differences(saved_identity, identity)
-  if saved_meta.get("num_classes", num_classes) != num_classes:
-    diffs.append(f"num_classes: {saved_meta['num_classes']} -> {num_classes}")
-  if diffs:
-    raise run_identity.resume_error(workdir, diffs)
-
-
-def _reason(e: BaseException) -> str:
-  text = " ".join(str(e).split())
-  if "No space left" in text or getattr(e, "errno", None) == errno.ENOSPC:
-    return "no space left on device"
-  if "Read-only file system" in text or getattr(e, "errno", None) == errno.EROFS:
-    return "read-only file system"
-  if isinstance(e, OSError) and e.strerror:
-    return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-  return f"{type(e).__name__}: {text[:160]}"
-
-
-def _remedy(e: BaseException) -> str:
-  """What to do about a failed write: free space, make the filesystem writable, or fix what the reason says."""
-  text = " ".join(str(e).split())
-  if "No space left" in text or getattr(e, "errno", None) == errno.ENOSPC:
-    return "free space"
-  if "Read-only file system" in text or getattr(e, "errno", None) == errno.EROFS:
-    return "make the file system writable again (it is read-only)"
-  return "fix the cause"
-
-
 def _write_or_fail(write, workdir: str) -> None:
   """Runs ``write`` (a file in the work directory); an OS error is a one-line ``RunFault``."""
   try:
     write()
   except OSError as e:
-    raise RunFault(f"workdir: writing in {workdir!r} failed ({_reason(e)}); the checkpoints are intact: fix it and "
+    raise RunFault(f"workdir: writing in {workdir!r} failed ({fileio.failure_reason(e)}); the checkpoints are intact: fix it and "
                    "run the same command to resume") from None

@@ -73,8 +73,9 @@ class Method:
           task.train.labels, spec.num_classes, kind=g.kind, fraction=g.fraction, classes=tuple(g.classes),
           seed=g.seed)
 
-  # A method whose CLI run is more than one training run (TriKD's generations) sets ``run(config, workdir)``.
-  run = None
+  # A method trained in a chain of runs (TriKD's generations) names its fields here: ``{"count": FIELD,
+  # "previous": FIELD, "name": NAME}``; ``tgeo_jax.generations`` drives the chain above the trainer.
+  generations = None
 
   @classmethod
   def validate_config(cls, config) -> None:
@@ -98,9 +99,7 @@ class Method:
   def caches_teacher_logits(self) -> bool:
     """``teacher.cache_logits``: 'auto' caches when training inputs are not augmented (the teacher's outputs
     are then a fixed function of the example), 'on'/'off' force it."""
-    mode = self.config.teacher.cache_logits
-    if mode not in ("auto", "on", "off"):
-      raise UserError(f"teacher.cache_logits: expected 'auto', 'on' or 'off', got {mode!r}")
+    mode = self.config.teacher.cache_logits  # one of 'auto', 'on', 'off' (config_checks.validate)
     if mode == "on" and self.task is not None and self.task.augment is not None:
       raise UserError("teacher.cache_logits: 'on' needs data.augment='none' (augmented inputs change the "
                       "teacher's outputs every epoch)")

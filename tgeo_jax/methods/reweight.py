@@ -19,7 +19,7 @@ import numpy as np
 from tgeo_jax import argchecks, losses
 from tgeo_jax.config_checks import positive_number
 from tgeo_jax.methods import base
-from tgeo_jax.methods.tgeo import MetaReweightKD, meta_defaults
+from tgeo_jax.methods.meta_reweight import MetaReweightKD, meta_defaults
 
 __all__ = ["anl_alpha", "ada_alpha", "wls_alpha", "RuleReweightKD", "AnnealedKD", "AdaptiveKD", "WeightedSoftLabelKD",
            "RandomWeightKD"]

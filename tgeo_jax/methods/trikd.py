@@ -17,27 +17,26 @@ Targets are stop-gradient in every KL term. T and S update in the same step from
 with its own optimizer state (the same optax recipe): one backward pass of ``L_T + L_S`` gives both gradients,
 since stop-gradient makes ``dL_T/dS = dL_S/dT = 0``.
 
-**Generations** (curriculum): ``run_generations(config, workdir)`` trains ``trikd.generations`` = G runs in
-``workdir/gen_1 .. gen_G``; generation g's anchor is generation g-1's student (generation 1's is
-``trikd.anchor_checkpoint``). Finished generations are skipped, so re-running resumes. A single ``train.py`` run
-(``tgeo_jax.trainer``) trains one generation; it refuses G > 1 rather than silently training one.
+**Generations** (curriculum): ``tgeo_jax.generations.run(config, workdir)`` (what ``train.py`` calls for
+G > 1) trains ``trikd.generations`` = G runs in ``workdir/gen_1 .. gen_G``; generation g's anchor is generation
+g-1's student (generation 1's is ``trikd.anchor_checkpoint``). Finished generations are skipped, so re-running
+resumes. One training run (``tgeo_jax.trainer``) trains one generation; it refuses G > 1 rather than silently
+training one.
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from tgeo_jax import config_checks, default_config, losses, models, report, run_identity
+from tgeo_jax import config_checks, default_config, losses, models
 from tgeo_jax import teacher as teacher_lib
 from tgeo_jax.errors import UserError
 from tgeo_jax.methods import base
 
-__all__ = ["trikd_losses", "TriKD", "run_generations"]
+__all__ = ["trikd_losses", "TriKD", "check_generations"]
 
 
 def trikd_losses(student_logits, teacher_logits, anchor_logits, labels, *, temperature: float,
@@ -67,7 +66,7 @@ def trikd_losses(student_logits, teacher_logits, anchor_logits, labels, *, tempe
       "kl_teacher_to_student": kl_teacher_to_student}
 
 
-def _check_generations(config) -> None:
+def check_generations(config) -> None:
   config_checks.require(config, "trikd.generations", lambda v: config_checks.is_int(v) and v >= 1,
                         "an integer >= 1")
 
@@ -88,30 +87,26 @@ class TriKD(base.Method):
     c.lambda_student_to_teacher = 1.0  # teacher loss: weight of tau^2 KL(p_student || p_teacher)
     c.lambda_teacher_to_student = 1.0  # student loss: weight of tau^2 KL(p_teacher || p_student)
     c.anchor_checkpoint = ""  # work directory of a finished CE run of model.name (the generation-1 anchor)
-    # Generations G >= 1, run by tgeo_jax.methods.trikd.run_generations in WORKDIR/gen_1..gen_G; each student
-    # becomes the next anchor. One train.py run trains one generation (G = 1).
+    # Generations G >= 1, run by tgeo_jax.generations (train.py does, for G > 1) in WORKDIR/gen_1..gen_G; each
+    # student becomes the next anchor. One training run (trainer.train_and_evaluate) trains one generation.
     c.generations = 1
     return c
+
+  # Curriculum generations (driven above the trainer by ``tgeo_jax.generations``): the field holding their count,
+  # and the field that takes the previous generation's work directory.
+  generations = {"count": "trikd.generations", "previous": "trikd.anchor_checkpoint", "name": "anchor"}
   # The trainer's frozen-teacher loader is not used: the teacher trains here, and its checkpoint is optional.
   loads_teacher_checkpoint = False
-
-  @staticmethod
-  def run(config, workdir: str) -> dict:
-    """The CLI's entry point for this method: G > 1 generations go through ``run_generations``."""
-    if config.trikd.generations > 1:
-      return run_generations(config, workdir)
-    from tgeo_jax import trainer
-    return trainer.train_and_evaluate(config, workdir)
 
   @classmethod
   def validate_config(cls, config) -> None:
     config_checks.positive_number(config, "trikd.temperature")
     for field in ("trikd.lambda_anchor", "trikd.lambda_student_to_teacher", "trikd.lambda_teacher_to_student"):
       config_checks.nonnegative_number(config, field)
-    _check_generations(config)
+    check_generations(config)
     if config.trikd.generations > 1:
       raise UserError(f"trikd.generations: {config.trikd.generations} generations are trained by "
-                      "tgeo_jax.methods.trikd.run_generations (one work directory per generation); a single "
+                      "tgeo_jax.generations.run (train.py does; one work directory per generation); a single "
                       "training run takes trikd.generations=1")
     if not config.trikd.anchor_checkpoint:
       raise UserError("trikd.anchor_checkpoint: TriKD needs a CE-trained anchor of the student's architecture; "
@@ -180,51 +175,3 @@ class TriKD(base.Method):
     t = state["teacher"]
     logits, _ = models.apply(self.online_teacher.graphdef, t["params"], t["rest"], inputs, train=False)
     return jax.lax.stop_gradient(logits)
-
-
-def _finished_summary(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
-    return None
-  summary = report.read_json(path)
-  return summary if summary.get("finished") else None
-
-
-def run_generations(config, workdir: str) -> dict:
-  """Trains TriKD generations 1..G in ``workdir/gen_g``, each anchored on the previous generation's student.
-
-  Resumable: a generation with a finished ``summary.json`` is skipped and an unfinished one resumes from its
-  checkpoint (``tgeo_jax.trainer.train_and_evaluate`` does that). Returns the last generation's summary with a
-  ``generations`` list (also written to ``workdir/summary.json``), or an unfinished summary when a generation
-  stopped early (``steps_per_run``).
-  """
-  from tgeo_jax import trainer  # the trainer imports the method registry: import it only when driving runs
-
-  _check_generations(config)
-  num_generations = config.trikd.generations
-  anchor = config.trikd.anchor_checkpoint
-  history, seconds = [], 0.0
-  for g in range(1, num_generations + 1):
-    gen_dir = os.path.join(workdir, f"gen_{g}")
-    gen_config = config.copy_and_resolve_references()
-    gen_config.trikd.generations = 1
-    gen_config.trikd.anchor_checkpoint = anchor
-    summary = _finished_summary(gen_dir)
-    if summary is not None and summary.get("config_fingerprint") != run_identity.config_fingerprint(gen_config):
-      # A finished generation of another configuration is never reused (the trainer refuses to resume one).
-      summary = None
-    if summary is not None:
-      if jax.process_index() == 0:
-        print(f"TriKD generation {g}/{num_generations} already finished in {gen_dir}; skipping.", flush=True)
-    else:
-      summary = trainer.train_and_evaluate(gen_config, gen_dir)
-      if not summary.get("finished", True):
-        return summary
-    history.append({"generation": g, "workdir": gen_dir, "anchor": anchor,
-                    **{k: summary[k] for k in ("accuracy", "best_accuracy", "teacher_accuracy") if k in summary}})
-    seconds += summary.get("seconds", 0.0)
-    anchor = gen_dir
-  final = dict(summary, generations=history, seconds=seconds)
-  if jax.process_index() == 0:
-    report.write_json(os.path.join(workdir, "summary.json"), final)
-  return final
