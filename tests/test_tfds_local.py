@@ -62,7 +62,7 @@ def test_in_memory_batches_equal_per_record_batches(data_dir):
   in_memory = data_lib.load(_cifar_config(data_dir, in_memory="auto").data, seed=0)
   assert isinstance(in_memory.train, data_lib.sources.ArraySource)
   assert isinstance(per_record.train, data_lib.sources.SubsetSource)
-  assert data_lib._raw_augment(in_memory.train, in_memory.augment) is not None  # augments the uint8 pixels
+  assert data_lib.pipeline._raw_augment(in_memory.train, in_memory.augment) is not None  # augments the uint8 pixels
   assert in_memory.identity == per_record.identity and in_memory.num_classes == 10
   for epoch in (0, 1):
     for a, b in zip(_batches(per_record, epoch), _batches(in_memory, epoch), strict=True):

@@ -137,8 +137,8 @@ def use_compilation_cache(directory: str) -> None:
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe"):
       pass
   except OSError as e:
-    raise UserError(f"compilation_cache_dir: cannot write in {directory!r} ({fileio.failurefileio.failure_reason(e)}); expected a writable "
-                    "directory, or '' to turn the cache off") from None
+    raise UserError(f"compilation_cache_dir: cannot write in {directory!r} ({fileio.failure_reason(e)}); expected "
+                    "a writable directory, or '' to turn the cache off") from None
   if jax.config.jax_compilation_cache_dir != directory:
     # The cache is opened once per process, at the first compilation: reset it, in case this process compiled
     # with another (or no) cache before (tests, notebooks, bench/study.py).
