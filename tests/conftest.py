@@ -13,6 +13,15 @@ CACHE_DIR = os.path.join(ROOT, ".jax_cache")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# XLA:CPU at backend optimisation level 0: the suite checks values, never speed, and its tiny programs compile
+# about a fifth faster (five compile-bound tests, cold cache: 75.6 s -> 59.2 s). Every process the suite starts
+# inherits it; one with another device count gets it through ``device_flags``.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+
+def device_flags(count: int) -> str:
+  """``XLA_FLAGS`` for a process with ``count`` CPU devices (and the suite's other XLA flags)."""
+  return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
 
 from tgeo_jax import default_config  # noqa: E402 (imports no JAX)
 

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import TINY, device_flags, run_cli
 from tgeo_jax import cli
 from tgeo_jax.data import sources
 
@@ -206,7 +206,7 @@ def test_bad_input(name, args, pattern, tiny_teacher, tmp_path, capsys):
   rest = [a for a in args if not a.startswith("--config=")]
   argv = [*config, f"--workdir={tmp_path / 'run'}", *TINY, *rest]
   if name in SUBPROCESS:
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"} if name == "batch_not_divisible" else None
+    env = {"XLA_FLAGS": device_flags(4)} if name == "batch_not_divisible" else None
     proc = run_cli(argv, env=env, check=False, process=True)
     rc, stderr = proc.returncode, proc.stderr
   else:

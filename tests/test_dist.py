@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from conftest import ROOT, TINY, run_cli
+from conftest import ROOT, TINY, device_flags, run_cli
 from configs import fashion_mnist
 from tgeo_jax import config_checks, report
 from tgeo_jax.errors import UserError
@@ -140,7 +140,7 @@ def test_intra_is_over_the_global_batch_on_four_devices():
       loss, m = jax.jit(lambda s, t, y: dist.dist_loss(s, t, y, temperature=4.0))(put(s), put(t), put(y))
       print(json.dumps({"devices": jax.device_count(), "loss": float(loss), "intra": float(m["intra"])}))
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=device_flags(4), JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT)
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                        check=True, timeout=120)

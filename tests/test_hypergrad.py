@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import device_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -450,7 +451,7 @@ def parallel_results() -> dict:
 
 
 def test_shard_map_equals_one_device_and_named_sharding():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env = dict(os.environ, XLA_FLAGS=device_flags(4), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
                         timeout=300, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]

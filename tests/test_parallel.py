@@ -26,7 +26,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, run_cli
+from conftest import ROOT, TINY, device_flags, run_cli
 
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2  # 4 global devices: the batch axis is split inside and across processes
@@ -146,7 +146,7 @@ def test_two_processes_build_the_global_batches_and_step_like_one(tmp_path):
   port = _free_port()
   stdouts = _run_processes(tmp_path, lambda i: (
       [sys.executable, os.path.abspath(__file__), str(port), str(i), str(NUM_PROCESSES)],
-      {"XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"}))
+      {"XLA_FLAGS": device_flags(DEVICES_PER_PROCESS)}))
   results = [json.loads(out.strip().splitlines()[-1]) for out in stdouts]
   reference = compute()  # this pytest process alone: every slice is the whole batch
   assert reference["process_count"] == 1
@@ -180,12 +180,12 @@ def test_train_py_in_two_processes_equals_one_process(tiny_teacher, tmp_path):
   port = _free_port()
   stdouts = _run_processes(tmp_path, lambda i: (
       [sys.executable, os.path.join(ROOT, "train.py"), *common, f"--workdir={two}", "--config.distributed=True"],
-      {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+      {"XLA_FLAGS": device_flags(1), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
        "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(NUM_PROCESSES),
        "JAX_PROCESS_ID": str(i)}))
   assert all("done: kd test accuracy" in out for out in stdouts)
   assert "2 device(s)" in stdouts[0] and "Training kd" not in stdouts[1]  # process 0 logs
-  run_cli([*common, f"--workdir={one}"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+  run_cli([*common, f"--workdir={one}"], env={"XLA_FLAGS": device_flags(1)})
 
   step_one, arrays_one = final_arrays(str(one))
   step_two, arrays_two = final_arrays(str(two))
@@ -239,7 +239,7 @@ def test_when_a_process_dies_the_other_stops_with_one_line(tmp_path):
   port = _free_port()
   procs, errs = [], []
   for i in range(NUM_PROCESSES):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=device_flags(1),
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES=str(NUM_PROCESSES), JAX_PROCESS_ID=str(i))
     errs.append(open(tmp_path / f"err{i}.txt", "w+"))
@@ -271,7 +271,7 @@ def test_when_a_process_dies_the_other_stops_with_one_line(tmp_path):
 
 def _start_train_py(tmp_path, i, port, *extra):
   """Process ``i`` of a two-process ``train.py`` CE run on the synthetic task (stderr to ``tmp_path/err<i>.txt``)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=device_flags(1),
              JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
              JAX_NUM_PROCESSES=str(NUM_PROCESSES), JAX_PROCESS_ID=str(i))
   err = open(tmp_path / f"err{i}.txt", "w+")

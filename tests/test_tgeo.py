@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tgeo_jax.methods import reweight
-from conftest import TINY, final_arrays, run_cli
+from conftest import TINY, device_flags, final_arrays, run_cli
 from conftest import build_method_state as build
 
 
@@ -116,7 +116,7 @@ def test_tgeo_one_and_four_devices_agree(tiny_teacher, tmp_path):
             "--config.tgeo.fusion_lr=0.01"]
   one, four = str(tmp_path / "one"), str(tmp_path / "four")
   run_cli([*common, f"--workdir={one}"])  # in this process: one CPU device
-  run_cli([*common, f"--workdir={four}"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  run_cli([*common, f"--workdir={four}"], env={"XLA_FLAGS": device_flags(4)})
   assert json.load(open(os.path.join(four, "summary.json")))["num_devices"] == 4
   _, a = final_arrays(one)
   _, b = final_arrays(four)

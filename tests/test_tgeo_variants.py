@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import ROOT, TINY, assert_same_run, build_method_state, run_cli
+from conftest import ROOT, TINY, assert_same_run, build_method_state, device_flags, run_cli
 from tgeo_jax import bilevel, data
 
 WINDOW = 3
@@ -102,7 +102,7 @@ def test_unroll_resumes_exactly_in_the_middle_of_a_window(tiny_teacher, tmp_path
 
 def _four_device_meta_grads(teacher_dir):
   out = subprocess.run([sys.executable, __file__, teacher_dir], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+                       timeout=300, env=dict(os.environ, XLA_FLAGS=device_flags(4)))
   assert out.returncode == 0, out.stderr
   return json.loads(out.stdout.strip().splitlines()[-1])
 

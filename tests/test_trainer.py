@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TINY, assert_same_run, final_arrays, run_cli
+from conftest import TINY, assert_same_run, device_flags, final_arrays, run_cli
 from tgeo_jax import report
 
 
@@ -59,7 +59,7 @@ def test_one_and_four_devices_agree(tiny_teacher, tmp_path):
   common = ["--config=configs/fashion_mnist.py:kd", *TINY, f"--config.teacher.checkpoint={tiny_teacher}"]
   one, four = str(tmp_path / "one"), str(tmp_path / "four")
   run_cli([*common, f"--workdir={one}"])  # in this process: one CPU device
-  run_cli([*common, f"--workdir={four}"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  run_cli([*common, f"--workdir={four}"], env={"XLA_FLAGS": device_flags(4)})
   assert json.load(open(os.path.join(four, "summary.json")))["num_devices"] == 4
   _, a = final_arrays(one)
   _, b = final_arrays(four)
