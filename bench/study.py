@@ -44,6 +44,7 @@ import argparse
 import ast
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -255,8 +256,8 @@ class Runner:
       summary = trainer.train_and_evaluate(config, workdir)
     except (UserError, trainer.NonFiniteError) as e:
       summary = {"failed": str(e), "method": config.method, "finished": True, "seed": config.seed,
-                 "config_fingerprint": run_identity.config_fingerprint(config),
-                 "config": run_identity.config_record(json.loads(config.to_json_best_effort()))}
+                 "config_fingerprint": run_identity.config_fingerprint(config, _reads(config)),
+                 "config": run_identity.config_record(json.loads(config.to_json_best_effort()), _reads(config))}
       _write_json(os.path.join(workdir, "failed.json"), summary)
     finally:
       with contextlib.suppress(FileNotFoundError):
@@ -264,6 +265,12 @@ class Runner:
     self.log(f"  -> {_brief(summary)} ({time.time() - start:.0f} s)")
     self.save_to_archive(workdir, summary)
     return summary
+
+
+def _reads(config):
+  """The fields ``config``'s method reads: only those identify its runs (``run_identity.config_record``)."""
+  from tgeo_jax import methods
+  return functools.partial(methods.reads_field, config.method)
 
 
 class StudyMismatch(RuntimeError):
@@ -276,9 +283,10 @@ def check_same_config(record: dict | None, config, workdir: str, teacher_sha256:
   does a finished run taught by other teacher variables than ``teacher_sha256``."""
   if record is None:
     return
-  if record.get("config_fingerprint") != run_identity.config_fingerprint(config):
-    current = run_identity.config_record(json.loads(config.to_json_best_effort()))
-    diffs = run_identity.identity_differences({"config": record.get("config", {})}, {"config": current})
+  if not run_identity.matches_fingerprint(record.get("config_fingerprint"), config, _reads(config)):
+    current = run_identity.config_record(json.loads(config.to_json_best_effort()), _reads(config))
+    saved = run_identity.filter_record(record.get("config", {}), _reads(config))
+    diffs = run_identity.identity_differences({"config": saved}, {"config": current})
     raise StudyMismatch(f"{workdir}: holds a run of another configuration ({'; '.join(diffs) or 'no fingerprint'});"
                         " use another --workdir for this protocol")
   taught_by = [t.get("variables_sha256") for t in record.get("teachers") or []]

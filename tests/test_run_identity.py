@@ -47,6 +47,56 @@ def test_config_record_leaves_out_exactly_the_allow_list():
   assert set(flat) - set(record) == (set(run_identity.RESUMABLE_FIELDS) & set(flat)) | off_groups
 
 
+def _reads(method):
+  import functools
+
+  from tgeo_jax import methods
+  return functools.partial(methods.reads_field, method)
+
+
+def _record(config, method):
+  return run_identity.config_record(json.loads(config.to_json_best_effort()), _reads(method))
+
+
+def test_only_the_fields_a_method_reads_identify_its_runs():
+  config = tiny_config("kd")
+  record = _record(config, "kd")
+  assert "kd.temperature" in record and "teacher.model" in record and "optimizer.learning_rate" in record
+  assert not any(k.startswith(("dkd.", "tgeo.", "dist.", "ce.", "trikd.")) for k in record)
+  assert "val_batch_size" not in record  # KD draws no validation batches; TGeo-KD does
+  assert "val_batch_size" in _record(tiny_config("tgeo"), "tgeo")
+  fingerprint = run_identity.config_fingerprint(config, _reads("kd"))
+  config.dkd.alpha = 7.0  # another method's field (or one added to it in a later version)
+  assert run_identity.config_fingerprint(config, _reads("kd")) == fingerprint
+  config.kd.temperature = 7.0
+  assert run_identity.config_fingerprint(config, _reads("kd")) != fingerprint
+  assert not any(k.startswith("teacher.") for k in _record(tiny_config("ce"), "ce"))  # CE has no teacher
+  assert "teacher.model" in _record(tiny_config("trikd"), "trikd")  # TriKD's online teacher
+
+
+def test_a_work_directory_of_identity_version_1_resumes_on_the_fields_its_method_reads(tmp_path):
+  """Version 1 records held every field: a field another method gained since (``<absent>`` in the old record)
+  no longer refuses the resume; a field the method reads still does, naming it."""
+  data = {"name": "synthetic", "digest": "d" * 64, "sizes": {"train": 10}}
+  config = tiny_config("kd")
+  config_dict = json.loads(config.to_json_best_effort())
+  v1 = run_identity.make_identity(config_dict, data, [])
+  assert v1["version"] == 1
+  del v1["config"]["dkd.warmup_epochs"]  # written before that DKD field existed
+  current = run_identity.make_identity(config_dict, data, [], _reads("kd"))
+  assert current["version"] == 2
+  workdir = str(tmp_path)
+  run_identity.refuse_differences(workdir, v1, current, _reads("kd"))
+  run_identity.check_resume_compatible({"identity": v1, "num_classes": 10}, current, 10, workdir, _reads("kd"))
+  assert run_identity.matches_fingerprint(run_identity.config_fingerprint(config), config, _reads("kd"))  # v1
+  assert run_identity.matches_fingerprint(current["config_fingerprint"], config, _reads("kd"))  # v2
+  v1["config"]["kd.temperature"] = 9.0
+  with pytest.raises(UserError, match=r"kd.temperature: 9.0 -> 4.0"):
+    run_identity.refuse_differences(workdir, v1, current, _reads("kd"))
+  with pytest.raises(UserError, match=r"kd.temperature: 9.0 -> 4.0"):
+    run_identity.check_resume_compatible({"identity": v1, "num_classes": 10}, current, 10, workdir, _reads("kd"))
+
+
 def test_identity_differences_name_every_field_old_to_new():
   base = {"config": {"a": 1, "b.c": "x", "log.every_steps": 5},
           "data": {"name": "synthetic", "digest": "d" * 64, "sizes": {"train": 10}},
@@ -153,7 +203,7 @@ def test_run_files_and_summary_identify_the_run(finished_ce, tmp_path):
   summary = report.read_json(os.path.join(workdir, "summary.json"))
   assert summary["fingerprint"] == identity["fingerprint"] and summary["dataset"] == "synthetic"
   assert summary["config"]["optimizer.learning_rate"] == 0.1 and summary["data"]["sizes"]["train"] == 462
-  assert summary["config_fingerprint"] == run_identity.config_fingerprint(config)
+  assert summary["config_fingerprint"] == run_identity.config_fingerprint(config, _reads("ce"))
   with np.load(os.path.join(workdir, "membership.npz")) as f:
     assert len(f["train"]) == 462 and len(f["val"]) == 50 and len(f["test"]) == 256
     assert not np.intersect1d(f["train"], f["val"]).size and not np.intersect1d(f["train"], f["test"]).size

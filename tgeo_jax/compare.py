@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import glob
 import io
 import json
@@ -177,7 +178,11 @@ def load_run(path: str) -> Run:
   else:  # config.json is the resolved config, nested; a failed.json of bench/study.py holds the flattened record
     raw = run_identity.read_json_file(os.path.join(path, run_identity.CONFIG_FILE))
     failed = run_identity.read_json_file(os.path.join(path, FAILED_FILE)) or {}
-    config = run_identity.config_record(raw) if raw else failed.get("config") or {}
+    reads = None
+    if raw and isinstance(raw.get("method"), str):  # the fields its method reads, as the trainer records them
+      from tgeo_jax import methods
+      reads = functools.partial(methods.reads_field, raw["method"])
+    config = run_identity.config_record(raw, reads) if raw else failed.get("config") or {}
   run = Run(path, summary, identity, config)
   if summary is not None and summary.get("finished", True) and "failed" not in summary:
     for key in ("accuracy", "best_accuracy"):

@@ -109,7 +109,7 @@ def validate(config) -> None:
   require(config, "data.val_subset", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = all)")
   require(config, "data.label_noise", lambda v: is_number(v) and 0 <= v < 1, "a fraction in [0, 1)")
   require(config, "data.train_with_val", lambda v: isinstance(v, bool), "True or False")
-  if "workers" in config.data:  # the input pipeline (tgeo_jax/data/__init__.py, tfds_sources.py)
+  if "workers" in config.data:  # the input pipeline (tgeo_jax/data/pipeline.py, tfds_sources.py)
     require(config, "data.workers", lambda v: v is None or (is_int(v) and v >= 0),
             "None (auto) or an integer >= 0 (worker processes)")
     require(config, "data.in_memory", lambda v: v in ("auto", "on", "off"), "'auto', 'on' or 'off'")

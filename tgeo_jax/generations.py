@@ -10,6 +10,7 @@ with the count set to 1; generation 1 keeps the ``previous`` field as configured
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -55,7 +56,9 @@ def run(config, workdir: str) -> dict:
     gen_config[group][count_key] = 1
     gen_config[previous_group][previous_key] = previous
     summary = _finished_summary(gen_dir)
-    if summary is not None and summary.get("config_fingerprint") != run_identity.config_fingerprint(gen_config):
+    reads = functools.partial(methods.reads_field, config.method)
+    if summary is not None and not run_identity.matches_fingerprint(summary.get("config_fingerprint"), gen_config,
+                                                                    reads):
       # A finished generation of another configuration is never reused (the trainer refuses to resume one).
       summary = None
     if summary is not None:

@@ -35,7 +35,8 @@ import numpy as np
 from tgeo_jax import fileio
 from tgeo_jax.errors import UserError
 
-__all__ = ["RESUMABLE_FIELDS", "flatten", "config_record", "make_identity", "config_fingerprint",
+__all__ = ["RESUMABLE_FIELDS", "flatten", "config_record", "filter_record", "make_identity", "config_fingerprint",
+           "matches_fingerprint",
            "identity_differences", "resume_error", "read_json_file", "write_run_files", "ids_digest", "run_dir_of",
            "check_teacher_provenance", "WorkdirLock", "pid_alive", "prepare_workdir"]
 
@@ -88,11 +89,22 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 OPTIONAL_GROUPS = {"study_wrong_teacher": lambda group: group.get("kind", "none") == "none"}
 
 
-def config_record(config_dict: dict) -> dict:
-  """The fingerprinted part of a config (a JSON dict, e.g. ``json.loads(config.to_json_best_effort())``)."""
+def config_record(config_dict: dict, reads=None) -> dict:
+  """The fingerprinted part of a config (a JSON dict, e.g. ``json.loads(config.to_json_best_effort())``), flat.
+
+  ``reads(field) -> bool``, when given, keeps only the fields the run's method reads (``methods.reads_field``:
+  its own config group and no other method's, ``teacher.*`` only with a teacher, ``val_batch_size`` only with
+  validation batches): a field added to one method then changes no other method's fingerprint. Without it every
+  field is kept (the record of work directories written before version 2 of the identity record).
+  """
   config_dict = {k: v for k, v in config_dict.items()
                  if not (k in OPTIONAL_GROUPS and isinstance(v, dict) and OPTIONAL_GROUPS[k](v))}
-  return {k: v for k, v in sorted(flatten(config_dict).items()) if k not in RESUMABLE_FIELDS}
+  return filter_record({k: v for k, v in sorted(flatten(config_dict).items()) if k not in RESUMABLE_FIELDS}, reads)
+
+
+def filter_record(record: dict, reads=None) -> dict:
+  """``record`` (a flat config record) without the fields ``reads`` says the method does not read."""
+  return record if reads is None else {k: v for k, v in record.items() if reads(k)}
 
 
 def _sha256_json(obj) -> str:
@@ -104,13 +116,16 @@ def _teacher_key(teacher: dict) -> dict:
   return {k: teacher.get(k) for k in ("field", "model", "variables_sha256")}
 
 
-def make_identity(config_dict: dict, data_identity: dict, teachers: list[dict]) -> dict:
-  config = config_record(config_dict)
+def make_identity(config_dict: dict, data_identity: dict, teachers: list[dict], reads=None) -> dict:
+  """The identity record of a run: its config record (``config_record(config_dict, reads)``), data identity and
+  teachers, and their fingerprints (``fingerprint``: all three; ``config_fingerprint``: the config;
+  ``group_fingerprint``: all three without the seed, so that seeds of one setting group together)."""
+  config = config_record(config_dict, reads)
   parts = {"config": _sha256_json(config), "data": _sha256_json(data_identity),
            "teachers": _sha256_json([_teacher_key(t) for t in teachers])}
   without_seed = dict(parts, config=_sha256_json({k: v for k, v in config.items() if k != "seed"}))
   return {
-      "version": 1,
+      "version": 2 if reads is not None else 1,  # 2: only the fields the method reads
       "fingerprint": _sha256_json(parts),
       "config_fingerprint": parts["config"],
       "group_fingerprint": _sha256_json(without_seed),
@@ -120,9 +135,16 @@ def make_identity(config_dict: dict, data_identity: dict, teachers: list[dict]) 
   }
 
 
-def config_fingerprint(config) -> str:
-  """The ``config_fingerprint`` of an ``ml_collections`` config (no data or teacher needed)."""
-  return _sha256_json(config_record(json.loads(config.to_json_best_effort())))
+def config_fingerprint(config, reads=None) -> str:
+  """The ``config_fingerprint`` of an ``ml_collections`` config (no data or teacher needed); ``reads`` as in
+  ``config_record``."""
+  return _sha256_json(config_record(json.loads(config.to_json_best_effort()), reads))
+
+
+def matches_fingerprint(recorded: str | None, config, reads) -> bool:
+  """Whether ``recorded`` (a summary's ``config_fingerprint``) is ``config``'s: of the fields the method reads,
+  or, for a run written before identity version 2, of every field."""
+  return recorded is not None and recorded in (config_fingerprint(config, reads), config_fingerprint(config))
 
 
 def _short(value) -> str:
@@ -402,19 +424,22 @@ def prepare_workdir(workdir: str) -> str:
   return workdir
 
 
-def refuse_differences(workdir: str, saved: dict, current: dict) -> None:
-  """A ``UserError`` naming every field in which ``current`` differs from ``saved`` (identity records)."""
+def refuse_differences(workdir: str, saved: dict, current: dict, reads=None) -> None:
+  """A ``UserError`` naming every field in which ``current`` differs from ``saved`` (identity records); a saved
+  record of every field (identity version 1) is compared on the fields ``reads`` keeps."""
+  saved = dict(saved, config=filter_record(saved.get("config", {}), reads))
   diffs = identity_differences(saved, current)
   if diffs:
     raise resume_error(workdir, diffs)
 
 
-def check_resume_compatible(saved_meta: dict, identity: dict, num_classes: int, workdir: str) -> None:
+def check_resume_compatible(saved_meta: dict, identity: dict, num_classes: int, workdir: str, reads=None) -> None:
   """The checkpoint's identity record (or, for a checkpoint written before identity records, its config) must
-  equal this run's; otherwise a ``UserError`` naming every differing field."""
+  equal this run's on the fields ``reads`` keeps; otherwise a ``UserError`` naming every differing field."""
   saved_identity = saved_meta.get("identity")
   if saved_identity is None:
     saved_identity = {"config": config_record(saved_meta.get("config", {}))}
+  saved_identity = dict(saved_identity, config=filter_record(saved_identity.get("config", {}), reads))
   diffs = identity_differences(saved_identity, identity)
   if saved_meta.get("num_classes", num_classes) != num_classes:
     diffs.append(f"num_classes: {saved_meta['num_classes']} -> {num_classes}")

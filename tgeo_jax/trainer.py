@@ -2,26 +2,29 @@
 
 ``train_and_evaluate(config, workdir)`` is three steps:
 
-* ``setup`` builds one ``Run``: the mesh, the task, the method and its state, the checkpointer (restoring the
-  newest good checkpoint of this run's identity: see ``run_identity``), the metric writer and the jitted step;
+* ``setup`` builds one ``Run``: the mesh, the task and its ``data.Pipeline``, the method and its state, the
+  checkpointer (``restore``: the newest good checkpoint of this run's identity, see ``run_identity``), the metric
+  writer and the jitted step (``build_train_step``);
 * ``train`` runs the loop: one jitted, guarded ``train_step`` per batch; ``itstime`` decides every cadence (log,
-  save); an epoch end saves, then evaluates; a signal or the ``steps_per_run`` budget raises ``StopTraining``,
-  handled in one place (save, then return or raise ``Interrupted`` to the caller);
+  save, the epoch end); an epoch end saves, then evaluates; a signal (``signals.StopRequest``) or the
+  ``steps_per_run`` budget raises ``StopTraining``, handled in one place (save, then return or raise
+  ``Interrupted`` to the caller);
 
   The training thread only dispatches steps: batches (with their validation batch, for methods that take one)
-  come out of the grain pipeline prepared ahead in its threads or worker processes (``data.iterate``); a
+  come out of the run's pipeline, prepared ahead in grain's threads or worker processes (``data.pipeline``); a
   checkpoint is copied to host memory and written in the background (``checkpoint.async_save``); the host syncs
   once per ``log.every_steps``, where the interval's steps/s and examples/s are recorded;
 * ``finish`` evaluates the final state on the test and validation parts and writes ``summary.json``.
 
 Everything method-specific happens behind ``method.init / train_step / predict / teacher_logits``. Nothing here
 exits the process: a signal reaches the caller as ``Interrupted`` (``cli.py`` turns it into exit status 128 +
-signal), so callers that run several trainings in one process (TriKD generations, ``bench/study.py``) can stop.
+signal), so callers that run several trainings in one process (``generations.py``, ``bench/study.py``) can stop.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -235,12 +238,13 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
     for note in config_checks.fit_mock_validation_batch(config, len(task.val), jax.device_count()):
       print(f"warning: {note}", file=sys.stderr, flush=True)
   config_dict = json.loads(config.to_json_best_effort())
+  reads = functools.partial(methods.reads_field, config.method)  # only these fields identify the run
   ckpt_dir = os.path.join(workdir, "checkpoints")
   saved_identity = (run_identity.read_json_file(os.path.join(workdir, run_identity.IDENTITY_FILE))
                     if _checkpoint_steps_on_disk(ckpt_dir) else None)
   if saved_identity is not None:  # the config part first: a changed field stops before any data is loaded
     run_identity.refuse_differences(workdir, {"config": saved_identity.get("config", {})},
-                                    {"config": run_identity.config_record(config_dict)})
+                                    {"config": run_identity.config_record(config_dict, reads)}, reads)
   mesh = parallel.make_mesh()
   parallel.check_batch_size("batch_size", config.batch_size, mesh)
   parallel.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
@@ -262,9 +266,9 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
   identity = run_identity.make_identity(
       config_dict, task.identity,
       [{k: t.identity[k] for k in ("field", "model", "path", "variables_sha256", "run_fingerprint")}
-       for t in teachers])
+       for t in teachers], reads)
   if saved_identity is not None:
-    run_identity.refuse_differences(workdir, saved_identity, identity)
+    run_identity.refuse_differences(workdir, saved_identity, identity, reads)
   if method.uses_validation_batch:
     parallel.check_batch_size("val_batch_size", config.val_batch_size, mesh)
     if config.val_batch_size > len(task.val):
@@ -284,7 +288,7 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
                                      async_save=config.checkpoint.async_save)
   try:
     step0, state, meta = restore(ckpt, state, identity=identity, num_classes=task.num_classes, workdir=workdir,
-                                 mesh=mesh)
+                                 mesh=mesh, reads=reads)
     resumed = step0 is not None
     if resumed:
       _log(f"Resuming {config.method} in {workdir} from step {step0} of {total_steps} (epoch {meta['epoch']}).")
@@ -323,7 +327,8 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
       log_clock=(step0, time.perf_counter()))
 
 
-def restore(ckpt: checkpoint_lib.Checkpointer, state, *, identity: dict, num_classes: int, workdir: str, mesh):
+def restore(ckpt: checkpoint_lib.Checkpointer, state, *, identity: dict, num_classes: int, workdir: str, mesh,
+            reads=None):
   """``(step, state, meta)`` of the newest good checkpoint in ``ckpt`` (a corrupt one is moved aside with a one-line
   warning), or ``(None, state, fresh meta)`` when there is none. A checkpoint of another run identity stops the
   run before anything is read or moved."""
@@ -332,7 +337,8 @@ def restore(ckpt: checkpoint_lib.Checkpointer, state, *, identity: dict, num_cla
   if not existing:
     return None, state, meta
   restored = ckpt.restore_latest(
-      state, check_meta=lambda saved: run_identity.check_resume_compatible(saved, identity, num_classes, workdir))
+      state, check_meta=lambda saved: run_identity.check_resume_compatible(saved, identity, num_classes, workdir,
+                                                                           reads))
   if restored is None:
     raise UserError(f"workdir: no readable checkpoint among steps {existing} in {workdir!r}")
   step0, state, meta = restored

@@ -40,8 +40,9 @@ def get_class(name: str):
 
 def reads_field(method: str, field: str) -> bool:
   """Whether a run of ``method`` reads the config ``field`` (dotted): a method reads its own config group and no
-  other method's, ``val_batch_size`` only when it draws validation batches, ``teacher.*`` only when it loads a
-  teacher; every other field is common to all. An unknown method reads everything."""
+  other method's, ``val_batch_size`` only when it draws validation batches, ``teacher.*`` only when it has a
+  teacher (``reads_teacher_fields``); every other field is common to all. An unknown method reads everything.
+  Only the fields a method reads identify its runs (``run_identity.config_record``)."""
   if method not in _METHODS:
     return True
   cls = get_class(method)
@@ -52,7 +53,7 @@ def reads_field(method: str, field: str) -> bool:
   if field == "val_batch_size":
     return bool(cls.uses_validation_batch)
   if top == "teacher":
-    return bool(getattr(cls, "loads_teacher_checkpoint", True))
+    return bool(getattr(cls, "reads_teacher_fields", True))
   return True
 
 

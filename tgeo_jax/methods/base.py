@@ -48,6 +48,9 @@ class Method:
   # Whether the trainer loads ``teacher.checkpoint`` as the frozen teacher (False: CE, and TriKD, which loads
   # its own anchor and online teacher).
   loads_teacher_checkpoint: bool = True
+  # Whether the method reads the ``teacher.*`` fields at all (False: CE). Only the fields a method reads identify
+  # its runs (``methods.reads_field``, ``run_identity.config_record``).
+  reads_teacher_fields: bool = True
   uses_validation_batch: bool = False
   # teacher_logits(state, frozen, x) reads only ``frozen`` (evaluation may then compute them once).
   teacher_logits_fixed: bool = True

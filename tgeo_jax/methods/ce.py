@@ -20,6 +20,7 @@ class CE(base.LossMethod):
   name = "ce"
   config_group = "ce"
   loads_teacher_checkpoint = False
+  reads_teacher_fields = False
 
   @classmethod
   def defaults(cls):
