@@ -1,15 +1,17 @@
 """The path of ``config`` through the package: one tiny in-process run (``cli.run``, the CLI minus flag parsing),
 traced with ``sys.setprofile``, from the call into ``cli.run`` to the return of ``summary.json``'s writer.
 
-Counted over the calls and returns between functions of ``tgeo_jax`` on the main thread (Python-level; the
-package's own functions only, library frames are skipped over):
+Following ``config``: only the calls of the package's own functions (main thread) that receive the run's config
+or one of its groups (``config.data``, ``config.optimizer``, ...) as an argument are counted:
 
-* functions visited: distinct ``module:function`` names entered;
+* functions visited: distinct ``module:function`` names that receive it;
 * modules entered: distinct ``tgeo_jax`` modules among them;
-* stays: maximal runs of consecutive events in one module (a "stay" ends when control passes to another module);
+* stays: maximal runs of consecutive such calls in one module (a stay ends when the config passes to another
+  module);
 * returns to a module already left: stays in a module that an earlier stay had already entered;
-* climbs: calls from a module into one above it in the import layering (a module's layer is 1 + the highest layer
-  of the package modules it imports at top level, so a climb is a callback or a lazy import running upwards);
+* climbs: such calls from a module into one above it in the import layering (a module's layer is 1 + the highest
+  layer of the package modules it imports at top level, so a climb is a callback or a lazy import running up);
+* ``all_calls``: the same counts over every call between the package's functions (helpers included);
 * the longest functions in the package (lines of ``def`` bodies), and file sizes.
 
 Usage: python bench/config_path.py [--method=kd] [--json=OUT]
@@ -102,8 +104,9 @@ def trace_run(method: str):
     teacher_config.batch_size, teacher_config.eval_batch_size = 32, 64
     cli.run(teacher_config, os.path.join(workdir, "teacher"))
     config.teacher.checkpoint = os.path.join(workdir, "teacher")
-  events = []  # ("call" | "return", module, function)
+  events = []  # ("call" | "return", module, function, receives the config)
   code_modules: dict = {}
+  groups = {id(config)} | {id(v) for v in config.values() if hasattr(v, "keys")}
 
   def profiler(frame, event, arg):
     if event not in ("call", "return"):
@@ -113,7 +116,8 @@ def trace_run(method: str):
     if mod == "?":
       mod = code_modules[code.co_filename] = module_name(code.co_filename)
     if mod is not None:
-      events.append((event, mod, code.co_name))
+      args = [frame.f_locals.get(n) for n in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]]
+      events.append((event, mod, code.co_name, any(id(a) in groups for a in args)))
 
   sys.setprofile(profiler)
   try:
@@ -124,19 +128,22 @@ def trace_run(method: str):
   return events
 
 
-def measure(events, layer):
-  functions = {f"{m}:{f}" for e, m, f in events if e == "call" and not f.startswith("<")}
-  modules = {m for _, m, _ in events}
+def measure(events, layer, *, following_config: bool):
+  """The counts of the module docstring over ``events`` (all calls, or those that receive the config)."""
+  kept = [(e, m, f) for e, m, f, has_config in _pair_returns(events) if has_config or not following_config]
+  functions = {f"{m}:{f}" for e, m, f in kept if e == "call" and not f.startswith("<")}
+  modules = {m for e, m, _ in kept if e == "call"}
   stays, seen, returns, climbs = 0, set(), 0, 0
   current = None
   stack = []
-  for event, mod, _ in events:
-    if event == "call":
-      if stack and layer.get(mod, 0) > layer.get(stack[-1], 0):
-        climbs += 1
-      stack.append(mod)
-    elif stack:
-      stack.pop()
+  for event, mod, _ in kept:
+    if event == "return":
+      if stack:
+        stack.pop()
+      continue
+    if stack and layer.get(mod, 0) > layer.get(stack[-1], 0):
+      climbs += 1
+    stack.append(mod)
     if mod != current:
       stays += 1
       if mod in seen:
@@ -147,6 +154,18 @@ def measure(events, layer):
           "returns_to_a_module_already_left": returns, "climbs": climbs}
 
 
+def _pair_returns(events):
+  """Marks each return like its call (whether that call received the config), so the call stack stays paired."""
+  stack, out = [], []
+  for event, mod, fn, has_config in events:
+    if event == "call":
+      stack.append(has_config)
+      out.append((event, mod, fn, has_config))
+    else:
+      out.append((event, mod, fn, stack.pop() if stack else False))
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--method", default="kd")
@@ -154,7 +173,9 @@ def main():
   args = parser.parse_args()
   modules = package_modules()
   layer = layers(modules)
-  result = measure(trace_run(args.method), layer)
+  events = trace_run(args.method)
+  result = measure(events, layer, following_config=True)
+  result["all_calls"] = measure(events, layer, following_config=False)
   result["longest_functions"] = longest_functions(modules)
   lines = lambda p: sum(1 for _ in open(p))  # noqa: E731
   result["trainer_py_lines"] = lines(os.path.join(PKG, "trainer.py"))

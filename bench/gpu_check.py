@@ -313,7 +313,7 @@ def build_programs(args) -> tuple[list, dict]:
   import jax
   import jax.numpy as jnp
   from bench.hypergrad_cost import Program
-  from tgeo_jax import config_checks, data, models, trainer
+  from tgeo_jax import data, methods, models, trainer
   from tgeo_jax.teacher import Teacher
 
   base = make_config("kd", max(args.batches), "float32", args)
@@ -329,7 +329,7 @@ def build_programs(args) -> tuple[list, dict]:
     for method_name in args.methods:
       for batch in args.batches:
         config = make_config(method_name, batch, dtype, args)
-        config_checks.validate(config)
+        methods.validate_config(config)
         method = trainer.build_method(config, task, data.steps_per_epoch(len(task.train), batch), teacher=teacher)
         if dtype in tables:  # the same frozen teacher: its logit table once per dtype (as bench/pipeline.py does)
           method.teacher_logits_over_train = lambda frozen, table=tables[dtype]: table

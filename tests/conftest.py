@@ -12,7 +12,7 @@ CACHE_DIR = os.path.join(ROOT, ".jax_cache")
 # test processes and subprocesses).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # XLA:CPU at backend optimisation level 0: the suite checks values, never speed, and its tiny programs compile
 # about a fifth faster (five compile-bound tests, cold cache: 75.6 s -> 59.2 s). Every process the suite starts
 # inherits it; one with another device count gets it through ``device_flags``.

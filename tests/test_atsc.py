@@ -15,7 +15,7 @@ import pytest
 
 from conftest import TINY, run_cli
 from configs import fashion_mnist
-from tgeo_jax import checkpoint, config_checks, models
+from tgeo_jax import checkpoint, methods, models
 from tgeo_jax.data import TaskSpec
 from tgeo_jax.errors import UserError
 from tgeo_jax.methods import atsc, base
@@ -48,7 +48,7 @@ def make_method(*, teacher="cnn_tiny", tx=None, **atsc_overrides):
   c.model.name, c.teacher.model = "cnn_tiny", teacher
   for k, v in atsc_overrides.items():
     c.atsc[k] = v
-  config_checks.validate(c)
+  methods.validate_config(c)
   st = models.split(models.create("cnn_tiny", num_classes=SPEC.num_classes, input_shape=SPEC.input_shape, seed=0))
   t = models.split(models.create(teacher, num_classes=SPEC.num_classes, input_shape=SPEC.input_shape, seed=7))
   # Plain SGD: a parameter without gradient stays exactly where it was.

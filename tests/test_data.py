@@ -182,8 +182,8 @@ def test_val_subset_and_train_with_val(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("label_noise", 1.0), ("label_noise", -0.1), ("val_subset", -1)])
 def test_new_data_fields_are_validated(field, value):
-  from tgeo_jax import config_checks
+  from tgeo_jax import methods
   c = fmnist_config.get_config("kd")
   c.data[field] = value
   with pytest.raises(UserError, match=f"data.{field}: expected"):
-    config_checks.validate(c)
+    methods.validate_config(c)

@@ -16,7 +16,7 @@ from absl.testing import parameterized
 
 from conftest import ROOT, TINY, device_flags, run_cli
 from configs import fashion_mnist
-from tgeo_jax import config_checks, report
+from tgeo_jax import methods, report
 from tgeo_jax.errors import UserError
 from tgeo_jax.methods import dist
 
@@ -119,10 +119,10 @@ class DistLossTest(chex.TestCase, parameterized.TestCase):
     c = fashion_mnist.get_config("dist")
     c.dist.temperature = 0.0
     with pytest.raises(UserError, match=r"^dist.temperature: expected a positive number"):
-      config_checks.validate(c)
+      methods.validate_config(c)
     c.dist.temperature, c.dist.w_intra = 4.0, -1.0
     with pytest.raises(UserError, match=r"^dist.w_intra: expected a number >= 0"):
-      config_checks.validate(c)
+      methods.validate_config(c)
 
 
 def test_intra_is_over_the_global_batch_on_four_devices():

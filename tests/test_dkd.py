@@ -15,7 +15,7 @@ from jax.test_util import check_grads
 
 from conftest import TINY, build_method_state, run_cli
 from configs import cifar100, fashion_mnist
-from tgeo_jax import config_checks, losses, report
+from tgeo_jax import losses, methods, report
 from tgeo_jax.errors import UserError
 from tgeo_jax.methods import dkd
 
@@ -170,7 +170,7 @@ def test_defaults_and_cifar_settings():
   c = cifar100.get_config("vgg13_mobilenetv2:dkd")
   assert (c.dkd.alpha, c.dkd.temperature, c.dkd.warmup_epochs, c.dkd.w_ce, c.optimizer.learning_rate) == (
       1.0, 4.0, 20.0, 1.0, 0.01)
-  config_checks.validate(c)
+  methods.validate_config(c)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -183,7 +183,7 @@ def test_bad_config_names_the_field(field, value, message):
   c = fashion_mnist.get_config("dkd")
   c.dkd[field] = value
   with pytest.raises(UserError, match=message):
-    config_checks.validate(c)
+    methods.validate_config(c)
 
 
 def test_cli_run(tiny_teacher, tmp_path):

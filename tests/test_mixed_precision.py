@@ -14,7 +14,7 @@ import pytest
 
 from configs import fashion_mnist
 from conftest import build_method_state as tgeo_build
-from tgeo_jax import bilevel, config_checks, data, models, trainer
+from tgeo_jax import bilevel, data, methods, models, trainer
 from tgeo_jax.errors import UserError
 
 BF16 = jnp.bfloat16
@@ -119,11 +119,11 @@ def test_compute_dtype_field():
   assert models.compute_dtype(config) is None  # absent: float32, the code path without casts
   config.compute_dtype = "bfloat16"
   assert models.compute_dtype(config) == BF16
-  config_checks.validate(config)
+  methods.validate_config(config)
   for bad in ("float16", "bf16", ""):
     config.compute_dtype = bad
     with pytest.raises(UserError, match=r"^compute_dtype: expected one of \['float32', 'bfloat16'\], got "):
-      config_checks.validate(config)
+      methods.validate_config(config)
 
 
 # ------------------------------------------------------------------------------------ training steps

@@ -154,34 +154,58 @@ def finished_ce(tmp_path_factory):
   return workdir, config
 
 
-CHANGES = [  # (override, the text the refusal names)
-    ({"optimizer.learning_rate": 0.2}, "optimizer.learning_rate: 0.1 -> 0.2"),
-    ({"optimizer.schedule": "constant"}, "optimizer.schedule: 'cosine' -> 'constant'"),
-    ({"kd.temperature": 2.0}, "kd.temperature: 4.0 -> 2.0"),
-    ({"kd.w_ce": 0.5, "kd.w_kd": 0.5}, "kd.w_ce: 0.1 -> 0.5; kd.w_kd: 0.9 -> 0.5"),
-    ({"data.label_noise": 0.2}, "data.label_noise: 0.0 -> 0.2"),
-    ({"data.augment": "flip"}, "data.augment: 'none' -> 'flip'"),
-    ({"tgeo.fusion_lr": 0.01}, "tgeo.fusion_lr: 0.001 -> 0.01"),
-    ({"tgeo.ordering": "lookahead"}, "tgeo.ordering: 'reuse' -> 'lookahead'"),
-    ({"tgeo.alpha_normalization": "center"}, "tgeo.alpha_normalization: 'none' -> 'center'"),
-    ({"tgeo.layout": "edges"}, "tgeo.layout: 'reference' -> 'edges'"),
-    ({"data.train_subset": 300}, "data.train_subset: 0 -> 300"),
-    ({"data.val_fraction": 0.2}, "data.val_fraction: 0.1 -> 0.2"),
-    ({"num_epochs": 4}, "num_epochs: 2 -> 4"),
+CHANGES = [  # (method, override, the text the refusal names)
+    ("ce", {"optimizer.learning_rate": 0.2}, "optimizer.learning_rate: 0.1 -> 0.2"),
+    ("ce", {"optimizer.schedule": "constant"}, "optimizer.schedule: 'cosine' -> 'constant'"),
+    ("kd", {"kd.temperature": 2.0}, "kd.temperature: 4.0 -> 2.0"),
+    ("kd", {"kd.w_ce": 0.5, "kd.w_kd": 0.5}, "kd.w_ce: 0.1 -> 0.5; kd.w_kd: 0.9 -> 0.5"),
+    ("ce", {"data.label_noise": 0.2}, "data.label_noise: 0.0 -> 0.2"),
+    ("ce", {"data.augment": "flip"}, "data.augment: 'none' -> 'flip'"),
+    ("tgeo", {"tgeo.fusion_lr": 0.01}, "tgeo.fusion_lr: 0.001 -> 0.01"),
+    ("tgeo", {"tgeo.ordering": "lookahead"}, "tgeo.ordering: 'reuse' -> 'lookahead'"),
+    ("tgeo", {"tgeo.alpha_normalization": "center"}, "tgeo.alpha_normalization: 'none' -> 'center'"),
+    ("tgeo", {"tgeo.layout": "edges"}, "tgeo.layout: 'reference' -> 'edges'"),
+    ("ce", {"data.train_subset": 300}, "data.train_subset: 0 -> 300"),
+    ("ce", {"data.val_fraction": 0.2}, "data.val_fraction: 0.1 -> 0.2"),
+    ("ce", {"num_epochs": 4}, "num_epochs: 2 -> 4"),
 ]
 
 
-def test_resume_with_any_changed_field_is_refused_naming_it(finished_ce, capsys):
+def _as_run_of(method, finished_workdir, workdir):
+  """``finished_workdir`` (a finished CE run) copied to ``workdir`` with its identity record made ``method``'s: the
+  config part, which a resume compares first (before any data or teacher is read), is all a refusal needs."""
+  shutil.copytree(finished_workdir, workdir)
+  path = os.path.join(workdir, run_identity.IDENTITY_FILE)
+  identity = json.load(open(path))
+  identity["config"] = _record(tiny_config(method, num_epochs=2), method)
+  with open(path, "w") as f:
+    json.dump(identity, f)
+  return workdir
+
+
+def test_resume_with_any_changed_field_is_refused_naming_it(finished_ce, tmp_path, capsys):
   workdir, _ = finished_ce
-  before = listing(workdir)
-  for overrides, expected in CHANGES:
-    rc, _, err = run_inprocess(tiny_config("ce", **{"num_epochs": 2, **overrides}), workdir, capsys)
+  runs = {"ce": workdir, **{m: _as_run_of(m, workdir, str(tmp_path / m)) for m in ("kd", "tgeo")}}
+  before = {m: listing(d) for m, d in runs.items()}
+  for method, overrides, expected in CHANGES:
+    rc, _, err = run_inprocess(tiny_config(method, **{"num_epochs": 2, **overrides}), runs[method], capsys)
     lines = error_lines(err)
     assert rc == 2 and len(lines) == 1, (overrides, err)
     assert expected in lines[0] and "nothing was read or written" in lines[0], lines[0]
     if "num_epochs" in overrides:
       assert "the learning-rate schedule spans num_epochs" in lines[0]
-    assert listing(workdir) == before, overrides
+    assert listing(runs[method]) == before[method], overrides
+
+
+def test_a_field_the_method_does_not_read_never_refuses_a_resume(finished_ce, capsys):
+  """Another method's group (and, for CE, the teacher): not part of a CE run's identity."""
+  workdir, _ = finished_ce
+  summary = report.read_json(os.path.join(workdir, "summary.json"))
+  rc, out, err = run_inprocess(tiny_config("ce", num_epochs=2, **{
+      "kd.temperature": 2.0, "tgeo.fusion_lr": 0.01, "dkd.beta": 2.0, "teacher.model": "mlp"}), workdir, capsys)
+  assert rc == 0 and "already finished" in out, err
+  again = report.read_json(os.path.join(workdir, "summary.json"))
+  assert again["fingerprint"] == summary["fingerprint"] and again["accuracy"] == summary["accuracy"]
 
 
 def test_allow_listed_fields_may_change_on_resume(finished_ce, capsys):

@@ -70,11 +70,11 @@ def test_an_off_group_is_not_part_of_the_fingerprint_an_on_one_is():
      "study_wrong_teacher.classes: expected a non-empty list of class ids >= 0"),
 ])
 def test_bad_fields_are_one_line(overrides, message):
-  from tgeo_jax import config_checks
+  from tgeo_jax import methods
   config = tiny_config(overrides.pop("method"))
   default_config.override(config, overrides)
   with pytest.raises(UserError) as e:
-    config_checks.validate(config)
+    methods.validate_config(config)
   assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 

@@ -11,7 +11,7 @@ from conftest import ROOT, run_cli
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from tgeo_jax import config_checks, run_identity  # noqa: E402
+from tgeo_jax import methods, run_identity  # noqa: E402
 from tgeo_jax import data as data_lib  # noqa: E402
 from tgeo_jax.data import augment, tfds_sources  # noqa: E402
 from tgeo_jax.errors import UserError  # noqa: E402
@@ -125,7 +125,7 @@ def test_mock_data_is_for_tfds_datasets_only():
   config.data.name = "fashion_mnist"
   with pytest.raises(UserError, match=r"^data.mock: True works for the TFDS datasets \['cifar100', "
                                       r"'imagenet2012'\] only; data.name is 'fashion_mnist'$"):
-    config_checks.validate(config)
+    methods.validate_config(config)
 
 
 def test_imagenet_config_opens_on_data_mock(capsys):

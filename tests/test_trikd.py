@@ -13,7 +13,7 @@ import pytest
 
 from conftest import TINY, run_cli
 from configs import fashion_mnist
-from tgeo_jax import checkpoint, config_checks, generations, models
+from tgeo_jax import checkpoint, generations, methods, models
 from tgeo_jax.data import TaskSpec
 from tgeo_jax.errors import UserError
 from tgeo_jax.methods import trikd
@@ -57,7 +57,7 @@ def make_config(anchor, teacher_checkpoint=""):
 
 
 def make_method(config):
-  config_checks.validate(config)
+  methods.validate_config(config)
   st = models.split(models.create("cnn_tiny", num_classes=SPEC.num_classes, input_shape=SPEC.input_shape, seed=0))
   return trikd.TriKD(config, SPEC, student=st, tx=optax.sgd(0.1), teacher=None)
 
@@ -121,16 +121,16 @@ def test_joint_step_and_teacher_initialisation(tmp_path):
 def test_bad_input(tmp_path):
   c = make_config("")
   with pytest.raises(UserError, match=r"^trikd.anchor_checkpoint: TriKD needs a CE-trained anchor"):
-    config_checks.validate(c)
+    methods.validate_config(c)
   c = make_config("/somewhere")
   c.trikd.generations = 0
   with pytest.raises(UserError, match=r"^trikd.generations: expected an integer >= 1, got 0"):
-    config_checks.validate(c)
+    methods.validate_config(c)
   with pytest.raises(UserError, match=r"^trikd.generations: expected an integer >= 1, got 0"):
     generations.run(c, str(tmp_path / "run"))
   c.trikd.generations = 3
   with pytest.raises(UserError, match=r"^trikd.generations: 3 generations are trained by tgeo_jax.generations.run"):
-    config_checks.validate(c)
+    methods.validate_config(c)
   with pytest.raises(UserError, match=r"^trikd.anchor_checkpoint: no checkpoint directory"):
     make_method(make_config(str(tmp_path / "nowhere")))
   # An unfinished run is not an anchor. (A run of another architecture fails like teacher.checkpoint does, see

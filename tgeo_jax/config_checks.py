@@ -5,17 +5,18 @@ from __future__ import annotations
 import math
 import os
 
-from tgeo_jax import methods, models
+from tgeo_jax import models
 from tgeo_jax.errors import UserError
 
-__all__ = ["NONFINITE_MODES", "require", "is_int", "is_number", "positive_int", "nonnegative_int", "positive_number",
+__all__ = ["NONFINITE_MODES", "field", "require", "is_int", "is_number", "positive_int", "nonnegative_int", "positive_number",
            "nonnegative_number", "validate", "parse_profile_steps"]
 
 # What a NaN/Inf loss, gradient or state does: end the run naming the step, or skip that update and count it.
 NONFINITE_MODES = ("stop", "skip")
 
 
-def _field(config, dotted: str):
+def field(config, dotted: str):
+  """``config``'s value at ``dotted`` (``"a.b"``); a missing field is a one-line ``UserError``."""
   node = config
   for part in dotted.split("."):
     if part not in node:
@@ -25,7 +26,7 @@ def _field(config, dotted: str):
 
 
 def require(config, dotted: str, predicate, expected: str) -> None:
-  value = _field(config, dotted)
+  value = field(config, dotted)
   ok = False
   try:
     ok = bool(predicate(value))
@@ -78,10 +79,10 @@ def adapt_to_mock_data(config) -> list[str]:
   return [f"data.mock=True: {note}, so the smoke test can run" for note in notes]
 
 
-def fit_mock_validation_batch(config, held_out: int, device_count: int) -> list[str]:
+def fit_mock_validation_batch(config, held_out: int, device_count: int, *, uses_validation_batch: bool) -> list[str]:
   """On mock data, lowers ``val_batch_size`` to the largest multiple of ``device_count`` that the ``held_out``
   validation examples fill, for the methods that draw validation batches; returns the note (or nothing)."""
-  if not (config.data.mock is True and methods.get_class(config.method).uses_validation_batch):
+  if not (config.data.mock is True and uses_validation_batch):
     return []
   fitted = held_out // device_count * device_count
   if not 0 < fitted < config.val_batch_size:
@@ -93,8 +94,8 @@ def fit_mock_validation_batch(config, held_out: int, device_count: int) -> list[
 
 
 def validate(config) -> None:
-  """Checks the fields every run uses, then the method's own (``Method.validate_config``)."""
-  method_cls = methods.get_class(_field(config, "method"))
+  """Checks the fields every run uses (``methods.validate_config`` adds the method's own)."""
+  field(config, "method")
   # Seeds become uint32 PRNG keys and numpy seeds: a larger one would wrap silently or fail late.
   require(config, "seed", lambda v: is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)")
   require(config, "data.split_seed", lambda v: is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)")
@@ -114,7 +115,7 @@ def validate(config) -> None:
             "None (auto) or an integer >= 0 (worker processes)")
     require(config, "data.in_memory", lambda v: v in ("auto", "on", "off"), "'auto', 'on' or 'off'")
     require(config, "data.jpeg_draft", lambda v: isinstance(v, bool), "True or False")
-    cache = _field(config, "data.cache_dir")
+    cache = field(config, "data.cache_dir")
     if cache and os.path.exists(cache) and not os.path.isdir(cache):
       raise UserError(f"data.cache_dir: {cache!r} is a file, expected a directory")
   if "mock" in config.data:  # TFDS mock data (tgeo_jax/data/tfds_sources.py)
@@ -145,32 +146,31 @@ def validate(config) -> None:
   require(config, "checkpoint.every_steps", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = epoch ends)")
   positive_int(config, "checkpoint.max_to_keep")
   require(config, "checkpoint.async_save", lambda v: isinstance(v, bool), "True or False")
-  parse_profile_steps(_field(config, "log.profile_steps"))
+  parse_profile_steps(field(config, "log.profile_steps"))
   require(config, "compilation_cache_dir", lambda v: isinstance(v, str), "a directory path or '' (off)")
   require(config, "nonfinite", lambda v: v in NONFINITE_MODES, "'stop' or 'skip'")
-  for field in ("distributed_init_timeout", "distributed_heartbeat_timeout"):
-    if field in config:
-      positive_int(config, field)
-  if _field(config, "data.name") == "synthetic":
+  for name in ("distributed_init_timeout", "distributed_heartbeat_timeout"):
+    positive_int(config, name)
+  if field(config, "data.name") == "synthetic":
     require(config, "data.synthetic.num_classes", lambda v: is_int(v) and v >= 2, "an integer >= 2")
     positive_int(config, "data.synthetic.num_train")
     positive_int(config, "data.synthetic.num_test")
     require(config, "data.synthetic.input_shape",
             lambda v: isinstance(v, (tuple, list)) and len(v) >= 1 and all(is_int(d) and d > 0 for d in v),
             "a shape of positive integers, e.g. (28, 28, 1)")
-  if _field(config, "log.tensorboard"):
+  if field(config, "log.tensorboard"):
     try:
       import tensorboardX  # noqa: F401
     except ImportError:
       raise UserError("log.tensorboard: True needs tensorboardX: pip install 'tgeo_jax[tensorboard]' (or set "
                       "log.tensorboard=False)") from None
   require(config, "log.wandb", lambda v: isinstance(v, bool), "True or False")
-  if _field(config, "log.wandb"):
+  if field(config, "log.wandb"):
     try:
       import wandb  # noqa: F401
     except ImportError:
       raise UserError("log.wandb: True needs wandb: pip install 'tgeo_jax[wandb]' (or set log.wandb=False)") from None
-  cache_dir = _field(config, "teacher.logits_cache_dir")
+  cache_dir = field(config, "teacher.logits_cache_dir")
   if cache_dir and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
     raise UserError(f"teacher.logits_cache_dir: {cache_dir!r} is a file, expected a directory")
   require(config, "teacher.verify_provenance", lambda v: isinstance(v, bool), "True or False")
@@ -178,7 +178,6 @@ def validate(config) -> None:
   models.compute_dtype(config)  # 'float32' (also when absent) | 'bfloat16'; anything else is a UserError
   from tgeo_jax import study_teacher
   study_teacher.validate(config)
-  method_cls.validate_config(config)
 
 
 def parse_profile_steps(text) -> tuple[int, int] | None:

@@ -34,9 +34,9 @@ def evaluate_run(config, workdir: str, *, log=print) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from tgeo_jax import config_checks, data, losses, models
+  from tgeo_jax import data, losses, methods, models
   from tgeo_jax import teacher as teacher_lib
-  config_checks.validate(config)
+  methods.validate_config(config)
   ckpt_dir = teacher_lib.checkpoint_dir(workdir)
   meta = teacher_lib.latest_checkpoint_meta(ckpt_dir, "--workdir")
   saved = meta.get("config", {})

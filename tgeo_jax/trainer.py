@@ -190,7 +190,7 @@ def train_and_evaluate(config, workdir: str, *, teacher: teacher_lib.Teacher | N
   """
   for note in config_checks.adapt_to_mock_data(config):
     print(f"warning: {note}", file=sys.stderr, flush=True)
-  config_checks.validate(config)
+  methods.validate_config(config)
   created = not os.path.exists(workdir)
   run_identity.prepare_workdir(workdir)
   lock = run_identity.WorkdirLock(workdir)
@@ -235,7 +235,9 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
     # Mock data is small and cheap to load: load it first, so that a paper config's validation batch can be fitted
     # to what the mock split holds out before the config is recorded (config_checks.adapt_to_mock_data).
     task = data.load(config.data, seed=config.seed)
-    for note in config_checks.fit_mock_validation_batch(config, len(task.val), jax.device_count()):
+    uses_validation_batch = methods.get_class(config.method).uses_validation_batch
+    for note in config_checks.fit_mock_validation_batch(config, len(task.val), jax.device_count(),
+                                                        uses_validation_batch=uses_validation_batch):
       print(f"warning: {note}", file=sys.stderr, flush=True)
   config_dict = json.loads(config.to_json_best_effort())
   reads = functools.partial(methods.reads_field, config.method)  # only these fields identify the run

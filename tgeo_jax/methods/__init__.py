@@ -8,7 +8,7 @@ import importlib
 
 from tgeo_jax.errors import UserError
 
-__all__ = ["available", "get_class", "reads_field", "register"]
+__all__ = ["available", "get_class", "reads_field", "register", "validate_config"]
 
 # name -> "module:Class"
 _METHODS = {
@@ -36,6 +36,16 @@ def get_class(name: str):
     raise UserError(f"method: unknown method {name!r}; expected one of {available()}")
   module, cls = _METHODS[name].split(":")
   return getattr(importlib.import_module(module), cls)
+
+
+def validate_config(config) -> None:
+  """Checks every field a run of ``config.method`` uses: an unknown method first, then the fields common to every
+  run (``config_checks.validate``), then the method's own (``Method.validate_config``); the first bad field is a
+  one-line ``UserError`` naming it."""
+  from tgeo_jax import config_checks
+  method_cls = get_class(config_checks.field(config, "method"))
+  config_checks.validate(config)
+  method_cls.validate_config(config)
 
 
 def reads_field(method: str, field: str) -> bool:
