@@ -83,7 +83,8 @@ def build_method(config, task: data.TaskData, steps_per_epoch: int, *, teacher: 
   tx = optim.make_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs)
   if teacher is None and method_cls.loads_teacher_checkpoint:
     teacher = teacher_lib.load_teacher(config, spec)
-  return method_cls(config, spec, student=models.split(student_model), tx=tx, teacher=teacher, task=task)
+  return method_cls(config, spec, student=models.split(student_model), tx=tx, teacher=teacher, task=task,
+                    steps_per_epoch=steps_per_epoch)
 
 
 def _log(msg: str) -> None:

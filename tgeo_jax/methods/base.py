@@ -61,10 +61,14 @@ class Method:
     return None
 
   def __init__(self, config, spec, *, student: models.Functional, tx: optax.GradientTransformation,
-               teacher: Teacher | None, task=None):
+               teacher: Teacher | None, task=None, steps_per_epoch: int | None = None):
     # ``task`` (data.TaskData) is for methods that precompute over the training split (e.g. TGeo-KD's class-mean
     # teacher); step functions never read it.
     self.config, self.spec, self.task = config, spec, task
+    # The trainer's epoch length (DKD's warm-up, unroll windows); built without a trainer, the full batches of the
+    # training part.
+    self.steps_per_epoch = max(1, steps_per_epoch if steps_per_epoch is not None
+                               else spec.train_size // config.batch_size)
     self.student, self.tx, self.teacher = student, tx, teacher
     # The study-only wrong teacher (tgeo_jax/study_teacher.py): per training example, the rotation of its teacher
     # logits (0 = untouched); None when off.

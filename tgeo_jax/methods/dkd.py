@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tgeo_jax import argchecks, config_checks, data, losses
+from tgeo_jax import argchecks, config_checks, losses
 from tgeo_jax.methods import base
 
 __all__ = ["dkd_terms", "warmup_weight", "dkd_loss", "DKD"]
@@ -211,11 +211,6 @@ class DKD(base.LossMethod):
     config_checks.require(config, "dkd.warmup_epochs",
                           lambda v: config_checks.is_number(v) and 0 <= v <= config.num_epochs,
                           f"a number in [0, num_epochs={config.num_epochs}] (epochs of KD-weight warm-up)")
-
-  def __init__(self, config, spec, **kwargs):
-    super().__init__(config, spec, **kwargs)
-    # The trainer's epoch length (it refuses a batch larger than the training part before building a method).
-    self.steps_per_epoch = max(1, data.steps_per_epoch(spec.train_size, config.batch_size))
 
   def loss(self, student_logits, teacher_logits, batch, step):
     cfg = self.config.dkd

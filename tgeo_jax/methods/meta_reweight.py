@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from tgeo_jax import alpha_report, bilevel, data, losses
+from tgeo_jax import alpha_report, bilevel, losses
 from tgeo_jax.config_checks import nonnegative_int, positive_int, positive_number, require
 from tgeo_jax.errors import UserError
 from tgeo_jax.methods import base
@@ -136,11 +136,9 @@ class MetaReweightKD(base.Method):
         "head_only": bilevel.head_only,
     }[cfg.hypergrad]
     self.window_steps = int(cfg.unroll_steps) if cfg.hypergrad == "unroll" else 0
-    if self.window_steps and self.task is not None:
-      steps_per_epoch = data.steps_per_epoch(len(self.task.train), self.config.batch_size)
-      if self.window_steps > steps_per_epoch:
-        raise UserError(f"{self.config_group}.unroll_steps: a window of {self.window_steps} steps is longer than "
-                        f"an epoch ({steps_per_epoch} steps of batch_size {self.config.batch_size})")
+    if self.window_steps and self.task is not None and self.window_steps > self.steps_per_epoch:
+      raise UserError(f"{self.config_group}.unroll_steps: a window of {self.window_steps} steps is longer than "
+                      f"an epoch ({self.steps_per_epoch} steps of batch_size {self.config.batch_size})")
 
   # ---- to define
   def init_meta(self):
