@@ -311,8 +311,11 @@ def test_when_the_coordinator_dies_the_other_stops_with_one_line(tmp_path):
                       r"Failed to send RPC to coordination service\)|another process of 2 stopped or lost contact "
                       r"\((Gloo|Connection)[^\n]+\)); process 1 stops too, nothing was lost: run the same command on "
                       r"every process to resume\n", stderr), stderr
-  with open(tmp_path / "run" / "distributed_abort.1.log") as f:
-    assert "coordination" in f.read()  # JAX's own report, kept whole
+  report = tmp_path / "run" / "distributed_abort.1.log"
+  if "the coordinator" in stderr:  # the supervisor's line: JAX's own report is kept whole
+    assert "coordination" in report.read_text()
+  elif report.exists():  # the trainer's line came first; JAX's lines about the same event, if any, went there
+    assert report.read_text().strip()
 
 
 def test_a_peer_that_never_starts_is_one_line(tmp_path):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tgeo_jax import data, losses, parallel
+from tgeo_jax import losses, parallel
 
 __all__ = ["make_eval_step", "FixedTeacherLogits", "evaluate", "prefetched"]
 
@@ -58,16 +58,13 @@ class FixedTeacherLogits:
     return self._cache[index]
 
 
-def evaluate(eval_step, state, source, *, batch_size: int, mesh, teacher_logits=None) -> dict:
-  """Test metrics over every example of ``source``; ``eval_step(state, batch) -> sums``.
+def evaluate(eval_step, state, batches, *, mesh, teacher_logits=None) -> dict:
+  """Test metrics over ``batches`` (every example of a part once, padded and masked: ``Pipeline.evaluation``);
+  ``eval_step(state, batch) -> sums``.
 
   ``teacher_logits(i, inputs)`` (a ``FixedTeacherLogits``), when given, supplies batch ``i``'s teacher logits.
   """
-  # A batch larger than the part would only pad it: clamp to the part's size rounded up to the device count.
-  batch_size = min(batch_size, -(-len(source) // mesh.size) * mesh.size)
   totals, per_example = None, []
-  batches = data.eval_batches(source, batch_size=batch_size, process_index=jax.process_index(),
-                              process_count=jax.process_count())
   for i, batch in enumerate(prefetched(batches)):
     batch = parallel.shard_batch(batch, mesh)
     if teacher_logits is not None:

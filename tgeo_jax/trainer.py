@@ -279,6 +279,7 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
                       "examples (raise data.val_fraction or lower val_batch_size)")
   pipeline = data.Pipeline(task, batch_size=config.batch_size, seed=config.seed,
                            val_batch_size=config.val_batch_size if method.uses_validation_batch else None,
+                           eval_batch_size=config.eval_batch_size, devices=mesh.size,
                            workers=data.resolve_workers(config.data, task.train),
                            process_index=jax.process_index(), process_count=jax.process_count())
   total_steps = steps_per_epoch * config.num_epochs
@@ -494,7 +495,7 @@ def evaluate_epoch(run: Run) -> None:
   """The epoch-end evaluation record: test metrics, the method's epoch report, the last training averages."""
   host_health = jax.device_get(run.health)
   skipped = check_health(run, host_health)
-  results = evaluate(run.eval_step, run.state, run.task.test, batch_size=run.config.eval_batch_size, mesh=run.mesh,
+  results = evaluate(run.eval_step, run.state, run.pipeline.evaluation(run.task.test), mesh=run.mesh,
                      teacher_logits=run.fixed_teacher)
   run.best_accuracy = max(run.best_accuracy, results["accuracy"])
   if jax.process_index() == 0:
@@ -516,11 +517,11 @@ def finish(run: Run) -> dict:
   config = run.config
   if run.step0 >= run.total_steps:
     _log(f"{run.workdir} already finished ({run.total_steps} steps); re-evaluating the final checkpoint.")
-  final = evaluate(run.eval_step, run.state, run.task.test, batch_size=config.eval_batch_size, mesh=run.mesh,
+  final = evaluate(run.eval_step, run.state, run.pipeline.evaluation(run.task.test), mesh=run.mesh,
                    teacher_logits=run.fixed_teacher)
   seconds = run.meta["seconds"] + (time.time() - run.start_time if run.step0 < run.total_steps else 0.0)
   # The held-out validation part, for model selection (e.g. the learning rate) without looking at the test set.
-  val = (evaluate(run.eval_step, run.state, run.task.val, batch_size=config.eval_batch_size, mesh=run.mesh)
+  val = (evaluate(run.eval_step, run.state, run.pipeline.evaluation(run.task.val), mesh=run.mesh)
          if len(run.task.val) else {})
   summary = {
       "method": config.method,

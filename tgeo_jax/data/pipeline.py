@@ -35,7 +35,8 @@ class Pipeline:
     batch) when ``val_batch_size`` is given; built in prefetch threads or ``workers`` processes. ``close()`` it
     when stopping early.
   * ``prepare(e)``: starts computing epoch ``e``'s order in the background (the next epoch while this one trains).
-  * ``evaluation(part)``: every example of ``part`` (e.g. ``task.test``) once, in padded, masked batches.
+  * ``evaluation(part)``: every example of ``part`` (e.g. ``task.test``) once, in padded, masked batches of
+    ``eval_batch_size`` (clamped to the part's size rounded up to ``devices``: a larger batch would only pad).
 
   Every batch is a pure function of ``(seed, epoch, step)``: a resumed run gets the batches an uninterrupted one
   would. With several processes each builds its ``1 / process_count`` slice of every global batch.
@@ -47,9 +48,11 @@ class Pipeline:
       ...
   """
 
-  def __init__(self, task, *, batch_size: int, seed: int, val_batch_size: int | None = None, workers: int = 0,
-               process_index: int = 0, process_count: int = 1):
+  def __init__(self, task, *, batch_size: int, seed: int, val_batch_size: int | None = None,
+               eval_batch_size: int | None = None, devices: int = 1, workers: int = 0, process_index: int = 0,
+               process_count: int = 1):
     self.task, self.batch_size, self.seed = task, batch_size, seed
+    self.eval_batch_size, self.devices = eval_batch_size or batch_size, devices
     self.workers, self.process_index, self.process_count = workers, process_index, process_count
     self.steps_per_epoch = len(task.train) // batch_size
     self.val_stream = (validation_batches(task.val, batch_size=val_batch_size, seed=seed, process_index=process_index,
@@ -73,7 +76,8 @@ class Pipeline:
   def epoch(self, epoch: int, offset: int = 0):
     return iterate(self.epoch_batches(epoch)[offset:], workers=self.workers)
 
-  def evaluation(self, part, batch_size: int):
+  def evaluation(self, part):
+    batch_size = min(self.eval_batch_size, -(-len(part) // self.devices) * self.devices)
     return eval_batches(part, batch_size=batch_size, process_index=self.process_index,
                         process_count=self.process_count)
 
