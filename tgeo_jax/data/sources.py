@@ -22,6 +22,9 @@ __all__ = ["Source", "ArraySource", "SubsetSource", "subset", "ConcatSource", "c
 
 
 class Source(Protocol):
+  """What every part of a task is: ``len`` examples, their ``labels`` ``[N]`` int, and ``gather(indices)``, the
+  model inputs of those examples (``[B, ...]`` or a dict of such arrays)."""
+
   labels: np.ndarray
 
   def __len__(self) -> int: ...

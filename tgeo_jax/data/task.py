@@ -34,9 +34,9 @@ class TaskData:
   """
 
   name: str
-  train: Any
-  val: Any
-  test: Any
+  train: sources.Source
+  val: sources.Source
+  test: sources.Source
   num_classes: int
   input_shape: tuple[int, ...]
   augment: Any = None
