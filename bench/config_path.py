@@ -9,9 +9,9 @@ or one of its groups (``config.data``, ``config.optimizer``, ...) as an argument
 * stays: maximal runs of consecutive such calls in one module (a stay ends when the config passes to another
   module);
 * returns to a module already left: stays in a module that an earlier stay had already entered;
-* climbs: such calls from a module into one above it in the import layering (a module's layer is 1 + the highest
-  layer of the package modules it imports at top level, so a climb is a callback or a lazy import running up);
-* ``all_calls``: the same counts over every call between the package's functions (helpers included);
+* climbs: such calls from a module into one above it in the dependency layering (a module's layer is 1 + the
+  highest layer of the package modules it imports anywhere or names in a registry string, so a climb is a callback
+  running against the arrows, or a cycle);
 * the longest functions in the package (lines of ``def`` bodies), and file sizes.
 
 Usage: python bench/config_path.py [--method=kd] [--json=OUT]
@@ -49,20 +49,25 @@ def package_modules() -> dict[str, str]:
 
 
 def layers(modules: dict[str, str]) -> dict[str, int]:
-  """1 + the highest layer among the package modules a module imports at top level (cycles count as 0)."""
+  """1 + the highest layer among the package modules a module depends on (cycles count as 0). A dependency is any
+  import of it, at top level or inside a function, or a string naming it (``"tgeo_jax.methods.kd:KD"``: the
+  registries' lazy entries), so a call against these arrows is a callback running upwards."""
+  import re
   imports = {}
   for name, path in modules.items():
     tree = ast.parse(open(path).read())
     deps = set()
-    for node in tree.body:  # top-level imports only: lazy imports are the upward arrows this measures
+    for node in ast.walk(tree):
       if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tgeo_jax"):
         for alias in node.names:
           full = f"{node.module}.{alias.name}"
           deps.add(full if full in modules else node.module)
       elif isinstance(node, ast.Import):
-        for alias in node.names:
-          if alias.name.startswith("tgeo_jax"):
-            deps.add(alias.name)
+        deps.update(alias.name for alias in node.names if alias.name.startswith("tgeo_jax"))
+      elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+        match = re.fullmatch(r"(tgeo_jax(?:\.\w+)+)(?::\w+)?", node.value)
+        if match:
+          deps.add(match.group(1))
     imports[name] = {d for d in deps if d in modules and d != name}
   memo: dict[str, int] = {}
 
@@ -175,7 +180,6 @@ def main():
   layer = layers(modules)
   events = trace_run(args.method)
   result = measure(events, layer, following_config=True)
-  result["all_calls"] = measure(events, layer, following_config=False)
   result["longest_functions"] = longest_functions(modules)
   lines = lambda p: sum(1 for _ in open(p))  # noqa: E731
   result["trainer_py_lines"] = lines(os.path.join(PKG, "trainer.py"))
