@@ -49,6 +49,7 @@ def run(config, workdir: str) -> dict:
   if num_generations == 1:
     return trainer.train_and_evaluate(config, workdir)
   previous = config[previous_group][previous_key]
+  reads = functools.partial(methods.reads_field, config.method)
   history, seconds = [], 0.0
   for g in range(1, num_generations + 1):
     gen_dir = os.path.join(workdir, f"gen_{g}")
@@ -56,7 +57,6 @@ def run(config, workdir: str) -> dict:
     gen_config[group][count_key] = 1
     gen_config[previous_group][previous_key] = previous
     summary = _finished_summary(gen_dir)
-    reads = functools.partial(methods.reads_field, config.method)
     if summary is not None and not run_identity.matches_fingerprint(summary.get("config_fingerprint"), gen_config,
                                                                     reads):
       # A finished generation of another configuration is never reused (the trainer refuses to resume one).
