@@ -71,23 +71,33 @@ def read_json_or_none(path: str) -> dict | None:
   return value if isinstance(value, dict) else None
 
 
+# The write failures with a known remedy: errno, the words a wrapped error (tensorstore's) carries, reason, remedy.
+_KNOWN_FAILURES = (
+    (errno.ENOSPC, "No space left", "no space left on device", "free space"),
+    (errno.EROFS, "Read-only file system", "read-only file system",
+     "make the file system writable again (it is read-only)"),
+)
+
+
+def _known_failure(e: BaseException):
+  text = " ".join(str(e).split())
+  for code, words, reason, remedy in _KNOWN_FAILURES:
+    if getattr(e, "errno", None) == code or words in text:
+      return reason, remedy
+  return None
+
+
 def failure_reason(e: BaseException) -> str:
   """A failed write in a few words: no space, a read-only file system, the OS's reason, or the exception."""
-  text = " ".join(str(e).split())
-  if "No space left" in text or getattr(e, "errno", None) == errno.ENOSPC:
-    return "no space left on device"
-  if "Read-only file system" in text or getattr(e, "errno", None) == errno.EROFS:
-    return "read-only file system"
+  known = _known_failure(e)
+  if known:
+    return known[0]
   if isinstance(e, OSError) and e.strerror:
     return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-  return f"{type(e).__name__}: {text[:160]}"
+  return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
 
 
 def failure_remedy(e: BaseException) -> str:
   """What to do about a failed write: free space, make the filesystem writable, or fix what the reason says."""
-  text = " ".join(str(e).split())
-  if "No space left" in text or getattr(e, "errno", None) == errno.ENOSPC:
-    return "free space"
-  if "Read-only file system" in text or getattr(e, "errno", None) == errno.EROFS:
-    return "make the file system writable again (it is read-only)"
-  return "fix the cause"
+  known = _known_failure(e)
+  return known[1] if known else "fix the cause"

@@ -17,7 +17,8 @@ class Profile:
   with TensorBoard's profile plugin or Perfetto). The trace stops after the device has finished the last traced
   step, so it holds that step's device work, not only its dispatch."""
 
-  def __init__(self, profile_steps: str, workdir: str):
+  def __init__(self, profile_steps: str, workdir: str, *, log=print):
+    self.log = log  # prints a line (on the host that speaks for the run)
     self.range = config_checks.parse_profile_steps(profile_steps)
     self.directory = os.path.join(workdir, "profile")
     self.active = False
@@ -31,7 +32,7 @@ class Profile:
     if self.range is not None and not self.active and self.range[0] <= step < self.range[1]:
       jax.profiler.start_trace(self.directory)
       self.active = True
-      self._log(f"Profiling steps {step}:{self.range[1]} into {self.directory}.")
+      self.log(f"Profiling steps {step}:{self.range[1]} into {self.directory}.")
 
   def after_step(self, step: int, state) -> None:
     if self.active and step >= self.range[1]:
@@ -43,8 +44,3 @@ class Profile:
       jax.profiler.stop_trace()
       self.active = False
       self.range = None  # once per process
-
-  @staticmethod
-  def _log(msg: str) -> None:
-    if jax.process_index() == 0:
-      print(msg, flush=True)

@@ -283,7 +283,7 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
                            workers=data.resolve_workers(config.data, task.train),
                            process_index=jax.process_index(), process_count=jax.process_count())
   total_steps = steps_per_epoch * config.num_epochs
-  profile = profiling.Profile(config.log.profile_steps, workdir)
+  profile = profiling.Profile(config.log.profile_steps, workdir, log=_log)
   profile.check(total_steps)
 
   state, frozen = parallel.replicate(method.init(jax.random.PRNGKey(config.seed)), mesh)
