@@ -648,9 +648,12 @@ def main(argv=None) -> int:
   import jax
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
-  # Seeds and settings share compiled steps: the persistent cache skips recompiling identical programs.
-  jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.workdir), ".jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  # Seeds and settings share compiled steps: the persistent cache skips recompiling identical programs. A cache the
+  # caller chose (JAX_COMPILATION_CACHE_DIR, e.g. the test suite's, shared by all its processes) is kept.
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.workdir), ".jax_cache"))
+  if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
   start = time.time()
   root = os.path.abspath(args.workdir)

@@ -354,6 +354,10 @@ def build_train_step(method, mesh, *, skip_nonfinite: bool):
   """The loop's jitted step ``(state, frozen, batch, kind, health, running sums) -> (state, health, running sums)``
   (state and sums donated), the zeros of its sums, and the names of the quantities its guard checks."""
   guarded_step, quantity_names = make_guarded_step(method, skip_nonfinite=skip_nonfinite)
+  # A jit of its own, nested in the loop step: JAX keeps a jit's trace per argument types, so the method's step is
+  # traced once per step kind, for the metric zeros (``_MetricZeros``) and the loop step alike (an unrolled
+  # hypergradient's trace takes seconds). The nested call is inlined when XLA compiles the loop step.
+  guarded_step = jax.jit(guarded_step, static_argnums=(3,))
 
   def loop_step(state, frozen, batch, kind, health, running):
     # The running metric sums are added inside the step: one jnp.add per metric and step on the host costs
@@ -417,16 +421,15 @@ def train(run: Run, stop: signals.StopRequest) -> None:
 
 class _MetricZeros:
   """Fresh zeros of the step's metrics (the running sums a step adds to after each log point; donated to it).
-  The metrics' structure, shapes and dtypes come from one abstract evaluation per step kind (a trace, no
-  compilation)."""
+  The metrics' structure, shapes and dtypes come from the jitted guarded step's trace, once per step kind (no
+  compilation; the loop step that nests that jit reuses the trace)."""
 
   def __init__(self, guarded_step, mesh):
     self.guarded_step, self.mesh, self.shapes = guarded_step, mesh, {}
 
   def __call__(self, state, frozen, batch, kind, health):
     if kind not in self.shapes:
-      self.shapes[kind] = jax.eval_shape(lambda s, f, b, h: self.guarded_step(s, f, b, kind, h)[1],
-                                         state, frozen, batch, health)
+      self.shapes[kind] = self.guarded_step.eval_shape(state, frozen, batch, kind, health)[1]
     # Replicated like the sums the step returns: zeros placed otherwise are another input signature, and the
     # step would be compiled a second time.
     return parallel.replicate(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), self.shapes[kind]), self.mesh)
