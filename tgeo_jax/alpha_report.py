@@ -83,11 +83,13 @@ def write(workdir: str, epoch: int, step: int, alpha: np.ndarray, teacher_correc
 
 
 def _plot(workdir, epoch, records, alpha, masks, outlier_mask):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # matplotlib's object API: no pyplot, so no global figure registry to leak into or close (the report may run
+  # in a notebook's or a test's process). Fixed margins and legend places: tight_layout and loc="best" lay the
+  # text out again on every epoch's redraw.
+  from matplotlib.figure import Figure
 
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig = Figure(figsize=(7, 4))
+  ax = fig.subplots()
   bins = np.linspace(0, 1, 41)
   ax.hist(alpha, bins=bins, color="0.8", label="all training examples", density=True)
   for name, mask in masks.items():
@@ -97,12 +99,12 @@ def _plot(workdir, epoch, records, alpha, masks, outlier_mask):
     ax.hist(alpha[outlier_mask], bins=bins, histtype="step", density=True, color="k", linestyle="--",
             label="injected outliers")
   ax.set(xlabel="α (weight of the teacher term)", ylabel="density", title=f"α distribution, epoch {epoch}")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
+  ax.legend(fontsize=7, loc="upper left")
+  fig.subplots_adjust(left=0.09, right=0.98, bottom=0.12, top=0.92)
   fig.savefig(os.path.join(workdir, "alpha_hist.png"), dpi=100)
-  plt.close(fig)
 
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig = Figure(figsize=(7, 4))
+  ax = fig.subplots()
   epochs = [r["epoch"] for r in records]
   for name in GROUPS:
     ax.plot(epochs, [np.nan if r[f"alpha_{name}"] is None else r[f"alpha_{name}"] for r in records], marker="o",
@@ -111,7 +113,6 @@ def _plot(workdir, epoch, records, alpha, masks, outlier_mask):
     ax.plot(epochs, [r.get("alpha_outlier", np.nan) for r in records], "k--", marker="x", label="outliers")
     ax.plot(epochs, [r.get("alpha_normal", np.nan) for r in records], "k:", label="normal examples")
   ax.set(xlabel="epoch", ylabel="mean α", ylim=(0, 1), title="mean α by group")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
+  ax.legend(fontsize=7, loc="lower left")
+  fig.subplots_adjust(left=0.09, right=0.98, bottom=0.12, top=0.92)
   fig.savefig(os.path.join(workdir, "alpha_groups.png"), dpi=100)
-  plt.close(fig)
