@@ -231,23 +231,12 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
   """Builds the run: the task and its pipeline, the method and its state (restored from the newest good checkpoint
   of this run's identity; any other is refused before anything is read), the metric writer and the jitted steps."""
   start_time = time.time()
-  task = None
-  if config.data.mock is True:
-    # Mock data is small and cheap to load: load it first, so that a paper config's validation batch can be fitted
-    # to what the mock split holds out before the config is recorded (config_checks.adapt_to_mock_data).
-    task = data.load(config.data, seed=config.seed)
-    uses_validation_batch = methods.get_class(config.method).uses_validation_batch
-    for note in config_checks.fit_mock_validation_batch(config, len(task.val), jax.device_count(),
-                                                        uses_validation_batch=uses_validation_batch):
-      print(f"warning: {note}", file=sys.stderr, flush=True)
+  # Mock data is small and cheap to load: load it first, so that a paper config's validation batch can be fitted
+  # to what the mock split holds out before the config is recorded (config_checks.adapt_to_mock_data).
+  task = _load_and_fit_mock_task(config) if config.data.mock is True else None
   config_dict = json.loads(config.to_json_best_effort())
   reads = functools.partial(methods.reads_field, config.method)  # only these fields identify the run
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  saved_identity = (run_identity.read_json_file(os.path.join(workdir, run_identity.IDENTITY_FILE))
-                    if _checkpoint_steps_on_disk(ckpt_dir) else None)
-  if saved_identity is not None:  # the config part first: a changed field stops before any data is loaded
-    run_identity.refuse_differences(workdir, {"config": saved_identity.get("config", {})},
-                                    {"config": run_identity.config_record(config_dict, reads)}, reads)
+  saved_identity = _refuse_a_changed_config(workdir, config_dict, reads)  # before any data is loaded
   mesh = parallel.make_mesh()
   parallel.check_batch_size("batch_size", config.batch_size, mesh)
   parallel.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
@@ -257,15 +246,7 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
   steps_per_epoch = data.steps_per_epoch(len(task.train), config.batch_size)
   if steps_per_epoch == 0:
     raise UserError(f"batch_size: {config.batch_size} exceeds the {len(task.train)} training examples")
-  with teacher_lib.collect_loaded() as teachers:
-    method = build_method(config, task, steps_per_epoch, teacher=teacher)
-  if method.study_teacher_shift is not None:  # never a silent mix-up of a study teacher with a real one
-    wrong = int(np.count_nonzero(method.study_teacher_shift))
-    print(f"warning: study_wrong_teacher: the teacher is made confidently wrong on {wrong} of {len(task.train)} "
-          f"training examples ({config.study_wrong_teacher.kind}; a study setting, not a real teacher)",
-          file=sys.stderr, flush=True)
-  for t in teachers:
-    run_identity.check_teacher_provenance(t, task, verify=bool(config.teacher.verify_provenance))
+  method, teachers = _build_checked_method(config, task, steps_per_epoch, teacher=teacher)
   identity = run_identity.make_identity(
       config_dict, task.identity,
       [{k: t.identity[k] for k in ("field", "model", "path", "variables_sha256", "run_fingerprint")}
@@ -288,19 +269,14 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
 
   state, frozen = parallel.replicate(method.init(jax.random.PRNGKey(config.seed)), mesh)
   teacher_lib.check_outputs(method, frozen, task)
-  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, max_to_keep=config.checkpoint.max_to_keep, cleanup_tmp=True,
-                                     async_save=config.checkpoint.async_save)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
+                                     cleanup_tmp=True, async_save=config.checkpoint.async_save)
   try:
     step0, state, meta = restore(ckpt, state, identity=identity, num_classes=task.num_classes, workdir=workdir,
                                  mesh=mesh, reads=reads)
     resumed = step0 is not None
-    if resumed:
-      _log(f"Resuming {config.method} in {workdir} from step {step0} of {total_steps} (epoch {meta['epoch']}).")
-    else:
-      step0 = 0
-      _log(f"Training {config.method} ({config.model.name}) in {workdir}: {config.num_epochs} epochs x "
-           f"{steps_per_epoch} steps, {len(task.train)} train / {len(task.val)} val / {len(task.test)} test "
-           f"examples, {jax.device_count()} device(s).")
+    step0 = step0 or 0
+    _log_start(config, workdir, task, step0, total_steps, steps_per_epoch, meta if resumed else None)
     pipeline.prepare(step0 // steps_per_epoch)  # the first epoch's order is computed while the step compiles
     if jax.process_index() == 0 and (not resumed or not os.path.exists(os.path.join(workdir,
                                                                                     run_identity.IDENTITY_FILE))):
@@ -329,6 +305,52 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
       health=parallel.replicate(initial_health(step0, meta["skipped_steps"]), mesh),
       log=train_log, best_accuracy=best_accuracy, last_saved=step0 if resumed else None, profile=profile,
       log_clock=(step0, time.perf_counter()))
+
+
+def _load_and_fit_mock_task(config) -> data.TaskData:
+  """The mock task, with the config's validation batch fitted to the examples it holds out (a warning each)."""
+  task = data.load(config.data, seed=config.seed)
+  uses_validation_batch = methods.get_class(config.method).uses_validation_batch
+  for note in config_checks.fit_mock_validation_batch(config, len(task.val), jax.device_count(),
+                                                      uses_validation_batch=uses_validation_batch):
+    print(f"warning: {note}", file=sys.stderr, flush=True)
+  return task
+
+
+def _refuse_a_changed_config(workdir: str, config_dict: dict, reads) -> dict | None:
+  """The identity saved in a work directory that holds checkpoints (None otherwise), after refusing a config that
+  differs from its config part in a field the method reads: a changed field stops before any data is loaded."""
+  if not _checkpoint_steps_on_disk(os.path.join(workdir, "checkpoints")):
+    return None
+  saved = run_identity.read_json_file(os.path.join(workdir, run_identity.IDENTITY_FILE))
+  if saved is not None:
+    run_identity.refuse_differences(workdir, {"config": saved.get("config", {})},
+                                    {"config": run_identity.config_record(config_dict, reads)}, reads)
+  return saved
+
+
+def _build_checked_method(config, task, steps_per_epoch: int, *, teacher):
+  """``build_method`` and the teachers it loaded, each checked against the task (provenance), with a warning for
+  a study's wrong teacher."""
+  with teacher_lib.collect_loaded() as teachers:
+    method = build_method(config, task, steps_per_epoch, teacher=teacher)
+  if method.study_teacher_shift is not None:  # never a silent mix-up of a study teacher with a real one
+    wrong = int(np.count_nonzero(method.study_teacher_shift))
+    print(f"warning: study_wrong_teacher: the teacher is made confidently wrong on {wrong} of {len(task.train)} "
+          f"training examples ({config.study_wrong_teacher.kind}; a study setting, not a real teacher)",
+          file=sys.stderr, flush=True)
+  for t in teachers:
+    run_identity.check_teacher_provenance(t, task, verify=bool(config.teacher.verify_provenance))
+  return method, teachers
+
+
+def _log_start(config, workdir: str, task, step0: int, total_steps: int, steps_per_epoch: int, resumed_meta):
+  if resumed_meta is not None:
+    _log(f"Resuming {config.method} in {workdir} from step {step0} of {total_steps} (epoch {resumed_meta['epoch']}).")
+  else:
+    _log(f"Training {config.method} ({config.model.name}) in {workdir}: {config.num_epochs} epochs x "
+         f"{steps_per_epoch} steps, {len(task.train)} train / {len(task.val)} val / {len(task.test)} test "
+         f"examples, {jax.device_count()} device(s).")
 
 
 def restore(ckpt: checkpoint_lib.Checkpointer, state, *, identity: dict, num_classes: int, workdir: str, mesh,
