@@ -101,9 +101,10 @@ def test_value_and_derivatives_equal_lax_in_float64(case):
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-12 * scale, (name, float(jnp.max(jnp.abs(a - b))), scale)
 
 
-def test_the_binding_is_canonical_conv_and_the_gradients_are_jax_own_convolutions():
-  # The gradient convolutions carry exactly the parameters JAX's transpose rules give lax's: on GPU/TPU (lowered
-  # as lax's) the program is the same; only the CPU lowering adds the layout transposes.
+def test_first_order_gradient_convolutions_are_jax_own():
+  # The forward, input-gradient and filter-gradient convolutions lower to exactly the convolutions JAX's rules
+  # give lax's: on GPU/TPU (lowered as lax's) a first-order program is the same; only the CPU lowering adds the
+  # layout transposes.
   case = CASES[3]
   x, w = _operands(case)
 
@@ -112,8 +113,10 @@ def test_the_binding_is_canonical_conv_and_the_gradients_are_jax_own_convolution
     return [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("canonical_conv", "conv_general_dilated")]
 
   ours, ref = conv_eqns(conv.conv_general_dilated), conv_eqns(lax.conv_general_dilated)
-  assert [e.primitive for e in ours] == [conv.canonical_conv_p] * 3  # forward, d lhs, d rhs
-  assert [e.params for e in ours] == [e.params for e in ref]
+  assert [e.primitive for e in ours] == [conv.canonical_conv_p] * 3
+  assert sorted(e.params["role"] for e in ours) == sorted([conv.FORWARD, conv.LHS_GRAD, conv.RHS_GRAD])
+  lax_forms = [conv._lax_form(e.invars[0].aval.shape, e.invars[1].aval.shape, **e.params)[0] for e in ours]
+  assert lax_forms == [e.params for e in ref]
 
 
 def _optimized_hlo(fn, *args):

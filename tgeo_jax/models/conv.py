@@ -12,26 +12,29 @@ gradients have other dimension numbers (the filter gradient treats the batch as 
 left as they are and run on XLA's generic loop emitter, tens of times slower than their FLOPs. Compiled, such a
 convolution carries ``outer_dimension_partitions`` in the HLO text.
 
-How. The convolution is bound as our own primitive ``canonical_conv_p`` whose parameters are exactly
-``lax.conv_general_dilated_p``'s:
+How. The convolution is bound as our own primitive ``canonical_conv_p``, which stands for one of the three
+convolutions of a layer (``role``: the forward ``F(x, w)``, the input gradient ``A(ybar, w)``, the filter gradient
+``B(x, ybar)``) and carries the forward's parameters:
 
-* abstract evaluation (shapes, dtypes, shardings, shard_map's varying axes) is lax's;
-* derivatives: the same bilinear JVP and the same transpose rules as JAX's (ported from
-  ``jax/_src/lax/convolution.py``, jax 0.10.2, for ``feature_group_count = batch_group_count = 1``), except that
-  the convolutions they emit are ``canonical_conv_p`` again, so gradients of gradients, Hessian-vector products
-  and forward mode over any of them stay on this primitive, to any order;
+* abstract evaluation (shapes, dtypes, shardings, shard_map's varying axes) is lax's, on the convolution JAX's
+  own rules would write for that role (``jax/_src/lax/convolution.py``, jax 0.10.2, groups = 1);
+* derivatives: F, A and B are bilinear and transposes of one another in every argument, so the JVP and the
+  transposes of each are again F, A or B: gradients of gradients, Hessian-vector products and forward mode stay on
+  this primitive to any order. First-order gradients are exactly JAX's convolutions; at second order, where JAX
+  would transpose its filter-gradient convolution into one whose kernel is the large output cotangent (which XLA
+  swaps into a window-reversed convolution that no fast kernel takes, unrolled or not), this gives A instead;
 * batching (``jax.vmap``): lax's rule, folding the mapped axis into the batch (lhs mapped) or the output-feature
-  axis (rhs mapped); both mapped needs a grouped convolution and falls back to lax's;
+  axis (rhs mapped); both mapped needs a grouped convolution and runs as lax's;
 * lowering on CPU: transposes to the canonical layout, the convolution in it, a transpose back -- what
   ``ConvCanonicalization`` does, written into the program so that XLA sees a canonical convolution wherever it
   sits. For the forward convolution of an NHWC/HWIO layer every transpose is the identity and is omitted. On other
-  platforms the lowering is lax's own, so GPU/TPU programs are unchanged.
+  platforms the lowering is lax's own: GPU/TPU programs are unchanged at first order.
 
-Exactly lax's arithmetic: the same convolutions, with the same padding, strides and dilations; the explicit
-transposes move data, they round nothing. Grouped convolutions (``feature_group_count`` or ``batch_group_count``
-> 1: MobileNetV2's and ShuffleNet's depthwise layers), an explicit ``precision``, ``preferred_element_type`` or
-``out_sharding``, and string padding with an ``lhs_dilation`` go to ``lax.conv_general_dilated`` unchanged (their
-gradients inside loops keep the slow path).
+Lax's arithmetic: the same convolutions (at second order an equivalent one), with the same padding, strides
+and dilations; the explicit transposes move data, they round nothing. Grouped convolutions
+(``feature_group_count`` or ``batch_group_count`` > 1: MobileNetV2's and ShuffleNet's depthwise layers), an
+explicit ``precision``, ``preferred_element_type`` or ``out_sharding``, and string padding with an
+``lhs_dilation`` go to ``lax.conv_general_dilated`` unchanged (their gradients inside loops keep the slow path).
 
 Set ``ENABLED = False`` (read at trace time) to trace ``lax.conv_general_dilated`` instead, for A/B measurements
 (``bench/loop_unroll.py``).
@@ -46,27 +49,30 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-__all__ = ["ENABLED", "canonical_conv_p", "conv_general_dilated", "supported"]
+__all__ = ["ENABLED", "FORWARD", "LHS_GRAD", "RHS_GRAD", "canonical_conv_p", "conv_general_dilated",
+           "supported"]
 
 # Read at trace time by ``conv_general_dilated``: False traces plain ``lax.conv_general_dilated``.
 ENABLED = True
 
 
-def _params(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers):
+def _forward_params(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers) -> dict:
   # lax.conv_general_dilated's own normalisation, for the cases routed here (no groups, no precision, no
-  # preferred_element_type, no out_sharding), so that the bound parameters are the ones lax would bind.
+  # preferred_element_type, no out_sharding), plus the spatial shapes of both operands (the transposes' paddings
+  # need them, and from the other operands they are ambiguous under strides).
   dnums = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   n = lhs.ndim - 2
   lhs_dilation = (1,) * n if lhs_dilation is None else tuple(int(d) for d in lhs_dilation)
   rhs_dilation = (1,) * n if rhs_dilation is None else tuple(int(d) for d in rhs_dilation)
+  lhs_spatial = tuple(int(d) for d in np.take(lhs.shape, dnums.lhs_spec[2:]))
+  rhs_spatial = tuple(int(d) for d in np.take(rhs.shape, dnums.rhs_spec[2:]))
   if isinstance(padding, str):
-    lhs_perm, rhs_perm, _ = dnums
-    window = [(k - 1) * r + 1 if k else 0 for k, r in zip(np.take(rhs.shape, rhs_perm)[2:], rhs_dilation)]
-    padding = lax.padtype_to_pads(np.take(lhs.shape, lhs_perm)[2:], window, window_strides, padding)
+    window = [(k - 1) * r + 1 if k else 0 for k, r in zip(rhs_spatial, rhs_dilation)]
+    padding = lax.padtype_to_pads(lhs_spatial, window, window_strides, padding)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return dict(window_strides=tuple(int(s) for s in window_strides), padding=padding, lhs_dilation=lhs_dilation,
-              rhs_dilation=rhs_dilation, dimension_numbers=dnums, feature_group_count=1, batch_group_count=1,
-              precision=None, preferred_element_type=None, out_sharding=None)
+  return dict(role=FORWARD, window_strides=tuple(int(s) for s in window_strides), padding=padding,
+              lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dnums,
+              lhs_spatial=lhs_spatial, rhs_spatial=rhs_spatial)
 
 
 def supported(lhs_dilation=None, padding="VALID", feature_group_count: int = 1, batch_group_count: int = 1,
@@ -106,23 +112,89 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                     precision=precision, preferred_element_type=preferred_element_type,
                                     out_sharding=out_sharding)
   lhs, rhs = jax.numpy.asarray(lhs), jax.numpy.asarray(rhs)
-  return canonical_conv_p.bind(lhs, rhs, **_params(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                                   dimension_numbers))
+  return canonical_conv_p.bind(lhs, rhs, **_forward_params(lhs, rhs, window_strides, padding, lhs_dilation,
+                                                           rhs_dilation, dimension_numbers))
 
 
 # ------------------------------------------------------------------------------------------------- the primitive
+# One primitive for the three convolutions of a layer y = F(x, w) (forward parameters P: strides s, padding,
+# lhs dilation, rhs dilation, dimension numbers D), told apart by ``role``:
+#
+#   FORWARD   F(x, w)   -> y
+#   LHS_GRAD  A(ybar, w) -> xbar   the input gradient:  <ybar, F(x, w)> = <A(ybar, w), x>
+#   RHS_GRAD  B(x, ybar) -> wbar   the filter gradient: <ybar, F(x, w)> = <B(x, ybar), w>
+#
+# Each is bilinear and the three are transposes of one another in every argument, so every derivative of any
+# order is again one of F, A, B with the same P (the transpose rules below). Each lowers to the convolution JAX's
+# own rules would write (``_lax_form``: A and B are jax's _conv_general_dilated_transpose_lhs/rhs, jax 0.10.2,
+# groups = 1). Where JAX's second-order rules would transpose A or B again -- the transpose of B in x gives a
+# convolution whose kernel is the large output cotangent, which XLA then swaps into a window-reversed convolution
+# that no fast kernel takes -- the trilinear identity gives A (or F, B) instead: a small kernel, canonical.
 
+FORWARD, LHS_GRAD, RHS_GRAD = "forward", "lhs_grad", "rhs_grad"
 canonical_conv_p = Primitive("canonical_conv")
 
 
+def _dilate_shape(shape, dilation):
+  return tuple((d - 1) * r + 1 if d else 0 for d, r in zip(shape, dilation))
+
+
+def _swap(spec):
+  return (spec[1], spec[0], *spec[2:])
+
+
+def _lax_form(lhs_shape, rhs_shape, *, role, window_strides, padding, lhs_dilation, rhs_dilation,
+              dimension_numbers, lhs_spatial, rhs_spatial):
+  """``(lax params, flip_rhs)``: the ``lax.conv_general_dilated_p`` (after ``rev`` of the rhs' spatial dimensions
+  when ``flip_rhs``) that computes ``role`` on operands of these shapes."""
+  lhs_spec, rhs_spec, out_spec = dimension_numbers
+  common = dict(feature_group_count=1, batch_group_count=1, precision=None, preferred_element_type=None,
+                out_sharding=None)
+  if role == FORWARD:
+    return dict(window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
+                rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers, **common), False
+  if role == LHS_GRAD:  # operands (ybar, w); as _conv_general_dilated_transpose_lhs
+    out_spatial = np.take(lhs_shape, out_spec[2:])
+    lhs_dilated = _dilate_shape(lhs_spatial, lhs_dilation)
+    rhs_dilated = _dilate_shape(np.take(rhs_shape, rhs_spec[2:]), rhs_dilation)
+    out_dilated = _dilate_shape(out_spatial, window_strides)
+    before = np.subtract(rhs_dilated, [lo for lo, _ in padding]) - 1
+    after = np.add(lhs_dilated, rhs_dilated) - 1 - np.asarray(out_dilated) - before
+    pads = tuple((int(b), int(a)) for b, a in zip(before, after))
+    dnums = lax.ConvDimensionNumbers(out_spec, _swap(rhs_spec), lhs_spec)
+    return dict(window_strides=lhs_dilation, padding=pads, lhs_dilation=window_strides, rhs_dilation=rhs_dilation,
+                dimension_numbers=dnums, **common), True
+  assert role == RHS_GRAD  # operands (x, ybar); as _conv_general_dilated_transpose_rhs
+  lhs_dilated = _dilate_shape(np.take(lhs_shape, lhs_spec[2:]), lhs_dilation)
+  rhs_dilated = _dilate_shape(rhs_spatial, rhs_dilation)
+  out_dilated = _dilate_shape(np.take(rhs_shape, out_spec[2:]), window_strides)
+  pads = tuple((int(lo), int((o - i) + (r - lo - 1)))
+               for (lo, _), o, i, r in zip(padding, out_dilated, lhs_dilated, rhs_dilated))
+  dnums = lax.ConvDimensionNumbers(_swap(lhs_spec), _swap(out_spec), _swap(rhs_spec))
+  return dict(window_strides=rhs_dilation, padding=pads, lhs_dilation=lhs_dilation, rhs_dilation=window_strides,
+              dimension_numbers=dnums, **common), False
+
+
+def _lax_operands(lhs, rhs, params):
+  lax_params, flip = _lax_form(lhs.shape, rhs.shape, **params)
+  rhs_spec = lax_params["dimension_numbers"].rhs_spec
+  return lhs, (lax.rev(rhs, rhs_spec[2:]) if flip else rhs), lax_params
+
+
 def _lax_conv(lhs, rhs, **params):
-  return lax.conv_general_dilated_p.bind(lhs, rhs, **params)
+  lhs, rhs, lax_params = _lax_operands(lhs, rhs, params)
+  return lax.conv_general_dilated_p.bind(lhs, rhs, **lax_params)
 
 
-canonical_conv_p.def_impl(_lax_conv)  # eager calls: one convolution, dispatched as lax's
-# lax's abstract evaluation: shape and dtype checks, shardings and shard_map's varying-axes typing.
-canonical_conv_p.def_effectful_abstract_eval(
-    lambda lhs, rhs, **params: lax.conv_general_dilated_p.abstract_eval(lhs, rhs, **params))
+def _abstract_eval(lhs, rhs, **params):
+  # lax's abstract evaluation of the equivalent convolution: shapes, dtype checks, shardings and shard_map's
+  # varying-axes typing (a flip changes none of them).
+  lax_params, _ = _lax_form(lhs.shape, rhs.shape, **params)
+  return lax.conv_general_dilated_p.abstract_eval(lhs, rhs, **lax_params)
+
+
+canonical_conv_p.def_impl(_lax_conv)  # eager calls: lax's convolution
+canonical_conv_p.def_effectful_abstract_eval(_abstract_eval)
 
 
 def _transpose(x, perm):
@@ -130,18 +202,20 @@ def _transpose(x, perm):
   return x if perm == tuple(range(x.ndim)) else lax.transpose(x, perm)
 
 
-def _canonical_layout_conv(lhs, rhs, *, dimension_numbers, **params):
+def _canonical_layout_conv(lhs, rhs, **params):
   # The convolution in the layout of XLA:CPU's fast kernels: lhs [batch, spatial..., feature], rhs
   # [spatial..., in, out], out [batch, spatial..., feature]; spatial dimensions keep their order (the order of the
   # window strides). out_perm lists, for each canonical output axis, the axis of the requested layout it is.
-  lhs_spec, rhs_spec, out_spec = dimension_numbers
+  lhs, rhs, lax_params = _lax_operands(lhs, rhs, params)
+  lhs_spec, rhs_spec, out_spec = lax_params.pop("dimension_numbers")
   n = len(lhs_spec) - 2
   lhs_perm = (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])
   rhs_perm = (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])
   out_perm = (out_spec[0], *out_spec[2:], out_spec[1])
   canonical = lax.ConvDimensionNumbers(lhs_spec=(0, n + 1, *range(1, n + 1)), rhs_spec=(n + 1, n, *range(n)),
                                        out_spec=(0, n + 1, *range(1, n + 1)))
-  out = _lax_conv(_transpose(lhs, lhs_perm), _transpose(rhs, rhs_perm), dimension_numbers=canonical, **params)
+  out = lax.conv_general_dilated_p.bind(_transpose(lhs, lhs_perm), _transpose(rhs, rhs_perm),
+                                        dimension_numbers=canonical, **lax_params)
   return _transpose(out, np.argsort(out_perm))
 
 
@@ -151,77 +225,34 @@ mlir.register_lowering(canonical_conv_p, mlir.lower_fun(_canonical_layout_conv, 
 
 
 # ---------------------------------------------------------------------------------------------------- derivatives
-# JAX's transpose rules of conv_general_dilated_p (jax/_src/lax/convolution.py, jax 0.10.2) for
-# feature_group_count = batch_group_count = 1, emitting canonical_conv_p: the gradient convolutions are the same
-# as JAX's, and their own derivatives come back here.
 
-def _dilate_shape(shape, dilation):
-  return tuple((d - 1) * r + 1 if d else 0 for d, r in zip(shape, dilation))
+def _bind(role, lhs, rhs, params):
+  return canonical_conv_p.bind(lhs, rhs, **dict(params, role=role))
 
 
-def _vjp_lhs_padding(in_shape, window_dimensions, window_strides, out_shape, padding, lhs_dilation, rhs_dilation):
-  lhs_dilated = _dilate_shape(in_shape, lhs_dilation)
-  rhs_dilated = _dilate_shape(window_dimensions, rhs_dilation)
-  out_dilated = _dilate_shape(out_shape, window_strides)
-  before = np.subtract(rhs_dilated, [lo for lo, _ in padding]) - 1
-  after = np.add(lhs_dilated, rhs_dilated) - 1 - np.asarray(out_dilated) - before
-  return tuple((int(b), int(a)) for b, a in zip(before, after))
+def _transpose_lhs(ct, lhs, rhs, **params):
+  # F(x, w) in x: A(ct, w).  A(ybar, w) in ybar: F(ct, w).  B(x, ybar) in x: A(ybar, ct).
+  role = params["role"]
+  if role == FORWARD:
+    return _bind(LHS_GRAD, ct, rhs, params)
+  if role == LHS_GRAD:
+    return _bind(FORWARD, ct, rhs, params)
+  return _bind(LHS_GRAD, rhs, ct, params)
 
 
-def _vjp_rhs_padding(in_shape, window_dimensions, window_strides, out_shape, padding, lhs_dilation, rhs_dilation):
-  if len(in_shape) == 0:
-    return ()
-  lhs_dilated = _dilate_shape(in_shape, lhs_dilation)
-  rhs_dilated = _dilate_shape(window_dimensions, rhs_dilation)
-  out_dilated = _dilate_shape(out_shape, window_strides)
-  lows = [lo for lo, _ in padding]
-  highs = [(o - l) + (r - lo - 1) for o, l, r, lo in zip(out_dilated, lhs_dilated, rhs_dilated, lows)]
-  return tuple((int(lo), int(hi)) for lo, hi in zip(lows, highs))
+def _transpose_rhs(ct, lhs, rhs, **params):
+  # F(x, w) in w: B(x, ct).  A(ybar, w) in w: B(ct, ybar).  B(x, ybar) in ybar: F(x, ct).
+  role = params["role"]
+  if np.size(ct) == 0:  # as JAX: no degenerate convolution with an empty window
+    return ad.Zero(rhs.aval)
+  if role == FORWARD:
+    return _bind(RHS_GRAD, lhs, ct, params)
+  if role == LHS_GRAD:
+    return _bind(RHS_GRAD, ct, lhs, params)
+  return _bind(FORWARD, lhs, ct, params)
 
 
-def _transpose_lhs(g, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                   feature_group_count, batch_group_count, precision, preferred_element_type, out_sharding):
-  # d lhs = conv(g, flip(rhs) with in/out swapped), strides and lhs dilation exchanged.
-  assert feature_group_count == 1 and batch_group_count == 1
-  lhs_spec, rhs_spec, out_spec = dimension_numbers
-  trans_dnums = lax.ConvDimensionNumbers(out_spec, (rhs_spec[1], rhs_spec[0], *rhs_spec[2:]), lhs_spec)
-  lhs_aval = lhs.aval
-  padding = _vjp_lhs_padding(np.take(lhs_aval.shape, lhs_spec[2:]), np.take(rhs.shape, rhs_spec[2:]),
-                             window_strides, np.take(g.shape, out_spec[2:]), padding, lhs_dilation, rhs_dilation)
-  flipped = lax.rev(rhs, rhs_spec[2:])
-  if g.dtype != flipped.dtype:
-    flipped = lax.convert_element_type(flipped, g.dtype)
-  out = canonical_conv_p.bind(g, flipped, window_strides=tuple(lhs_dilation), padding=padding,
-                              lhs_dilation=tuple(window_strides), rhs_dilation=tuple(rhs_dilation),
-                              dimension_numbers=trans_dnums, feature_group_count=1, batch_group_count=1,
-                              precision=precision, preferred_element_type=preferred_element_type,
-                              out_sharding=None)
-  return out if out.dtype == lhs_aval.dtype else lax.convert_element_type(out, lhs_aval.dtype)
-
-
-def _transpose_rhs(g, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                   feature_group_count, batch_group_count, precision, preferred_element_type, out_sharding):
-  # d rhs = conv(lhs, g) with lhs's batch as the feature axis: strides and rhs dilation exchanged.
-  assert feature_group_count == 1 and batch_group_count == 1
-  rhs_aval = rhs.aval
-  if np.size(g) == 0:  # as JAX: no degenerate convolution with an empty window
-    return ad.Zero(rhs_aval)
-  lhs_spec, rhs_spec, out_spec = dimension_numbers
-  swap = lambda spec: (spec[1], spec[0], *spec[2:])  # noqa: E731
-  trans_dnums = lax.ConvDimensionNumbers(swap(lhs_spec), swap(out_spec), swap(rhs_spec))
-  padding = _vjp_rhs_padding(np.take(lhs.shape, lhs_spec[2:]), np.take(rhs_aval.shape, rhs_spec[2:]),
-                             window_strides, np.take(g.shape, out_spec[2:]), padding, lhs_dilation, rhs_dilation)
-  if g.dtype != lhs.dtype:
-    lhs = lax.convert_element_type(lhs, g.dtype)
-  out = canonical_conv_p.bind(lhs, g, window_strides=tuple(rhs_dilation), padding=padding,
-                              lhs_dilation=tuple(lhs_dilation), rhs_dilation=tuple(window_strides),
-                              dimension_numbers=trans_dnums, feature_group_count=1, batch_group_count=1,
-                              precision=precision, preferred_element_type=preferred_element_type,
-                              out_sharding=None)
-  return out if out.dtype == rhs_aval.dtype else lax.convert_element_type(out, rhs_aval.dtype)
-
-
-# The JVP of a bilinear map: canonical_conv_p(dlhs, rhs) + canonical_conv_p(lhs, drhs).
+# The JVP of a bilinear map: conv(dlhs, rhs) + conv(lhs, drhs), same role.
 ad.defbilinear(canonical_conv_p, _transpose_lhs, _transpose_rhs)
 
 
@@ -245,22 +276,20 @@ def _reshape_axis_out_of(src, size1, x):
 
 
 def _batch_rule(batched_args, batch_dims, **params):
+  # lax's rule on the equivalent convolution: a mapped lhs folds into its batch dimension, a mapped rhs into its
+  # output features (for A and B these are the forward's N / C_in and C_out axes: the role's meaning holds for
+  # the wider operands, since only spatial shapes are parameters).
   lhs, rhs = batched_args
   lhs_bdim, rhs_bdim = batch_dims
-  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
   if lhs_bdim is not None and rhs_bdim is not None:
     # Both mapped: a grouped convolution (one group per mapped element), which this primitive does not carry.
-    size = lhs.shape[lhs_bdim]
-    out = lax.conv_general_dilated(
-        _reshape_axis_into(lhs_bdim, lhs_spec[1], lhs), _reshape_axis_into(rhs_bdim, rhs_spec[0], rhs),
-        params["window_strides"], params["padding"], params["lhs_dilation"], params["rhs_dilation"],
-        params["dimension_numbers"], feature_group_count=size, precision=params["precision"],
-        preferred_element_type=params["preferred_element_type"])
-    return _reshape_axis_out_of(out_spec[1], size, out), out_spec[1]
-  if lhs_bdim is not None:  # fold the mapped axis into the batch
+    return jax.vmap(lambda a, b: _lax_conv(a, b, **params), in_axes=(lhs_bdim, rhs_bdim))(lhs, rhs), 0
+  lhs_spec, rhs_spec, out_spec = _lax_form(
+      np.delete(lhs.shape, lhs_bdim) if lhs_bdim is not None else lhs.shape,
+      np.delete(rhs.shape, rhs_bdim) if rhs_bdim is not None else rhs.shape, **params)[0]["dimension_numbers"]
+  if lhs_bdim is not None:
     out = canonical_conv_p.bind(_reshape_axis_into(lhs_bdim, lhs_spec[0], lhs), rhs, **params)
     return _reshape_axis_out_of(out_spec[0], lhs.shape[lhs_bdim], out), out_spec[0]
-  # rhs mapped: fold it into the output features
   out = canonical_conv_p.bind(lhs, _reshape_axis_into(rhs_bdim, rhs_spec[0], rhs), **params)
   return _reshape_axis_out_of(out_spec[1], rhs.shape[rhs_bdim], out), out_spec[1]
 
