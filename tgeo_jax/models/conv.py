@@ -17,7 +17,7 @@ convolutions of a layer (``role``: the forward ``F(x, w)``, the input gradient `
 ``B(x, ybar)``) and carries the forward's parameters:
 
 * abstract evaluation (shapes, dtypes, shardings, shard_map's varying axes) is lax's, on the convolution JAX's
-  own rules would write for that role (``jax/_src/lax/convolution.py``, jax 0.10.2, groups = 1);
+  own rules would write for that role (``jax/_src/lax/convolution.py``, jax 0.10.2);
 * derivatives: F, A and B are bilinear and transposes of one another in every argument, so the JVP and the
   transposes of each are again F, A or B: gradients of gradients, Hessian-vector products and forward mode stay on
   this primitive to any order. First-order gradients are exactly JAX's convolutions; at second order, where JAX
@@ -31,10 +31,12 @@ convolutions of a layer (``role``: the forward ``F(x, w)``, the input gradient `
   platforms the lowering is lax's own: GPU/TPU programs are unchanged at first order.
 
 Lax's arithmetic: the same convolutions (at second order an equivalent one), with the same padding, strides
-and dilations; the explicit transposes move data, they round nothing. Grouped convolutions
-(``feature_group_count`` or ``batch_group_count`` > 1: MobileNetV2's and ShuffleNet's depthwise layers), an
-explicit ``precision``, ``preferred_element_type`` or ``out_sharding``, and string padding with an
-``lhs_dilation`` go to ``lax.conv_general_dilated`` unchanged (their gradients inside loops keep the slow path).
+and dilations; the explicit transposes move data, they round nothing. Feature groups (MobileNetV2's depthwise and
+ShuffleNet's grouped layers) are carried as JAX carries them (batch groups in the filter gradient); a
+``batch_group_count`` > 1, an explicit ``precision``, ``preferred_element_type`` or ``out_sharding``, and string
+padding with an ``lhs_dilation`` go to ``lax.conv_general_dilated`` unchanged. Under ``jax.vmap`` with both
+operands mapped, or a mapped kernel of a grouped layer, the batched convolution is lax's (correct, but its own
+derivatives are lax's again).
 
 Set ``ENABLED = False`` (read at trace time) to trace ``lax.conv_general_dilated`` instead, for A/B measurements
 (``bench/loop_unroll.py``).
@@ -56,8 +58,9 @@ __all__ = ["ENABLED", "FORWARD", "LHS_GRAD", "RHS_GRAD", "canonical_conv_p", "co
 ENABLED = True
 
 
-def _forward_params(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers) -> dict:
-  # lax.conv_general_dilated's own normalisation, for the cases routed here (no groups, no precision, no
+def _forward_params(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                    feature_group_count) -> dict:
+  # lax.conv_general_dilated's own normalisation, for the cases routed here (no batch groups, no precision, no
   # preferred_element_type, no out_sharding), plus the spatial shapes of both operands (the transposes' paddings
   # need them, and from the other operands they are ambiguous under strides).
   dnums = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -72,15 +75,18 @@ def _forward_params(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilatio
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   return dict(role=FORWARD, window_strides=tuple(int(s) for s in window_strides), padding=padding,
               lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dnums,
-              lhs_spatial=lhs_spatial, rhs_spatial=rhs_spatial)
+              feature_group_count=int(feature_group_count), lhs_spatial=lhs_spatial, rhs_spatial=rhs_spatial)
 
 
 def supported(lhs_dilation=None, padding="VALID", feature_group_count: int = 1, batch_group_count: int = 1,
               precision=None, preferred_element_type=None, out_sharding=None) -> bool:
-  """Whether ``conv_general_dilated`` binds ``canonical_conv_p`` for these arguments (else lax's convolution)."""
+  """Whether ``conv_general_dilated`` binds ``canonical_conv_p`` for these arguments (else lax's convolution).
+
+  Example: ``supported(feature_group_count=4)`` is True, ``supported(batch_group_count=2)`` False.
+  """
   string_padding_with_lhs_dilation = (isinstance(padding, str) and lhs_dilation is not None
                                       and any(d != 1 for d in lhs_dilation))
-  return (feature_group_count == 1 and batch_group_count == 1 and precision is None
+  return (batch_group_count == 1 and precision is None
           and preferred_element_type is None and out_sharding is None and not string_padding_with_lhs_dilation)
 
 
@@ -101,8 +107,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       conv = nnx.Conv(3, 16, (3, 3), conv_general_dilated=conv_general_dilated, rngs=nnx.Rngs(0))
       y = conv(jnp.ones((8, 32, 32, 3)))       # [8, 32, 32, 16], equal to the default nnx.Conv's
 
-  Arguments outside ``supported`` (groups, precision, preferred_element_type, out_sharding) are passed to
+  Arguments outside ``supported`` (batch groups, precision, preferred_element_type, out_sharding) are passed to
   ``lax.conv_general_dilated`` unchanged.
+
+  Returns:
+    the convolution, as ``lax.conv_general_dilated`` returns it.
   """
   if not ENABLED or not supported(lhs_dilation, padding, feature_group_count, batch_group_count, precision,
                                   preferred_element_type, out_sharding):
@@ -113,7 +122,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                     out_sharding=out_sharding)
   lhs, rhs = jax.numpy.asarray(lhs), jax.numpy.asarray(rhs)
   return canonical_conv_p.bind(lhs, rhs, **_forward_params(lhs, rhs, window_strides, padding, lhs_dilation,
-                                                           rhs_dilation, dimension_numbers))
+                                                           rhs_dilation, dimension_numbers, feature_group_count))
 
 
 # ------------------------------------------------------------------------------------------------- the primitive
@@ -126,8 +135,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 #
 # Each is bilinear and the three are transposes of one another in every argument, so every derivative of any
 # order is again one of F, A, B with the same P (the transpose rules below). Each lowers to the convolution JAX's
-# own rules would write (``_lax_form``: A and B are jax's _conv_general_dilated_transpose_lhs/rhs, jax 0.10.2,
-# groups = 1). Where JAX's second-order rules would transpose A or B again -- the transpose of B in x gives a
+# own rules would write (``_lax_form``: A and B are jax's _conv_general_dilated_transpose_lhs/rhs, jax 0.10.2). Where JAX's second-order rules would transpose A or B again -- the transpose of B in x gives a
 # convolution whose kernel is the large output cotangent, which XLA then swaps into a window-reversed convolution
 # that no fast kernel takes -- the trilinear identity gives A (or F, B) instead: a small kernel, canonical.
 
@@ -144,11 +152,16 @@ def _swap(spec):
 
 
 def _lax_form(lhs_shape, rhs_shape, *, role, window_strides, padding, lhs_dilation, rhs_dilation,
-              dimension_numbers, lhs_spatial, rhs_spatial):
+              dimension_numbers, feature_group_count, lhs_spatial, rhs_spatial):
   """``(lax params, flip_rhs)``: the ``lax.conv_general_dilated_p`` (after ``rev`` of the rhs' spatial dimensions
-  when ``flip_rhs``) that computes ``role`` on operands of these shapes."""
+  and, with groups, the regrouping ``_regroup_kernel`` when ``flip_rhs``) that computes ``role`` on operands of
+  these shapes."""
   lhs_spec, rhs_spec, out_spec = dimension_numbers
-  common = dict(feature_group_count=1, batch_group_count=1, precision=None, preferred_element_type=None,
+  groups = feature_group_count
+  # JAX's rules: the forward's feature groups stay feature groups in the input gradient and become batch groups
+  # in the filter gradient.
+  common = dict(feature_group_count=groups if role != RHS_GRAD else 1,
+                batch_group_count=groups if role == RHS_GRAD else 1, precision=None, preferred_element_type=None,
                 out_sharding=None)
   if role == FORWARD:
     return dict(window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
@@ -175,10 +188,20 @@ def _lax_form(lhs_shape, rhs_shape, *, role, window_strides, padding, lhs_dilati
               dimension_numbers=dnums, **common), False
 
 
+def _regroup_kernel(rhs, params):
+  # The input gradient of a grouped convolution: the kernel's output features [G, O / G] move into its input
+  # features ([I / G] -> [G * I / G]), as in jax's _conv_general_dilated_transpose_lhs.
+  groups, rhs_spec = params["feature_group_count"], params["dimension_numbers"].rhs_spec
+  if groups == 1:
+    return rhs
+  return _reshape_axis_into(rhs_spec[0], rhs_spec[1], _reshape_axis_out_of(rhs_spec[0], groups, rhs))
+
+
 def _lax_operands(lhs, rhs, params):
   lax_params, flip = _lax_form(lhs.shape, rhs.shape, **params)
-  rhs_spec = lax_params["dimension_numbers"].rhs_spec
-  return lhs, (lax.rev(rhs, rhs_spec[2:]) if flip else rhs), lax_params
+  if flip:
+    rhs = lax.rev(_regroup_kernel(rhs, params), lax_params["dimension_numbers"].rhs_spec[2:])
+  return lhs, rhs, lax_params
 
 
 def _lax_conv(lhs, rhs, **params):
@@ -189,7 +212,12 @@ def _lax_conv(lhs, rhs, **params):
 def _abstract_eval(lhs, rhs, **params):
   # lax's abstract evaluation of the equivalent convolution: shapes, dtype checks, shardings and shard_map's
   # varying-axes typing (a flip changes none of them).
-  lax_params, _ = _lax_form(lhs.shape, rhs.shape, **params)
+  lax_params, flip = _lax_form(lhs.shape, rhs.shape, **params)
+  if flip and params["feature_group_count"] > 1:
+    groups, (out_dim, in_dim) = params["feature_group_count"], params["dimension_numbers"].rhs_spec[:2]
+    shape = list(rhs.shape)
+    shape[out_dim], shape[in_dim] = shape[out_dim] // groups, shape[in_dim] * groups
+    rhs = rhs.update(shape=tuple(shape))
   return lax.conv_general_dilated_p.abstract_eval(lhs, rhs, **lax_params)
 
 
@@ -281,17 +309,18 @@ def _batch_rule(batched_args, batch_dims, **params):
   # the wider operands, since only spatial shapes are parameters).
   lhs, rhs = batched_args
   lhs_bdim, rhs_bdim = batch_dims
-  if lhs_bdim is not None and rhs_bdim is not None:
-    # Both mapped: a grouped convolution (one group per mapped element), which this primitive does not carry.
-    return jax.vmap(lambda a, b: _lax_conv(a, b, **params), in_axes=(lhs_bdim, rhs_bdim))(lhs, rhs), 0
-  lhs_spec, rhs_spec, out_spec = _lax_form(
-      np.delete(lhs.shape, lhs_bdim) if lhs_bdim is not None else lhs.shape,
-      np.delete(rhs.shape, rhs_bdim) if rhs_bdim is not None else rhs.shape, **params)[0]["dimension_numbers"]
-  if lhs_bdim is not None:
+  unmapped = [np.delete(x.shape, d) if d is not None else x.shape for x, d in ((lhs, lhs_bdim), (rhs, rhs_bdim))]
+  lax_params, _ = _lax_form(*unmapped, **params)
+  (lhs_spec, rhs_spec, out_spec), groups = lax_params["dimension_numbers"], params["feature_group_count"]
+  if rhs_bdim is None and lax_params["batch_group_count"] == 1:  # fold into the batch
     out = canonical_conv_p.bind(_reshape_axis_into(lhs_bdim, lhs_spec[0], lhs), rhs, **params)
     return _reshape_axis_out_of(out_spec[0], lhs.shape[lhs_bdim], out), out_spec[0]
-  out = canonical_conv_p.bind(lhs, _reshape_axis_into(rhs_bdim, rhs_spec[0], rhs), **params)
-  return _reshape_axis_out_of(out_spec[1], rhs.shape[rhs_bdim], out), out_spec[1]
+  if lhs_bdim is None and groups == 1:  # fold into the output features
+    out = canonical_conv_p.bind(lhs, _reshape_axis_into(rhs_bdim, rhs_spec[0], rhs), **params)
+    return _reshape_axis_out_of(out_spec[1], rhs.shape[rhs_bdim], out), out_spec[1]
+  # Both mapped (a grouped convolution, one group per mapped element) or groups in the way of the fold: lax's
+  # rule on lax's convolution, whose own derivatives are then lax's.
+  return jax.vmap(lambda a, b: _lax_conv(a, b, **params), in_axes=(lhs_bdim, rhs_bdim))(lhs, rhs), 0
 
 
 batching.primitive_batchers[canonical_conv_p] = _batch_rule
