@@ -1,14 +1,24 @@
-"""Loops of convolutions on XLA:CPU: the hypergradient programs with their loops kept vs fully unrolled.
+"""Loops of convolutions on XLA:CPU: the hypergradient programs as loops, fully unrolled, and as loops with
+canonical-layout convolutions.
 
-    python bench/loop_unroll.py [--rounds 7] [--ks 4,8] [--js 5] [--model cnn_small] [--batch 128]
+    python bench/loop_unroll.py [--rounds 7] [--ks 4,8] [--js 5] [--cg 10] [--model cnn_small] [--batch 128]
 
-``bilevel.FULL_UNROLL_MAX_TRIPS`` decides at trace time whether a loop of up to that many trips (the unroll
-window's forward record and reverse sweep, the Neumann series) is traced as a loop or unrolled. Each program is
-compiled both ways (``FULL_UNROLL_MAX_TRIPS = 0`` vs the default) on the setup of ``bench/hypergrad_cost.py``
-(cached teacher logits, the config's optimizer), and the programs are timed in interleaved rounds: one call of each
-per round, so both sides see the same machine load. Reported: median ms per call, per student step relative to the
-KD step of the same round, and the loop/unrolled ratio; the two sides' meta-gradients are compared (max relative
-difference). Compile times are printed too: unrolling trades compile time for run time.
+Each program is compiled three ways, in one process, on the setup of ``bench/hypergrad_cost.py`` (cached teacher
+logits, the config's optimizer):
+
+* ``loop``: the loops kept (``bilevel.FULL_UNROLL_MAX_TRIPS = 0``) with lax's convolution
+  (``tgeo_jax.models.conv.ENABLED = False``): the backward convolutions in the loop body leave XLA:CPU's fast path;
+* ``unrolled``: loops of up to 16 trips fully unrolled (``FULL_UNROLL_MAX_TRIPS = 16``), lax's convolution (the
+  workaround of 2026-12-07; CG's ``while_loop`` cannot be unrolled, so it has no such side);
+* ``canonical loop``: the loops kept, with ``tgeo_jax.models.conv``'s canonical-layout gradient convolutions.
+
+Both settings act at trace time. The programs are the unroll window's hypergradient (``bilevel.unroll``, remat) and
+the implicit hypergradient (``bilevel.implicit``: Neumann with J terms, CG with J iterations, the config's
+``implicit_lr``, damping and tolerance), called directly; the reference is a plain KD step (``kd.train_step``),
+compiled with each convolution to show that a loop-free program is unchanged. They are timed in interleaved
+rounds (one call of each per round, so every side sees the same machine load). Reported: median ms per call, per
+student step relative to the KD step of the same rounds, time relative to the reference side (``unrolled``, or
+``loop`` for CG), compile seconds, and the meta-gradient's max relative difference to the reference side.
 """
 
 from __future__ import annotations
@@ -28,26 +38,40 @@ from bench.hypergrad_cost import raw_batches, student_of, tgeo_method
 from bench.machine import machine_info
 from bench.step_cost import add_setup_arguments, build
 from tgeo_jax import bilevel
+from tgeo_jax.models import conv
 
 
 def _ints(text):
   return [int(x) for x in text.split(",") if x.strip()]
 
 
-def compiled(fn, args, unroll_max: int):
-  """``fn`` jitted and compiled with ``bilevel.FULL_UNROLL_MAX_TRIPS = unroll_max`` at trace time; compile s."""
-  saved = bilevel.FULL_UNROLL_MAX_TRIPS
-  bilevel.FULL_UNROLL_MAX_TRIPS = unroll_max
+def compiled(fn, args, unroll_max: int, canonical: bool):
+  """``fn`` jitted and compiled with ``bilevel.FULL_UNROLL_MAX_TRIPS = unroll_max`` and ``conv.ENABLED =
+  canonical`` at trace time; ``(program, compile s)``."""
+  saved = bilevel.FULL_UNROLL_MAX_TRIPS, conv.ENABLED
+  bilevel.FULL_UNROLL_MAX_TRIPS, conv.ENABLED = unroll_max, canonical
   try:
     start = time.perf_counter()
-    program = jax.jit(fn).lower(*args).compile()
+    # A fresh function object: jit caches traces by function, and both settings act at trace time.
+    program = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
     return program, time.perf_counter() - start
   finally:
-    bilevel.FULL_UNROLL_MAX_TRIPS = saved
+    bilevel.FULL_UNROLL_MAX_TRIPS, conv.ENABLED = saved
 
 
-def has_while(program) -> bool:
-  return "while" in program.as_text()
+def hlo_report(program) -> str:
+  text = program.as_text()
+  slow = sum("convolution(" in line and "outer_dimension_partitions" in line for line in text.splitlines())
+  return f"while loop: {' while(' in text}, convolutions: {text.count('convolution(')}, on the slow path: {slow}"
+
+
+# side -> (FULL_UNROLL_MAX_TRIPS, canonical convolutions); 16 was the library's default while unrolling was the
+# workaround (2026-12-07).
+SIDES = {"loop": (0, False), "unrolled": (16, False), "canonical loop": (0, True)}
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
 
 
 def main(argv=None):
@@ -56,6 +80,7 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--ks", type=_ints, default=[4, 8], help="unroll window lengths K")
   p.add_argument("--js", type=_ints, default=[5], help="Neumann terms J")
+  p.add_argument("--cg", type=_ints, default=[10], help="CG iterations")
   p.add_argument("--cosine-warmup", type=int, default=0)
   args = p.parse_args(argv)
   info = machine_info()
@@ -67,71 +92,79 @@ def main(argv=None):
   reuse = methods[("cached", "tgeo_reuse")]
   kd_state, kd_frozen = states[("cached", "kd")]
   t_state, t_frozen = states[("cached", "tgeo")]
-  raws = raw_batches(task, args, max(args.ks), batch["val"])
+  raws = raw_batches(task, args, max(args.ks + [1]), batch["val"])
   step_batch = jax.jit(reuse.step_batch)
   sbs = [step_batch(t_state, t_frozen, b) for b in raws]
   per_sample, weight_fn, val_loss_fn, tx = reuse.per_sample_fn(t_frozen), reuse.weight_fn, reuse.val_loss_fn, reuse.tx
   student, meta = student_of(t_state), t_state["meta_params"]
 
-  programs = {}  # name -> (program, args, steps per call, unroll setting)
-  kd_prog, kd_compile = compiled(lambda s, f, b: kd.train_step(s, f, b, None), (kd_state, kd_frozen, batch), 16)
-  programs["kd"] = (kd_prog, (kd_state, kd_frozen, batch), 1)
-  print(f"compiled kd in {kd_compile:.1f} s", flush=True)
-  results = {}
+  programs = {}  # name -> (program, args, steps per call)
+  groups = []  # (program, [side names], reference side)
+  for side, canonical in (("kd", True), ("kd lax", False)):
+    prog, seconds = compiled(lambda s, f, b: kd.train_step(s, f, b, None), (kd_state, kd_frozen, batch), 16,
+                             canonical)
+    programs[side] = (prog, (kd_state, kd_frozen, batch), 1)
+    print(f"compiled {side} in {seconds:.1f} s ({hlo_report(prog)})", flush=True)
+  compile_s = {}
+
+  def add(base, fn, fargs, steps, sides, reference):
+    for side in sides:
+      prog, seconds = compiled(fn, fargs, *SIDES[side])
+      programs[f"{base} {side}"] = (prog, fargs, steps)
+      compile_s[f"{base} {side}"] = seconds
+      print(f"compiled {base} {side} in {seconds:.1f} s ({hlo_report(prog)})", flush=True)
+    groups.append((base, sides, reference))
+
   for k in args.ks:
     bs = jax.tree.map(lambda *x: jax.numpy.stack(x), *sbs[:k])
 
     def unroll_fn(st, m, b, v):
       return bilevel.unroll(weight_fn, m, per_sample, b, val_loss_fn, v, st, tx, remat=True)
 
-    for side, setting in (("loop", 0), ("unrolled", bilevel.FULL_UNROLL_MAX_TRIPS)):
-      # A fresh function object per side: jit caches traces by function, and the setting acts at trace time.
-      prog, seconds = compiled(lambda *a, f=unroll_fn: f(*a), (student, meta, bs, batch["val"]), setting)
-      programs[f"unroll K={k} {side}"] = (prog, (student, meta, bs, batch["val"]), k)
-      print(f"compiled unroll K={k} {side} in {seconds:.1f} s (while loop in HLO: {has_while(prog)})", flush=True)
-      results[f"unroll K={k} {side}"] = {"compile_s": seconds}
-  for j in args.js:
-    method = tgeo_method(args, task, reuse, hypergrad="implicit", implicit_terms=j)
-    for side, setting in (("loop", 0), ("unrolled", bilevel.FULL_UNROLL_MAX_TRIPS)):
-      prog, seconds = compiled(lambda s, f, b, m=method: m.train_step(s, f, b, "meta"), (t_state, t_frozen, batch),
-                               setting)
-      programs[f"implicit J={j} {side}"] = (prog, (t_state, t_frozen, batch), 1)
-      print(f"compiled implicit J={j} {side} in {seconds:.1f} s (while loop in HLO: {has_while(prog)})", flush=True)
-      results[f"implicit J={j} {side}"] = {"compile_s": seconds}
+    add(f"unroll K={k}", unroll_fn, (student, meta, bs, batch["val"]), k, list(SIDES), "unrolled")
+  for solver, terms_list in (("neumann", args.js), ("cg", args.cg)):
+    for j in terms_list:
+      method = tgeo_method(args, task, reuse, hypergrad="implicit", implicit_solver=solver, implicit_terms=j)
 
-  # Agreement: the same meta-gradient either way.
-  for name in list(programs):
-    if name.endswith(" loop"):
-      a = programs[name][0](*programs[name][1])
-      b = programs[name.replace(" loop", " unrolled")][0](*programs[name.replace(" loop", " unrolled")][1])
-      ga = a.meta_grad if hasattr(a, "meta_grad") else a[0]["meta_params"]
-      gb = b.meta_grad if hasattr(b, "meta_grad") else b[0]["meta_params"]
-      la, lb = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for g in (ga, gb))
-      diff = float(np.max(np.abs(la - lb)) / max(np.max(np.abs(la)), 1e-30))
-      results[name.replace(" loop", "")] = {"meta_grad_max_rel_diff": diff}
+      def implicit_fn(st, m, b, v, h=method.hypergrad):
+        return h(weight_fn, m, per_sample, b, val_loss_fn, v, st, tx)
+
+      sides = list(SIDES) if solver == "neumann" else ["loop", "canonical loop"]
+      add(f"implicit {solver} J={j}", implicit_fn, (student, meta, sbs[0], batch["val"]), 1, sides,
+          "unrolled" if solver == "neumann" else "loop")
 
   times = {name: [] for name in programs}
-  for prog, fargs, _ in programs.values():  # warm-up call
-    jax.block_until_ready(prog(*fargs))
-  for _ in range(args.rounds):
+  outputs = {}
+  for name, (prog, fargs, _) in programs.items():  # warm-up call; its result gives the agreement below
+    outputs[name] = jax.block_until_ready(prog(*fargs))
+  # Agreement: the meta-gradient of every side against the reference side.
+  rel_diff = {}
+  for base, sides, reference in groups:
+    ref = _flat(outputs[f"{base} {reference}"].meta_grad)
+    for side in sides:
+      got = _flat(outputs[f"{base} {side}"].meta_grad)
+      rel_diff[f"{base} {side}"] = float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
+  del outputs
+  for r in range(args.rounds):
     for name, (prog, fargs, _) in programs.items():
       start = time.perf_counter()
       jax.block_until_ready(prog(*fargs))
       times[name].append(time.perf_counter() - start)
-  kd_ms = 1e3 * statistics.median(times["kd"])
-  print(f"\nmedian of {args.rounds} interleaved rounds; KD step {kd_ms:.1f} ms")
-  print("| program | ms per call | per student step / KD step | loop ÷ unrolled | compile s | meta-grad max rel diff |")
-  print("|---|---:|---:|---:|---:|---:|")
-  for name, (_, _, steps) in programs.items():
-    if name == "kd":
-      continue
-    ms = 1e3 * statistics.median(times[name])
-    base = name.rsplit(" ", 1)[0]
-    other = f"{base} unrolled" if name.endswith(" loop") else None
-    speed = (f"{statistics.median(times[name]) / statistics.median(times[other]):.2f}×" if other else "")
-    diff = results.get(base, {}).get("meta_grad_max_rel_diff")
-    print(f"| {name} | {ms:.1f} | {ms / steps / kd_ms:.1f}× | {speed} | {results[name]['compile_s']:.1f} | "
-          f"{'' if diff is None or not name.endswith(' loop') else f'{diff:.1e}'} |")
+    print(f"round {r + 1}/{args.rounds} done", flush=True)
+  median = {name: statistics.median(t) for name, t in times.items()}
+  kd_ms = 1e3 * median["kd"]
+  print(f"\nmedian of {args.rounds} interleaved rounds; KD step {kd_ms:.1f} ms (with lax's convolution: "
+        f"{1e3 * median['kd lax']:.1f} ms)")
+  print("| program | side | ms per call | per student step / KD step | ÷ reference side | compile s | "
+        "meta-grad max rel diff to reference |")
+  print("|---|---|---:|---:|---:|---:|---:|")
+  for base, sides, reference in groups:
+    for side in sides:
+      name = f"{base} {side}"
+      ms, steps = 1e3 * median[name], programs[name][2]
+      ratio = median[name] / median[f"{base} {reference}"]
+      print(f"| {base} | {side} | {ms:.1f} | {ms / steps / kd_ms:.1f}× | {ratio:.2f}× | {compile_s[name]:.1f} | "
+            f"{'(reference)' if side == reference else f'{rel_diff[name]:.1e}'} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -387,12 +387,14 @@ def _unroll_diagnostics(aux, val_loss) -> dict:
   return _diagnostics(jnp.mean(losses), val_loss, alphas, logits, train_losses=losses)
 
 
-# Loops of at most this many trips are traced fully unrolled. XLA:CPU rewrites convolutions into the layout of its
-# fast kernels only in a module's entry computation: the backward convolutions of a step inside a while-loop body
-# (a scan, a fori_loop) run on a generic kernel, 5-15x slower than their FLOPs (docs/benchmarks.md, "Loops of
-# convolutions"). Unrolled, the same math compiles to straight-line code. Longer loops stay loops (compile time
-# grows with the trip count); on GPUs/TPUs unrolling costs only compile time. 0 turns it off.
-FULL_UNROLL_MAX_TRIPS = 16
+# Loops of at most this many trips are traced fully unrolled; 0 (the default) keeps every loop a loop. XLA:CPU
+# rewrites convolutions into the layout of its fast kernels only in a module's entry computation, so lax's
+# backward convolutions inside a while-loop body (a scan, a fori_loop) run on a generic kernel, 5-15x slower than
+# their FLOPs. The models' convolutions (tgeo_jax.models.conv) write their gradients in that layout themselves:
+# as loops the unroll window, the Neumann series and CG run at or below their FLOP ratios, faster than unrolled
+# and compiling in a fraction of the time (docs/benchmarks.md, "Loops of convolutions"). A model whose
+# convolutions are plain lax.conv_general_dilated can set 16 (the workaround before; costs compile time).
+FULL_UNROLL_MAX_TRIPS = 0
 
 
 def _unroll_trips(trips: int):

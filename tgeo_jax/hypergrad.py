@@ -12,8 +12,8 @@ learning-rate or weight-decay multiplier through ``optax.inject_hyperparams``)::
 Three variants, each returning ``bilevel.HypergradResult(meta_grad, student, diagnostics)``:
 
 * ``one_step``: ``d L_val(θ'(φ)) / dφ``, reverse mode through the inner gradient and the optimizer update.
-* ``unroll``: the same through K real steps on K batches (``lax.scan``, each step rematerialised; loops of up to
-  ``bilevel.FULL_UNROLL_MAX_TRIPS`` trips fully unrolled, where XLA:CPU keeps its fast convolutions).
+* ``unroll``: the same through K real steps on K batches (``lax.scan``, each step rematerialised; the models'
+  convolutions keep XLA:CPU's fast kernels inside the loop: ``tgeo_jax.models.conv``).
 * ``implicit``: the implicit-function theorem at the current θ::
 
       dL_val/dφ = -(∂_φ ∇_θ L_in)^T v,    v ~ (∇²_θ L_in + damping I)^-1 ∇_θ L_val(θ)

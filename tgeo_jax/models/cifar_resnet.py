@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tgeo_jax.models import at_least_float32, batch_norm_dtype_kwargs, register
+from tgeo_jax.models.conv import conv_general_dilated
 
 __all__ = ["KAIMING_FAN_OUT", "TORCH_DEFAULT", "conv2d", "batch_norm", "torch_linear", "global_avg_pool",
            "BasicBlock", "CifarResNet", "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56",
@@ -39,10 +40,15 @@ def conv2d(c_in: int, c_out: int, kernel: int, *, stride: int = 1, padding: int 
 
   The padding is explicit and symmetric, as in PyTorch: XLA's ``"SAME"`` pads a stride-2 3x3 conv on an even
   input as (0, 1) instead of (1, 1), which shifts every window and would break weights ported from PyTorch.
+
+  The convolution is ``tgeo_jax.models.conv.conv_general_dilated``: lax's, with gradients that keep XLA:CPU's fast
+  kernels inside loops (unroll windows, Neumann/CG solves), grouped ones (``groups > 1``) included. Parameters and
+  numbers are those of a default ``nnx.Conv``.
   """
   return nnx.Conv(c_in, c_out, (kernel, kernel), strides=stride, padding=((padding, padding), (padding, padding)),
                   feature_group_count=groups, use_bias=use_bias, kernel_init=kernel_init,
-                  bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
+                  bias_init=nnx.initializers.zeros, dtype=dtype, conv_general_dilated=conv_general_dilated,
+                  rngs=rngs)
 
 
 def batch_norm(num_features: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.BatchNorm:

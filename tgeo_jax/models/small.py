@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tgeo_jax.models import at_least_float32, batch_norm_dtype_kwargs, register
+from tgeo_jax.models.conv import conv_general_dilated
 
 __all__ = ["MLP", "CNN", "CNNDenseHead", "mlp", "mlp_tiny", "cnn_small", "cnn_teacher", "cnn_medium", "cnn_medium_fc",
            "cnn_deep_fc", "cnn_tiny"]
@@ -70,7 +71,10 @@ class CNN(nnx.Module):
     c_in = input_shape[-1]
     for stage, (width, count) in enumerate(zip(widths, counts)):
       for j in range(count):
-        convs.append(nnx.Conv(c_in, width, (3, 3), use_bias=False, dtype=dtype, rngs=rngs))
+        # conv_general_dilated: lax's convolution whose gradients keep XLA:CPU's fast kernels inside loops
+        # (tgeo_jax.models.conv); same parameters, same numbers.
+        convs.append(nnx.Conv(c_in, width, (3, 3), use_bias=False, dtype=dtype,
+                              conv_general_dilated=conv_general_dilated, rngs=rngs))
         norms.append(nnx.BatchNorm(width, momentum=0.9, rngs=rngs, **batch_norm_dtype_kwargs(dtype)))
         pool_after.append(j == count - 1 and stage < len(widths) - 1)
         c_in = width
