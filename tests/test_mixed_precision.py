@@ -16,6 +16,7 @@ from configs import fashion_mnist
 from conftest import build_method_state as tgeo_build
 from tgeo_jax import bilevel, data, methods, models, trainer
 from tgeo_jax.errors import UserError
+from tgeo_jax.models import conv
 
 BF16 = jnp.bfloat16
 BATCH = 8
@@ -107,7 +108,7 @@ def test_bfloat16_convolutions_take_bfloat16_operands():
   model, x = _model_and_inputs("resnet8", BF16)
   fn = models.split(model)
   jaxpr = jax.make_jaxpr(lambda p, r, x: models.apply(fn.graphdef, p, r, x, train=True)[0])(fn.params, fn.rest, x)
-  convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("conv_general_dilated", conv.canonical_conv_p.name)]
   assert convs and all(v.aval.dtype == BF16 for e in convs for v in e.invars)
 
 

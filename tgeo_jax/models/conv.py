@@ -31,7 +31,10 @@ convolutions of a layer (``role``: the forward ``F(x, w)``, the input gradient `
   platforms the lowering is lax's own: GPU/TPU programs are unchanged at first order.
 
 Lax's arithmetic: the same convolutions (at second order an equivalent one), with the same padding, strides
-and dilations; the explicit transposes move data, they round nothing. Feature groups (MobileNetV2's depthwise and
+and dilations; the explicit transposes move data, they round nothing. The values are equal to float32 rounding,
+not always bit for bit: XLA:CPU sums a gradient convolution written in another layout in another order (a
+cnn_medium training step on Fashion-MNIST: the first step's parameters are bit-identical, later steps differ in
+the last bits; each program is deterministic). Feature groups (MobileNetV2's depthwise and
 ShuffleNet's grouped layers) are carried as JAX carries them (batch groups in the filter gradient); a
 ``batch_group_count`` > 1, an explicit ``precision``, ``preferred_element_type`` or ``out_sharding``, and string
 padding with an ``lhs_dilation`` go to ``lax.conv_general_dilated`` unchanged. Under ``jax.vmap`` with both
@@ -97,7 +100,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
   Math: ``out[n, o, y] = sum_{i, k} lhs_pad[n, i, s * y + r * k] * rhs[o, i, k]`` per spatial dimension (``s``
   stride, ``r`` rhs dilation, ``lhs_pad`` the lhs dilated by ``lhs_dilation`` and zero-padded by ``padding``), in
-  the layout ``dimension_numbers`` names; identical to lax's, value and derivatives.
+  the layout ``dimension_numbers`` names; lax's value and derivatives (equal to float32 rounding).
 
   Shapes: as lax's; for flax's ``nnx.Conv`` ``lhs [N, H, W, C_in]``, ``rhs [KH, KW, C_in, C_out]`` ->
   ``[N, H', W', C_out]`` with ``dimension_numbers = ('NHWC', 'HWIO', 'NHWC')``.
