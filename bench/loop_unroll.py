@@ -2,6 +2,7 @@
 canonical-layout convolutions.
 
     python bench/loop_unroll.py [--rounds 7] [--ks 4,8] [--js 5] [--cg 10] [--model cnn_small] [--batch 128]
+                                [--out bench/results/loop_unroll_cpu.json]
 
 Each program is compiled three ways, in one process, on the setup of ``bench/hypergrad_cost.py`` (cached teacher
 logits, the config's optimizer):
@@ -19,11 +20,17 @@ compiled with each convolution to show that a loop-free program is unchanged. Th
 rounds (one call of each per round, so every side sees the same machine load). Reported: median ms per call, per
 student step relative to the KD step of the same rounds, time relative to the reference side (``unrolled``, or
 ``loop`` for CG), compile seconds, and the meta-gradient's max relative difference to the reference side.
+
+``--out`` writes the table as JSON; each row has ``wall_over_flops``: its per-student-step time relative to the KD
+step divided by its FLOP ratio to the KD step, read from ``bench/results/hypergrad_cost_cpu.json`` (the same
+programs' FLOPs, loop bodies counted per trip: ``bench/hypergrad_cost.py``; CG at all its iterations, an upper
+bound). 1.0 runs at its FLOPs' speed; the issue's target is <= 1.5.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -74,6 +81,23 @@ def _flat(tree):
   return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
 
 
+FLOPS_FILE = "bench/results/hypergrad_cost_cpu.json"
+
+
+def _flops_x_kd(program: str):
+  """The FLOP ratio to a KD step of ``program`` ("unroll K=4", "implicit neumann J=5", ...) from ``FLOPS_FILE``;
+  None when that file has no such row."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), FLOPS_FILE)
+  if not os.path.exists(path):
+    return None
+  kind, _, terms = program.rpartition("=")
+  variant = {"unroll K": f"unroll{terms}_remat", "implicit neumann J": f"implicit_neumann{terms}",
+             "implicit cg J": f"implicit_cg{terms}"}.get(kind)
+  with open(path) as f:
+    rows = {r["variant"]: r for r in json.load(f)["rows"]}
+  return rows[variant]["flops_x_kd"] if variant in rows else None
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   add_setup_arguments(p)
@@ -82,6 +106,7 @@ def main(argv=None):
   p.add_argument("--js", type=_ints, default=[5], help="Neumann terms J")
   p.add_argument("--cg", type=_ints, default=[10], help="CG iterations")
   p.add_argument("--cosine-warmup", type=int, default=0)
+  p.add_argument("--out", default="", help="write the table as JSON to this file")
   args = p.parse_args(argv)
   info = machine_info()
   print(f"device: {info['device_kind']}; jax {info['jax']}; CPUs {info['cpu_count']}; model {args.model}, batch "
@@ -158,6 +183,7 @@ def main(argv=None):
   print("| program | side | ms per call | per student step / KD step | ÷ reference side | compile s | "
         "meta-grad max rel diff to reference |")
   print("|---|---|---:|---:|---:|---:|---:|")
+  rows = []
   for base, sides, reference in groups:
     for side in sides:
       name = f"{base} {side}"
@@ -165,6 +191,17 @@ def main(argv=None):
       ratio = median[name] / median[f"{base} {reference}"]
       print(f"| {base} | {side} | {ms:.1f} | {ms / steps / kd_ms:.1f}× | {ratio:.2f}× | {compile_s[name]:.1f} | "
             f"{'(reference)' if side == reference else f'{rel_diff[name]:.1e}'} |", flush=True)
+      flops_x_kd = _flops_x_kd(base)
+      rows.append(dict(program=base, side=side, ms_per_call=ms, per_step_x_kd=ms / steps / kd_ms,
+                       x_reference_side=ratio, reference_side=reference, compile_s=compile_s[name],
+                       meta_grad_max_rel_diff=None if side == reference else rel_diff[name], flops_x_kd=flops_x_kd,
+                       wall_over_flops=None if flops_x_kd is None else ms / steps / kd_ms / flops_x_kd))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(dict(command=" ".join(["python", "bench/loop_unroll.py", *(argv if argv is not None else sys.argv[1:])]),
+                     device=info, rounds=args.rounds, kd_ms=kd_ms, kd_lax_ms=1e3 * median["kd lax"],
+                     flops_source=FLOPS_FILE, rows=rows), f, indent=1)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
