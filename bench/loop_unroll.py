@@ -106,7 +106,6 @@ def main(argv=None):
   p.add_argument("--js", type=_ints, default=[5], help="Neumann terms J")
   p.add_argument("--cg", type=_ints, default=[10], help="CG iterations")
   p.add_argument("--cosine-warmup", type=int, default=0)
-  p.add_argument("--out", default="", help="write the table as JSON to this file")
   args = p.parse_args(argv)
   info = machine_info()
   print(f"device: {info['device_kind']}; jax {info['jax']}; CPUs {info['cpu_count']}; model {args.model}, batch "
