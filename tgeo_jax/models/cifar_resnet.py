@@ -42,8 +42,8 @@ def conv2d(c_in: int, c_out: int, kernel: int, *, stride: int = 1, padding: int 
   input as (0, 1) instead of (1, 1), which shifts every window and would break weights ported from PyTorch.
 
   The convolution is ``tgeo_jax.models.conv.conv_general_dilated``: lax's, with gradients that keep XLA:CPU's fast
-  kernels inside loops (unroll windows, Neumann/CG solves), grouped ones (``groups > 1``) included. Parameters and
-  numbers are those of a default ``nnx.Conv``.
+  kernels inside loops (unroll windows, Neumann/CG solves), grouped ones (``groups > 1``) included. Parameters are
+  those of a default ``nnx.Conv``, values and gradients equal to float32 rounding.
   """
   return nnx.Conv(c_in, c_out, (kernel, kernel), strides=stride, padding=((padding, padding), (padding, padding)),
                   feature_group_count=groups, use_bias=use_bias, kernel_init=kernel_init,

@@ -72,7 +72,7 @@ class CNN(nnx.Module):
     for stage, (width, count) in enumerate(zip(widths, counts)):
       for j in range(count):
         # conv_general_dilated: lax's convolution whose gradients keep XLA:CPU's fast kernels inside loops
-        # (tgeo_jax.models.conv); same parameters, same numbers.
+        # (tgeo_jax.models.conv); same parameters, the same numbers to float32 rounding.
         convs.append(nnx.Conv(c_in, width, (3, 3), use_bias=False, dtype=dtype,
                               conv_general_dilated=conv_general_dilated, rngs=rngs))
         norms.append(nnx.BatchNorm(width, momentum=0.9, rngs=rngs, **batch_norm_dtype_kwargs(dtype)))
