@@ -29,9 +29,10 @@ fashion-mnist:
 demo: $(STAMP) fashion-mnist
 	$(PY) -m tgeo_jax.demo --workdir=$(WORKDIR)
 
-# The linter first (seconds), then the suite.
+# The linter first (seconds), then the suite. --dist worksteal: an idle worker takes tests queued on the other (the
+# tests' durations range from milliseconds to half a minute); one fresh-clone run each: 503 s against 532 s.
 test: lint
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --dist worksteal tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
