@@ -53,7 +53,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.machine import machine_info  # noqa: E402
+from bench.machine import interleaved_rounds, machine_info  # noqa: E402
 from bench.torch_reference import torch_student_from  # noqa: E402
 from configs import cifar100, fashion_mnist  # noqa: E402
 from tgeo_jax import data, models, optim, parallel, trainer  # noqa: E402
@@ -240,16 +240,12 @@ def time_model(model: str, args) -> dict:
   inner = args.inner * (1 if model.startswith("resnet") else 4)
   for fn in runners.values():
     fn(args.warmup)
-  times = {k: [] for k in runners}
-  order = list(runners)
-  for r in range(args.rounds):
-    shift = r % len(order)
-    for k in order[shift:] + order[:shift]:
-      t0 = time.perf_counter()
-      runners[k](inner)
-      times[k].append((time.perf_counter() - t0) / inner)
-    print(f"  {model} round {r + 1}/{args.rounds}: " + " ".join(f"{k}={1e3 * times[k][-1]:.0f}ms" for k in order),
+
+  def report(r, times):
+    print(f"  {model} round {r + 1}/{args.rounds}: " + " ".join(f"{k}={1e3 * v[-1]:.0f}ms" for k, v in times.items()),
           file=sys.stderr, flush=True)
+
+  times = interleaved_rounds(runners, rounds=args.rounds, inner=inner, on_round=report)
   med = {k: statistics.median(v) for k, v in times.items()}
   ips = {k: args.batch / v for k, v in med.items()}
   ratio = {}

@@ -66,7 +66,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.machine import machine_info  # noqa: E402
+from bench.machine import interleaved_rounds, machine_info  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -577,14 +577,7 @@ def time_model(model: str, args, task, torch_threads):
     runners[f"torch_eager_{threads}t"] = lambda n, threads=threads: run_torch(n, threads)
   for fn in runners.values():  # warm-up (oneDNN primitive caches, first-call allocations)
     fn(args.warmup)
-  times = {k: [] for k in runners}
-  order = list(runners)
-  for r in range(args.rounds):
-    shift = r % len(order)
-    for k in order[shift:] + order[:shift]:
-      t0 = time.perf_counter()
-      runners[k](args.inner)
-      times[k].append((time.perf_counter() - t0) / args.inner)
+  times = interleaved_rounds(runners, rounds=args.rounds, inner=args.inner)
   torch.set_num_threads(torch_threads[0])
   med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
   torch_keys = [k for k in med if k.startswith("torch")]
