@@ -116,7 +116,7 @@ def part_times(args, workdir: str) -> dict:
   n = args.span_steps
   try:
     out = {}
-    batches = data.iterate(trainer.epoch_batches(run), workers=0)
+    batches = data.iterate(run.pipeline.epoch_batches(0), workers=0)
     next(batches)
     t0 = time.perf_counter()
     host_batches = [next(batches) for _ in range(n)]
@@ -124,7 +124,7 @@ def part_times(args, workdir: str) -> dict:
     val_times = []
     for t in range(n):
       t0 = time.perf_counter()
-      run.val_stream[1000 + t]
+      run.pipeline.val_stream[1000 + t]
       val_times.append(time.perf_counter() - t0)
     out["validation batch (built alone)"] = 1e6 * statistics.median(val_times)
     shard_times, device_batches = [], []
@@ -134,12 +134,12 @@ def part_times(args, workdir: str) -> dict:
       shard_times.append(time.perf_counter() - t0)
     out["shard_batch"] = 1e6 * statistics.median(shard_times)
     kind = run.method.step_kind(0)
-    sums = run.metric_zeros(run.state, run.frozen, device_batches[0], kind, run.health)
-    run.state, run.health, sums = run.train_step(run.state, run.frozen, device_batches[0], kind, run.health, sums)
+    sums = run.steps.metric_zeros(run.state, run.frozen, device_batches[0], kind, run.health)
+    run.state, run.health, sums = run.steps.train_step(run.state, run.frozen, device_batches[0], kind, run.health, sums)
     jax.block_until_ready(run.state)
     t0 = time.perf_counter()
     for b in device_batches:
-      run.state, run.health, sums = run.train_step(run.state, run.frozen, b, kind, run.health, sums)
+      run.state, run.health, sums = run.steps.train_step(run.state, run.frozen, b, kind, run.health, sums)
     dispatch = time.perf_counter() - t0
     jax.block_until_ready(run.state)
     out["dispatch (jitted probe step, no sync)"] = 1e6 * dispatch / n

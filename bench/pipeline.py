@@ -149,7 +149,7 @@ def loop_pass(entry, task, args, mesh, *, epoch, num_steps, read_options=None):
 def profile_loader(task, args, mesh, num=200):
   """Median microseconds per batch of each part of the loader, single-threaded and synchronous."""
   src = task.train
-  epoch_seed = data.pipeline._epoch_seed(0, 0)
+  epoch_seed = data.pipeline.epoch_shuffle_seed(0, 0)
   import grain
   batches = grain.MapDataset.range(len(src)).shuffle(seed=epoch_seed).batch(args.batch, drop_remainder=True)
   full = data.train_batches(src, batch_size=args.batch, seed=0, epoch=0)

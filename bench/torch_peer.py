@@ -7,7 +7,7 @@ Needs PyTorch (the ``test`` extra; the package never imports it). One process ru
 every row (order rotated each round) so background load hits all alike; each round times ``--inner`` consecutive
 steps of a row, and a row's figure is the median over rounds. Images/s = batch / median step time.
 
-**tgeo_jax**: the trainer's own jitted loop step (``trainer.build_train_step``: ``KD.train_step`` + the
+**tgeo_jax**: the trainer's own jitted loop step (``dispatch.build_train_step``: ``KD.train_step`` + the
 non-finite guard + the running metric sums; state and sums donated), on a fixed device batch. ``cached``:
 ``teacher.cache_logits='on'`` (the teacher's logits over the training set computed once, looked up per batch);
 ``live``: ``'off'`` (the step runs the frozen teacher's forward in eval mode).
@@ -56,7 +56,7 @@ from flax import nnx  # noqa: E402
 from bench.machine import interleaved_rounds, machine_info  # noqa: E402
 from bench.torch_reference import torch_student_from  # noqa: E402
 from configs import cifar100, fashion_mnist  # noqa: E402
-from tgeo_jax import data, models, optim, parallel, trainer  # noqa: E402
+from tgeo_jax import data, dispatch, models, optim, parallel  # noqa: E402
 from tgeo_jax.health import initial_health  # noqa: E402
 from tgeo_jax.methods.kd import KD  # noqa: E402
 from tgeo_jax.teacher import Teacher  # noqa: E402
@@ -122,7 +122,7 @@ def build_jax(model: str, mode: str, args, task=None):
   mesh = parallel.make_mesh()
   state, frozen = method.init(jax.random.PRNGKey(config.seed))
   state, frozen = parallel.replicate(state, mesh), parallel.replicate(frozen, mesh)
-  step_fn, metric_zeros, _ = trainer.build_train_step(method, mesh, skip_nonfinite=False)
+  step_fn, metric_zeros, _ = dispatch.build_train_step(method, mesh, skip_nonfinite=False)
   host = data.train_batches(task.train, batch_size=args.batch, seed=0, epoch=0)[0]
   batch = parallel.shard_batch(host, mesh)
   kind = method.step_kind(0)

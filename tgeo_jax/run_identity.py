@@ -86,7 +86,8 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 # Config groups that leave a run's results untouched while off: an off group is not part of the fingerprint, so
 # adding one keeps every earlier run's fingerprint (and its work directory resumable). group -> "is it off?".
-OPTIONAL_GROUPS = {"study_wrong_teacher": lambda group: group.get("kind", "none") == "none"}
+OPTIONAL_GROUPS = {"study_wrong_teacher": lambda group: group.get("kind", "none") == "none",
+                   "device_pipeline": lambda group: group.get("mode", "off") == "off"}
 
 
 def config_record(config_dict: dict, reads=None) -> dict:

@@ -37,7 +37,7 @@ import numpy as np
 import tqdm
 
 from tgeo_jax import checkpoint as checkpoint_lib
-from tgeo_jax import config_checks, data, evaluation, fileio, methods, models, optim, parallel, report, run_identity
+from tgeo_jax import config_checks, data, dispatch, evaluation, fileio, methods, models, optim, parallel, report, run_identity
 from tgeo_jax import profiling, signals
 from tgeo_jax import teacher as teacher_lib
 from tgeo_jax.errors import UserError
@@ -62,9 +62,11 @@ class StopTraining(Exception):
     self.signum = signum
 
 
-def itstime(step: int, every: int, *, last: int | None = None) -> bool:
-  """True every ``every`` steps (``every`` <= 0: never) and at ``last`` (big_vision's cadence helper)."""
-  return (every > 0 and step % every == 0) or (last is not None and step == last)
+def itstime(step: int, every: int, *, last: int | None = None, steps: int = 1) -> bool:
+  """True every ``every`` steps (``every`` <= 0: never) and at ``last`` (big_vision's cadence helper), asked at
+  ``step`` after ``steps`` steps were taken at once (a chunk of the device pipeline): whether one of them is."""
+  return ((every > 0 and step // every > (step - steps) // every)
+          or (last is not None and step - steps < last <= step))
 
 
 # ------------------------------------------------------------------------------------------------ the method
@@ -110,10 +112,10 @@ class TrainLog:
     self.skipped_at_log = saved.get("skipped_at_log", skipped)
     self.last = saved.get("last_train", {})
 
-  def add(self, running) -> None:
-    """Records the sums returned by a step (which added its metrics to ``sums``, on the device)."""
+  def add(self, running, steps: int = 1) -> None:
+    """Records the sums returned by ``steps`` steps (which added their metrics to ``sums``, on the device)."""
     self.running = running
-    self.count += 1
+    self.count += steps
 
   def flush(self, host_running, skipped: int) -> dict:
     """The averages since the last log point (skipped steps, zeroed, not counted); resets the sums."""
@@ -154,9 +156,7 @@ class Run:
   resumed: bool
   meta: dict
   start_time: float
-  train_step: Any  # jitted (state, frozen, batch, kind, health, running sums) -> (state, health, running sums)
-  metric_zeros: Any  # (state, frozen, batch, kind, health) -> zero running sums
-  quantity_names: list
+  steps: Any  # dispatch.BatchSteps | dispatch.ChunkSteps: (run, pipeline unit) -> steps taken
   eval_step: Any
   fixed_teacher: Any
   health: dict
@@ -258,11 +258,7 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
     if config.val_batch_size > len(task.val):
       raise UserError(f"val_batch_size: {config.val_batch_size} exceeds the {len(task.val)} held-out validation "
                       "examples (raise data.val_fraction or lower val_batch_size)")
-  pipeline = data.Pipeline(task, batch_size=config.batch_size, seed=config.seed,
-                           val_batch_size=config.val_batch_size if method.uses_validation_batch else None,
-                           eval_batch_size=config.eval_batch_size, devices=mesh.size,
-                           workers=data.resolve_workers(config.data, task.train),
-                           process_index=jax.process_index(), process_count=jax.process_count())
+  pipeline = _build_pipeline(config, task, mesh, uses_validation_batch=method.uses_validation_batch)
   total_steps = steps_per_epoch * config.num_epochs
   profile = profiling.Profile(config.log.profile_steps, workdir, log=_log)
   profile.check(total_steps)
@@ -288,8 +284,11 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
     train_log = TrainLog(meta.get("train_log"), meta["skipped_steps"])
     if train_log.running is not None:  # restored sums, placed as the step returns them (one compilation, not two)
       train_log.running = parallel.replicate(train_log.running, mesh)
-    train_step, metric_zeros, quantity_names = build_train_step(method, mesh,
-                                                                skip_nonfinite=config.nonfinite == "skip")
+    skip_nonfinite = config.nonfinite == "skip"
+    steps = (dispatch.ChunkSteps(method, mesh, pipeline, kinds=dispatch.run_kinds(method, total_steps),
+                                 skip_nonfinite=skip_nonfinite)
+             if isinstance(pipeline, data.DevicePipeline)
+             else dispatch.BatchSteps(method, mesh, skip_nonfinite=skip_nonfinite))
     eval_fn = jax.jit(evaluation.make_eval_step(method, task.metrics))
   except BaseException:
     ckpt.close()
@@ -298,7 +297,7 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
       config=config, workdir=workdir, mesh=mesh, task=task, pipeline=pipeline, method=method, state=state,
       frozen=frozen, ckpt=ckpt, writer=writer, identity=identity, config_dict=config_dict,
       steps_per_epoch=steps_per_epoch, total_steps=total_steps, step=step0, step0=step0, resumed=resumed, meta=meta,
-      start_time=start_time, train_step=train_step, metric_zeros=metric_zeros, quantity_names=quantity_names,
+      start_time=start_time, steps=steps,
       eval_step=lambda s, b: eval_fn(s, frozen, b),
       fixed_teacher=(evaluation.FixedTeacherLogits(method, frozen)
                      if method.teacher is not None and method.teacher_logits_fixed else None),
@@ -344,6 +343,24 @@ def _build_checked_method(config, task, steps_per_epoch: int, *, teacher):
   return method, teachers
 
 
+def _build_pipeline(config, task, mesh, *, uses_validation_batch: bool):
+  """The run's pipeline: the device-resident one where ``device_pipeline.mode`` asks for it (``auto``: where the
+  task fits it and the platform is not CPU), else the host one."""
+  val_batch_size = config.val_batch_size if uses_validation_batch else None
+  mode = config.device_pipeline.mode
+  if mode == "auto":
+    mode = ("on" if jax.default_backend() != "cpu"
+            and data.unsupported_reason(task, process_count=jax.process_count()) is None else "off")
+  if mode == "on":  # a task it cannot hold is a UserError naming device_pipeline.mode and why
+    return data.DevicePipeline(task, batch_size=config.batch_size, seed=config.seed, mesh=mesh,
+                               steps_per_dispatch=config.device_pipeline.steps_per_dispatch, val_batch_size=val_batch_size,
+                               eval_batch_size=config.eval_batch_size)
+  return data.Pipeline(task, batch_size=config.batch_size, seed=config.seed, val_batch_size=val_batch_size,
+                       eval_batch_size=config.eval_batch_size, devices=mesh.size,
+                       workers=data.resolve_workers(config.data, task.train),
+                       process_index=jax.process_index(), process_count=jax.process_count())
+
+
 def _log_start(config, workdir: str, task, step0: int, total_steps: int, steps_per_epoch: int, resumed_meta):
   if resumed_meta is not None:
     _log(f"Resuming {config.method} in {workdir} from step {step0} of {total_steps} (epoch {resumed_meta['epoch']}).")
@@ -372,25 +389,6 @@ def restore(ckpt: checkpoint_lib.Checkpointer, state, *, identity: dict, num_cla
   return step0, parallel.replicate(state, mesh), meta
 
 
-def build_train_step(method, mesh, *, skip_nonfinite: bool):
-  """The loop's jitted step ``(state, frozen, batch, kind, health, running sums) -> (state, health, running sums)``
-  (state and sums donated), the zeros of its sums, and the names of the quantities its guard checks."""
-  guarded_step, quantity_names = make_guarded_step(method, skip_nonfinite=skip_nonfinite)
-  # A jit of its own, nested in the loop step: JAX keeps a jit's trace per argument types, so the method's step is
-  # traced once per step kind, for the metric zeros (``_MetricZeros``) and the loop step alike (an unrolled
-  # hypergradient's trace takes seconds). The nested call is inlined when XLA compiles the loop step.
-  guarded_step = jax.jit(guarded_step, static_argnums=(3,))
-
-  def loop_step(state, frozen, batch, kind, health, running):
-    # The running metric sums are added inside the step: one jnp.add per metric and step on the host costs
-    # ~40 us of dispatch each (bench/host_overhead.py), several times the dispatch of the step itself.
-    state, metrics, health = guarded_step(state, frozen, batch, kind, health)
-    return state, health, jax.tree.map(jnp.add, running, metrics)
-
-  train_step = jax.jit(loop_step, donate_argnums=(0, 5), static_argnums=(3,))
-  return train_step, _MetricZeros(guarded_step, mesh), quantity_names
-
-
 # ------------------------------------------------------------------------------------------------ the loop
 
 
@@ -409,21 +407,17 @@ def train(run: Run, stop: signals.StopRequest) -> None:
     bar = tqdm.tqdm(total=run.steps_per_epoch, initial=offset, desc=f"epoch {run.epoch + 1}/{config.num_epochs}",
                     disable=not config.log.progress or jax.process_index() != 0, leave=False, dynamic_ncols=True)
     try:
-      for batch in run.pipeline.epoch(run.epoch, offset):
+      for unit in run.pipeline.epoch(run.epoch, offset):  # a batch, or a chunk of steps (device pipeline)
         run.profile.before_step(run.step)
-        batch, kind = parallel.shard_batch(batch, run.mesh), run.method.step_kind(run.step)
-        sums = run.log.running if run.log.running is not None else run.metric_zeros(
-            run.state, run.frozen, batch, kind, run.health)
-        run.state, run.health, running = run.train_step(run.state, run.frozen, batch, kind, run.health, sums)
-        run.log.add(running)
-        run.step += 1
+        taken = run.steps(run, unit)
+        run.step += taken
         run.profile.after_step(run.step, run.state)
-        bar.update(1)
-        if itstime(run.step, config.log.every_steps, last=epoch_end):
+        bar.update(taken)
+        if itstime(run.step, config.log.every_steps, last=epoch_end, steps=taken):
           log_train_metrics(run, bar)
         if run.step == epoch_end:
           break  # the epoch end saves and evaluates below
-        if itstime(run.step, config.checkpoint.every_steps):
+        if itstime(run.step, config.checkpoint.every_steps, steps=taken):
           save(run)
         if stop.signum is not None:
           raise StopTraining(stop.signum)
@@ -439,22 +433,6 @@ def train(run: Run, stop: signals.StopRequest) -> None:
         raise StopTraining(stop.signum)
       if budget_end is not None and run.step >= budget_end:
         raise StopTraining()
-
-
-class _MetricZeros:
-  """Fresh zeros of the step's metrics (the running sums a step adds to after each log point; donated to it).
-  The metrics' structure, shapes and dtypes come from the jitted guarded step's trace, once per step kind (no
-  compilation; the loop step that nests that jit reuses the trace)."""
-
-  def __init__(self, guarded_step, mesh):
-    self.guarded_step, self.mesh, self.shapes = guarded_step, mesh, {}
-
-  def __call__(self, state, frozen, batch, kind, health):
-    if kind not in self.shapes:
-      self.shapes[kind] = self.guarded_step.eval_shape(state, frozen, batch, kind, health)[1]
-    # Replicated like the sums the step returns: zeros placed otherwise are another input signature, and the
-    # step would be compiled a second time.
-    return parallel.replicate(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), self.shapes[kind]), self.mesh)
 
 
 def log_train_metrics(run: Run, bar) -> None:
@@ -480,7 +458,7 @@ def log_train_metrics(run: Run, bar) -> None:
 def check_health(run: Run, host_health) -> int:
   """Stops the run (``nonfinite='stop'``) if any step so far was non-finite; returns the skipped-step count."""
   if run.config.nonfinite == "stop" and int(host_health["first_bad_step"]) >= 0:
-    raise NonFiniteError(nonfinite_message(host_health, run.quantity_names, run.step, run.last_saved))
+    raise NonFiniteError(nonfinite_message(host_health, run.steps.quantity_names, run.step, run.last_saved))
   return int(host_health["skipped"])
 
 
@@ -532,7 +510,7 @@ def evaluate_epoch(run: Run) -> None:
   teacher = (f" (teacher {results['teacher_accuracy']:.4f}, agreement {results['agreement']:.4f})"
              if "teacher_accuracy" in results else "")
   skipped_note = (f"; {skipped} non-finite step(s) skipped so far (first: "
-                  f"{nonfinite_what(host_health, run.quantity_names)})" if skipped else "")
+                  f"{nonfinite_what(host_health, run.steps.quantity_names)})" if skipped else "")
   _log(f"epoch {run.epoch}/{run.config.num_epochs} step {run.step}: test accuracy {results['accuracy']:.4f} "
        f"loss {results['loss']:.4f}{teacher}{skipped_note}")
 

@@ -18,13 +18,26 @@ import numpy as np
 
 from tgeo_jax.errors import UserError
 
-__all__ = ["flip", "crop_flip", "crop_flip_raw", "AUGMENTATIONS", "get", "crop_flip_fill", "crop_flip_cifar100",
+__all__ = ["flip", "flip_draws", "crop_flip", "crop_flip_draws", "crop_flip_raw", "device_form", "AUGMENTATIONS", "get", "crop_flip_fill", "crop_flip_cifar100",
            "random_resized_crop_box", "imagenet_crop_flip"]
+
+
+def flip_draws(rng: np.random.Generator, b: int) -> np.ndarray:
+  """The random numbers of ``flip`` for a batch of ``b``: which examples are flipped (``[b] bool``)."""
+  return rng.random(b) < 0.5
+
+
+def crop_flip_draws(rng: np.random.Generator, b: int, padding: int = 4):
+  """The random numbers of ``crop_flip`` (and its variants) for a batch of ``b``, in their order: the crop
+  window's top-left corner in the padded image (``dy, dx: [b] int64`` in ``[0, 2 * padding]``), then ``flip``'s."""
+  dy = rng.integers(0, 2 * padding + 1, size=b)
+  dx = rng.integers(0, 2 * padding + 1, size=b)
+  return dy, dx, flip_draws(rng, b)
 
 
 def flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Random horizontal flip with probability 1/2 per example."""
-  mask = rng.random(len(images)) < 0.5
+  mask = flip_draws(rng, len(images))
   out = images.copy()
   out[mask] = out[mask][:, :, ::-1]
   return out
@@ -46,9 +59,7 @@ def crop_flip_raw(images: np.ndarray, rng: np.random.Generator, padding: int = 4
   """``crop_flip`` (zero padding) drawing the same numbers in the same order, by slicing each example's window
   (faster than one fancy-index gather over the batch)."""
   b, h, w = images.shape[:3]
-  dy = rng.integers(0, 2 * padding + 1, size=b)
-  dx = rng.integers(0, 2 * padding + 1, size=b)
-  flipped = rng.random(b) < 0.5
+  dy, dx, flipped = crop_flip_draws(rng, b, padding)
   padded = np.zeros((b, h + 2 * padding, w + 2 * padding, *images.shape[3:]), images.dtype)
   padded[:, padding:padding + h, padding:padding + w] = images
   out = np.empty_like(images)
@@ -61,6 +72,7 @@ def crop_flip_raw(images: np.ndarray, rng: np.random.Generator, padding: int = 4
 flip.on_raw = flip
 crop_flip.on_raw = crop_flip_raw
 crop_flip.raw_fill = lambda: np.float32(0.0)
+
 
 AUGMENTATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray] | None] = {
     "none": None,
@@ -142,3 +154,20 @@ def _cifar100_black() -> np.ndarray:
 
 AUGMENTATIONS["crop_flip_cifar100"] = crop_flip_cifar100
 AUGMENTATIONS["imagenet_crop_flip"] = imagenet_crop_flip
+
+
+def _flip_only_draws(rng: np.random.Generator, b: int):
+  return np.zeros(b, np.int64), np.zeros(b, np.int64), flip_draws(rng, b)
+
+
+def device_form(augmentation):
+  """How the device-resident pipeline applies ``augmentation`` inside the jitted step, on model inputs:
+  ``(padding, draws, fill)``. ``draws(rng, b) -> (dy [b], dx [b], flipped [b])`` draws exactly the numbers the
+  host function draws; the step crops each example's window at ``(dy, dx)`` of its image padded by ``padding``
+  with ``fill`` (the normalised padding value, per channel) and mirrors it where ``flipped``: the host's batch,
+  bit for bit. None for an augmentation that runs on the host only."""
+  if augmentation is flip:
+    return 0, _flip_only_draws, None
+  if augmentation in (crop_flip, crop_flip_cifar100):
+    return 4, crop_flip_draws, np.asarray(augmentation.raw_fill(), np.float32)
+  return None

@@ -24,7 +24,7 @@ from tgeo_jax.data import sources
 from tgeo_jax.errors import UserError
 
 __all__ = ["Pipeline", "epoch_order", "prepare_epoch", "train_batches", "resolve_workers", "decodes_per_record",
-           "iterate", "validation_batches", "eval_batches"]
+           "iterate", "validation_batches", "validation_indices", "eval_batches", "epoch_shuffle_seed"]
 
 
 class Pipeline:
@@ -82,7 +82,8 @@ class Pipeline:
                         process_count=self.process_count)
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
+def epoch_shuffle_seed(seed: int, epoch: int) -> int:
+  """The seed of epoch ``epoch``'s shuffle and of its steps' augmentation generators (``[seed, step]``)."""
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
@@ -138,7 +139,7 @@ def prepare_epoch(source, *, batch_size: int, seed: int, epoch: int) -> None:
   n = len(source)
   count = (n // batch_size) * batch_size
   # Not a daemon: the interpreter lets it finish (under a second) at exit instead of killing it inside grain's C++.
-  threading.Thread(target=epoch_order, args=(n, _epoch_seed(seed, epoch), count), name=f"epoch-order-{epoch}").start()
+  threading.Thread(target=epoch_order, args=(n, epoch_shuffle_seed(seed, epoch), count), name=f"epoch-order-{epoch}").start()
 
 
 class _EpochOrder:
@@ -164,7 +165,7 @@ def train_batches(source, *, batch_size: int, seed: int, epoch: int, augment=Non
   is computed once (grain's shuffle costs ~20 us per index, ~1 ms of a 128-batch) and a pixel-wise uint8 source is
   augmented on its raw pixels before ``to_model`` (``augment.on_raw``, checked by ``_raw_augment``).
   """
-  epoch_seed = _epoch_seed(seed, epoch)
+  epoch_seed = epoch_shuffle_seed(seed, epoch)
   local = batch_size // process_count
   batches = grain.MapDataset.range(len(source)).shuffle(seed=epoch_seed).batch(batch_size, drop_remainder=True)
   in_memory = isinstance(source, sources.ArraySource)
@@ -262,16 +263,20 @@ def validation_batches(source, *, batch_size: int, seed: int, process_index: int
   if batch_size > n:
     raise UserError(f"validation batch size {batch_size} exceeds the {n} held-out validation examples "
                     "(raise data.val_fraction or lower the validation batch size)")
-  per_pass = n // batch_size
   local = batch_size // process_count
 
   def make_batch(t):
-    k, j = divmod(int(t), per_pass)
-    perm = np.random.default_rng([seed, 7919, k]).permutation(n)
-    indices = perm[j * batch_size:(j + 1) * batch_size][process_index * local:(process_index + 1) * local]
+    indices = validation_indices(n, batch_size=batch_size, seed=seed, step=t)[
+        process_index * local:(process_index + 1) * local]
     return {"inputs": source.gather(indices), "labels": source.labels[indices]}
 
   return grain.MapDataset.range(2**62).map(make_batch)
+
+
+def validation_indices(n: int, *, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """The validation part's positions in meta step ``step``'s batch (``[batch_size] int64``, global batch)."""
+  k, j = divmod(int(step), n // batch_size)
+  return np.random.default_rng([seed, 7919, k]).permutation(n)[j * batch_size:(j + 1) * batch_size]
 
 
 def eval_batches(source, *, batch_size: int, process_index: int = 0, process_count: int = 1):
