@@ -95,12 +95,13 @@ def base_config() -> ml_collections.ConfigDict:
       dict(num_train=512, num_test=256, input_shape=(28, 28, 1), num_classes=10, seed=0))
 
   # The device-resident pipeline (tgeo_jax/data/device_pipeline.py): the training and validation parts stored on
-  # the device(s), each batch gathered, augmented and normalised inside the jitted step, steps_per_dispatch steps
-  # per dispatch (one lax.scan); the same batches as the host pipeline, bit for bit. mode: off | on (an error for
-  # a task it cannot hold: data read per record, an augmentation it cannot apply, several processes) | auto (on
-  # where it can, except on CPU, where the host pipeline keeps up with the step). Off, the group is not part of a
-  # run's fingerprint; on or auto, it is (XLA may compile the scanned step differently on an accelerator).
-  c.device_pipeline = ml_collections.ConfigDict(dict(mode="off", steps_per_dispatch=8))
+  # the device(s), each batch gathered, augmented and normalised inside the jitted step, up to steps_per_dispatch
+  # steps per dispatch (one lax.scan; a chunk ends at every log point, checkpoint and stop, so the loop acts
+  # where it would step by step; a signal is honoured at the chunk's end). The same batches as the host pipeline
+  # bit for bit, and on CPU the same training bit for bit. mode: auto (on where it can hold the task in a quarter
+  # of the device's memory) | on (an error for a task it cannot hold: data read per record, an augmentation it
+  # cannot apply, several processes) | off (the host pipeline: grain batches, one dispatch per step).
+  c.device_pipeline = ml_collections.ConfigDict(dict(mode="auto", steps_per_dispatch=8))
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "cnn_small"

@@ -9,7 +9,8 @@ running sums on the device (no per-step host sync), with the state and the sums 
   is static (one program per kind).
 * ``ChunkSteps``: one program, ``lax.scan`` over a chunk's steps; each step builds its batch on the device
   (``DevicePipeline.make_batch``) and runs its kind through ``lax.switch`` over every kind the run uses, plus a
-  skip branch for the chunk's padding past its last step. Per step as before: the guard, the metric sums, the
+  skip branch for the chunk's padding past its last step (a chunk ends where the loop acts: a log point, a
+  checkpoint, the epoch end, the ``steps_per_run`` budget; the program's length stays ``steps_per_dispatch``). Per step as before: the guard, the metric sums, the
   unroll windows and α statistics (they live in the state).
 
 ``steps(run, unit) -> number of steps taken`` updates ``run.state``, ``run.health`` and ``run.log``.
@@ -93,10 +94,9 @@ class ChunkSteps:
 
     def chunk_step(state, frozen, device_data, arrays, health, running):
       def one_step(carry, step_arrays):
-        batch = make_batch(device_data, step_arrays)
-
         def run_kind(kind):
           def branch(state, health, running):
+            batch = make_batch(device_data, step_arrays)  # in the branch: a padding step gathers nothing
             state, metrics, health = guarded_step(state, frozen, batch, kind, health)
             return state, health, jax.tree.map(jnp.add, running, metrics)
           return branch

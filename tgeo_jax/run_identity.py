@@ -64,6 +64,10 @@ RESUMABLE_FIELDS = {
     "data.workers": "how many processes decode batches: grain returns them in the same order for any count",
     "data.in_memory": "decoded once into memory or per record: the batches are bit-identical (tests/test_tfds_local.py)",
     "data.cache_dir": "where decoded splits are cached (verified by sha256, equal to decoding again)",
+    "device_pipeline.mode": "whether batches are built on the device: the same batches, the same steps, the same log "
+                            "points and checkpoints (bit-identical training on CPU, tests/test_device_pipeline.py; an "
+                            "accelerator may round the scanned step differently, as it may another device count)",
+    "device_pipeline.steps_per_dispatch": "how many steps one dispatch may take (the steps are the same)",
 }
 
 CONFIG_FILE, IDENTITY_FILE, MEMBERSHIP_FILE, LOCK_FILE = "config.json", "identity.json", "membership.npz", ".lock"
@@ -86,8 +90,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 # Config groups that leave a run's results untouched while off: an off group is not part of the fingerprint, so
 # adding one keeps every earlier run's fingerprint (and its work directory resumable). group -> "is it off?".
-OPTIONAL_GROUPS = {"study_wrong_teacher": lambda group: group.get("kind", "none") == "none",
-                   "device_pipeline": lambda group: group.get("mode", "off") == "off"}
+OPTIONAL_GROUPS = {"study_wrong_teacher": lambda group: group.get("kind", "none") == "none"}
 
 
 def config_record(config_dict: dict, reads=None) -> dict:

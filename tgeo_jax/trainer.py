@@ -344,13 +344,13 @@ def _build_checked_method(config, task, steps_per_epoch: int, *, teacher):
 
 
 def _build_pipeline(config, task, mesh, *, uses_validation_batch: bool):
-  """The run's pipeline: the device-resident one where ``device_pipeline.mode`` asks for it (``auto``: where the
-  task fits it and the platform is not CPU), else the host one."""
+  """The run's pipeline: the device-resident one where ``device_pipeline.mode`` asks for it (``auto``: where it
+  can hold the task, ``data.unsupported_reason``, in a quarter of the device's memory), else the host one."""
   val_batch_size = config.val_batch_size if uses_validation_batch else None
   mode = config.device_pipeline.mode
   if mode == "auto":
-    mode = ("on" if jax.default_backend() != "cpu"
-            and data.unsupported_reason(task, process_count=jax.process_count()) is None else "off")
+    mode = ("on" if data.unsupported_reason(task, process_count=jax.process_count()) is None
+            and data.fits_on_device(task) else "off")
   if mode == "on":  # a task it cannot hold is a UserError naming device_pipeline.mode and why
     return data.DevicePipeline(task, batch_size=config.batch_size, seed=config.seed, mesh=mesh,
                                steps_per_dispatch=config.device_pipeline.steps_per_dispatch, val_batch_size=val_batch_size,
@@ -407,7 +407,11 @@ def train(run: Run, stop: signals.StopRequest) -> None:
     bar = tqdm.tqdm(total=run.steps_per_epoch, initial=offset, desc=f"epoch {run.epoch + 1}/{config.num_epochs}",
                     disable=not config.log.progress or jax.process_index() != 0, leave=False, dynamic_ncols=True)
     try:
-      for unit in run.pipeline.epoch(run.epoch, offset):  # a batch, or a chunk of steps (device pipeline)
+      # A batch, or a chunk of steps (device pipeline) that ends where the loop acts: the same log points,
+      # checkpoints and stops as step by step.
+      stops = [epoch_end, *([budget_end] if budget_end is not None else []), *(run.profile.range or ())]
+      until = functools.partial(_next_stop, config, run.epoch * run.steps_per_epoch, stops)
+      for unit in run.pipeline.epoch(run.epoch, offset, until=until):
         run.profile.before_step(run.step)
         taken = run.steps(run, unit)
         run.step += taken
@@ -433,6 +437,17 @@ def train(run: Run, stop: signals.StopRequest) -> None:
         raise StopTraining(stop.signum)
       if budget_end is not None and run.step >= budget_end:
         raise StopTraining()
+
+
+def _next_stop(config, epoch_start: int, stops, step_in_epoch: int) -> int:
+  """The first step after ``epoch_start + step_in_epoch`` where the loop acts (a log point, a checkpoint, or one of
+  ``stops``: the epoch end, the end of the ``steps_per_run`` budget, the profiled range's ends), as a step of the
+  epoch."""
+  step = epoch_start + step_in_epoch
+  ends = [s for s in stops if s > step] + [step + every - step % every
+                                           for every in (config.log.every_steps, config.checkpoint.every_steps)
+                                           if every > 0]
+  return min(ends) - epoch_start
 
 
 def log_train_metrics(run: Run, bar) -> None:

@@ -29,7 +29,11 @@ from tgeo_jax.data import pipeline as host_pipeline
 from tgeo_jax.data import sources
 from tgeo_jax.errors import UserError
 
-__all__ = ["Chunk", "DevicePipeline", "unsupported_reason"]
+__all__ = ["Chunk", "DevicePipeline", "unsupported_reason", "device_bytes", "fits_on_device"]
+
+# ``fits_on_device`` for a device that does not report its memory (CPU: the host's memory, where the split is
+# already held once as numpy).
+UNREPORTED_DEVICE_BUDGET = 4 << 30
 
 
 @dataclasses.dataclass
@@ -94,6 +98,23 @@ def unsupported_reason(task, *, process_count: int = 1) -> str | None:
   if task.augment is not None and augment_lib.device_form(task.augment) is None:
     return f"its augmentation {getattr(task.augment, '__name__', task.augment)!r} runs on the host only"
   return None
+
+
+def device_bytes(task) -> int:
+  """Bytes the device pipeline places on each device for ``task`` (training and validation inputs and labels)."""
+  return sum(part.inputs.nbytes + part.labels.nbytes for part in (task.train, task.val))
+
+
+def fits_on_device(task, device=None) -> bool:
+  """Whether ``task``'s stored examples take at most a quarter of ``device``'s memory (default: the first local
+  device; one that does not report its memory: ``UNREPORTED_DEVICE_BUDGET``). ``device_pipeline.mode=auto`` asks."""
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # noqa: BLE001 - a backend without memory statistics
+    stats = {}
+  budget = stats["bytes_limit"] // 4 if "bytes_limit" in stats else UNREPORTED_DEVICE_BUDGET
+  return device_bytes(task) <= budget
 
 
 class DevicePipeline:
@@ -168,15 +189,21 @@ class DevicePipeline:
                                                           seed=self.seed, step=global_step).astype(np.int32)
     return out
 
-  def epoch(self, epoch: int, offset: int = 0):
-    """Epoch ``epoch``'s steps from ``offset`` on, in ``Chunk``s of ``steps_per_dispatch`` (the last one shorter)."""
+  def epoch(self, epoch: int, offset: int = 0, *, until=None):
+    """Epoch ``epoch``'s steps from ``offset`` on, in ``Chunk``s of at most ``steps_per_dispatch`` steps.
+
+    ``until(step) -> int``: the epoch step a chunk starting at ``step`` must end at or before (the loop's next
+    log point, checkpoint or stop), so the loop regains control exactly where it would step by step."""
     n = self.steps_per_dispatch
-    for first in range(offset, self.steps_per_epoch, n):
-      steps = min(n, self.steps_per_epoch - first)
+    first = offset
+    while first < self.steps_per_epoch:
+      end = min(first + n, self.steps_per_epoch, until(first) if until is not None else self.steps_per_epoch)
+      steps = max(1, end - first)
       per_step = [self.step_draws(epoch, s) for s in range(first, first + steps)]
       arrays = {k: np.stack([d[k] for d in per_step] + [np.zeros_like(per_step[0][k])] * (n - steps))
                 for k in per_step[0]}
       yield Chunk(first_step=first, steps=steps, arrays=arrays)
+      first += steps
 
   def chunk_arrays(self, chunk: Chunk) -> dict:
     """``chunk``'s arrays on the device: per-example ones ``[N, B]`` sharded over the batch axis."""

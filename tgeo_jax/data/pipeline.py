@@ -73,7 +73,10 @@ class Pipeline:
     first_step, val_stream = epoch * self.steps_per_epoch, self.val_stream
     return batches.map_with_index(lambda i, batch: dict(batch, val=val_stream[first_step + i]))
 
-  def epoch(self, epoch: int, offset: int = 0):
+  def epoch(self, epoch: int, offset: int = 0, *, until=None):
+    """Epoch ``epoch``'s batches from step ``offset`` on, one per step (``until``, the device pipeline's chunk
+    limit, has nothing to limit here)."""
+    del until
     return iterate(self.epoch_batches(epoch)[offset:], workers=self.workers)
 
   def evaluation(self, part):
