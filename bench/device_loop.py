@@ -16,6 +16,10 @@ a warm-up span that compiles. Rows:
 * ``resnet8x4_kd``: resnet8x4 KD with a live resnet32x4 teacher (random weights) on CIFAR-100-shaped data (TFDS
   mock data, uint8 in memory, RepDistiller's crop + flip), batch 64.
 
+``--data synthetic`` (a machine without Debian's Fashion-MNIST or TFDS, e.g. ``bench/gpu_check.sh``): random
+Fashion-MNIST IDX files read by the real loader, and for ``resnet8x4_kd`` the synthetic task (float32 32x32x3,
+100 classes, crop + flip with zero padding).
+
 After the rounds both sides have taken the same steps from the same start: ``bit_identical`` says whether their
 states are equal bit for bit. The JSON has per row and side the median ms per step and steps/s, and
 ``device_over_host`` (steps/s ratio, > 1: the device pipeline is faster).
@@ -41,10 +45,21 @@ from bench import host_overhead  # noqa: E402,F401 (registers the probe methods)
 from bench.machine import machine_info  # noqa: E402
 from configs import cifar100, fashion_mnist  # noqa: E402
 from tgeo_jax import data, models, trainer  # noqa: E402
+from tgeo_jax.data import sources  # noqa: E402
 from tgeo_jax.default_config import base_config  # noqa: E402
 from tgeo_jax.teacher import Teacher  # noqa: E402
 
 ROWS = ("probe", "probe_val", "kd", "tgeo", "resnet8x4_kd")
+
+
+def fake_fashion_mnist(directory: str, n_train: int = 60000, n_test: int = 10000) -> str:
+  """Fashion-MNIST-shaped IDX files of random pixels in ``directory`` (``--data synthetic``: a machine without the
+  Debian package), read by the real loader."""
+  rng = np.random.default_rng(0)
+  for split, n in (("train", n_train), ("t10k", n_test)):
+    sources.write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte.gz"), rng.integers(0, 256, (n, 28, 28)))
+    sources.write_idx(os.path.join(directory, f"{split}-labels-idx1-ubyte.gz"), np.arange(n) % 10)
+  return directory
 
 
 def make_config(row: str, args):
@@ -63,9 +78,16 @@ def make_config(row: str, args):
     teacher, span = c.teacher.model, args.span
   else:
     c = cifar100.get_config("resnet32x4_resnet8x4:kd")
-    c.data.mock, c.data.mock_examples = True, 3000
     c.batch_size = 64
+    if args.data == "synthetic":  # float32 32x32x3 inputs, crop + flip with zero padding
+      c.data.name, c.data.augment = "synthetic", "crop_flip"
+      c.data.synthetic.update(num_train=max(3000, c.batch_size * (args.rounds + 1) * args.resnet_span * 10 // 9 + 64),
+                              num_test=1000, input_shape=(32, 32, 3), num_classes=100)
+    else:
+      c.data.mock, c.data.mock_examples = True, 3000
     teacher, span = c.teacher.model, args.resnet_span
+  if args.fashion_mnist_dir and row != "resnet8x4_kd":
+    c.data.dir = args.fashion_mnist_dir
   c.num_epochs = 2
   c.log.progress = False
   c.log.every_steps = 64
@@ -137,10 +159,15 @@ def main(argv=None):
   p.add_argument("--probe-span", type=int, default=96)
   p.add_argument("--span", type=int, default=48)
   p.add_argument("--resnet-span", type=int, default=8)
+  p.add_argument("--data", choices=("real", "synthetic"), default="real",
+                 help="synthetic: random Fashion-MNIST IDX files and a float32 CIFAR-shaped synthetic task (for a "
+                      "machine without the Fashion-MNIST package or TFDS, e.g. the GPU check)")
   args = p.parse_args(argv)
   t_start = time.perf_counter()
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
+    args.fashion_mnist_dir = (fake_fashion_mnist(os.path.join(tmp, "fashion_mnist")) if args.data == "synthetic"
+                              else "")
     for row in args.rows.split(","):
       results[row] = r = bench_row(row, args, tmp)
       print(f"{row}: host {r['host']['ms_per_step']:.3f} ms/step, device {r['device']['ms_per_step']:.3f} ms/step "

@@ -77,6 +77,7 @@ def make_config(method: str, args):
   c.log.progress = False
   c.log.every_steps = args.log_every
   c.checkpoint.every_steps = 0
+  c.device_pipeline.mode = "off"  # the host pipeline's overhead (bench/device_loop.py compares the device one)
   return c
 
 

@@ -162,18 +162,19 @@ def kd_loss(student_logits, teacher_logits, labels, temperature=4.0, w_ce=0.1, w
   return w_ce * F.cross_entropy(student_logits, labels) + w_kd * soft
 
 
-def build_torch(model: str, mode: str, compiled: bool, host, num_train: int, jax_extra):
+def build_torch(model: str, mode: str, compiled: bool, host, num_train: int, jax_extra, device: str = "cpu"):
   student, teacher = torch_models(model, jax_extra)
+  student, teacher = student.to(device), teacher.to(device)
   student.train()
   teacher.eval()
   for p in teacher.parameters():
     p.requires_grad_(False)
   opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-  x = torch.from_numpy(np.ascontiguousarray(np.asarray(host["inputs"], np.float32).transpose(0, 3, 1, 2)))
-  y = torch.from_numpy(np.asarray(host["labels"], np.int64))
-  index = torch.from_numpy(np.asarray(host["index"], np.int64))
-  with torch.no_grad():
-    table = torch.randn(num_train, SETUPS[model][3])  # the cached teacher logits, one row per training example
+  x = torch.from_numpy(np.ascontiguousarray(np.asarray(host["inputs"], np.float32).transpose(0, 3, 1, 2))).to(device)
+  y = torch.from_numpy(np.asarray(host["labels"], np.int64)).to(device)
+  index = torch.from_numpy(np.asarray(host["index"], np.int64)).to(device)
+  with torch.no_grad():  # the cached teacher logits, one row per training example
+    table = torch.randn(num_train, SETUPS[model][3], device=device)
   s_fn = torch.compile(student) if compiled else student
   t_fn = torch.compile(teacher) if compiled else teacher
 
@@ -193,7 +194,7 @@ def build_torch(model: str, mode: str, compiled: bool, host, num_train: int, jax
   def run(n):
     for _ in range(n):
       loss = step()
-    return float(loss.detach())
+    return float(loss.detach())  # waits for the device
 
   return run, sum(p.numel() for p in student.parameters())
 
@@ -211,6 +212,8 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
   p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+  p.add_argument("--device", default="cpu", help="the torch side's device (cuda on a GPU machine, where JAX "
+                                                  "takes the GPU too)")
   return p.parse_args(argv)
 
 
@@ -227,7 +230,7 @@ def time_model(model: str, args) -> dict:
       name = f"torch_{'compile' if compiled else 'eager'}/{mode}"
       t0 = time.perf_counter()
       try:
-        trun, n_params = build_torch(model, mode, compiled, host, len(task.train), extra)
+        trun, n_params = build_torch(model, mode, compiled, host, len(task.train), extra, args.device)
         trun(1)
       except Exception as e:  # noqa: BLE001 - torch.compile needs a C++ toolchain; report and go on
         info[f"{name}_error"] = f"{type(e).__name__}: {e}"[:500]

@@ -14,6 +14,7 @@ benchmarks and tests use directly).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -279,7 +280,15 @@ def validation_batches(source, *, batch_size: int, seed: int, process_index: int
 def validation_indices(n: int, *, batch_size: int, seed: int, step: int) -> np.ndarray:
   """The validation part's positions in meta step ``step``'s batch (``[batch_size] int64``, global batch)."""
   k, j = divmod(int(step), n // batch_size)
-  return np.random.default_rng([seed, 7919, k]).permutation(n)[j * batch_size:(j + 1) * batch_size]
+  return _validation_pass(n, seed, k)[j * batch_size:(j + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=4)
+def _validation_pass(n: int, seed: int, k: int) -> np.ndarray:
+  # Pass k's permutation, computed once (not once per batch); read-only, as the batches only slice it.
+  perm = np.random.default_rng([seed, 7919, k]).permutation(n)
+  perm.flags.writeable = False
+  return perm
 
 
 def eval_batches(source, *, batch_size: int, process_index: int = 0, process_count: int = 1):
