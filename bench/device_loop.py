@@ -55,6 +55,7 @@ ROWS = ("probe", "probe_val", "kd", "tgeo", "resnet8x4_kd")
 def fake_fashion_mnist(directory: str, n_train: int = 60000, n_test: int = 10000) -> str:
   """Fashion-MNIST-shaped IDX files of random pixels in ``directory`` (``--data synthetic``: a machine without the
   Debian package), read by the real loader."""
+  os.makedirs(directory, exist_ok=True)
   rng = np.random.default_rng(0)
   for split, n in (("train", n_train), ("t10k", n_test)):
     sources.write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte.gz"), rng.integers(0, 256, (n, 28, 28)))
