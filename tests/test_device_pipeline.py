@@ -55,6 +55,8 @@ def test_batches_equal_the_host_pipelines_bit_for_bit(make, aug):
     got, firsts = [], []
     for chunk in device.epoch(epoch, offset):
       firsts.append(chunk.first_step)
+      assert {k: (v.shape[1:], v.dtype) for k, v in chunk.arrays.items()} == {
+          k: (s.shape, s.dtype) for k, s in device.step_shapes().items()}
       arrays = device.chunk_arrays(chunk)
       got += [jax.device_get(make_batch(device.device_data, jax.tree.map(lambda a, i=i: a[i], arrays)))
               for i in range(chunk.steps)]
@@ -146,14 +148,16 @@ def test_the_chunked_loop_trains_bit_identically_and_resumes_after_a_signal(tiny
   assert_same_run(device, split)
 
 
-def test_one_and_four_devices_agree_with_the_device_pipeline(tiny_teacher, tmp_path):
-  """KD with crop + flip, the batch gathered on 4 devices from the replicated split (indices sharded): within
-  1e-5 of one device."""
-  common = ["--config=configs/fashion_mnist.py:kd", *TINY, f"--config.teacher.checkpoint={tiny_teacher}", *ON,
-            "--config.data.augment=crop_flip", "--config.teacher.cache_logits=off"]
+def test_one_and_four_devices_agree_with_the_host_pipeline(tiny_teacher, tmp_path):
+  """The host pipeline (``device_pipeline.mode=off``) on 1 and 4 devices, KD with crop + flip and a live teacher:
+  within 1e-5. (The default, the device pipeline, is what ``tests/test_trainer.py`` and ``tests/test_tgeo.py`` run
+  on 1 and 4 devices: the batch gathered on 4 devices from the replicated split, indices sharded.)"""
+  common = ["--config=configs/fashion_mnist.py:kd", *TINY, f"--config.teacher.checkpoint={tiny_teacher}",
+            "--config.device_pipeline.mode=off", "--config.data.augment=crop_flip", "--config.teacher.cache_logits=off"]
   one, four = str(tmp_path / "one"), str(tmp_path / "four")
   run_cli([*common, f"--workdir={one}"])
-  run_cli([*common, f"--workdir={four}"], env={"XLA_FLAGS": device_flags(4)})
+  proc = run_cli([*common, f"--workdir={four}"], env={"XLA_FLAGS": device_flags(4)})
+  assert "4 device(s), batches built on the host." in proc.stdout
   assert json.load(open(os.path.join(four, "summary.json")))["num_devices"] == 4
   _, a = final_arrays(one)
   _, b = final_arrays(four)

@@ -89,7 +89,7 @@ class ChunkSteps:
     self.method, self.mesh, self.pipeline, self.kinds = method, mesh, pipeline, list(kinds)
     guarded_step, self.quantity_names = make_guarded_step(method, skip_nonfinite=skip_nonfinite)
     guarded_step = jax.jit(guarded_step, static_argnums=(3,))
-    self._zeros = MetricZeros(guarded_step, mesh)
+    self._zeros, self._batch_shapes = MetricZeros(guarded_step, mesh), None
     make_batch, kinds = pipeline.make_batch, self.kinds
 
     def chunk_step(state, frozen, device_data, arrays, health, running):
@@ -110,13 +110,13 @@ class ChunkSteps:
     self.chunk_step = jax.jit(chunk_step, donate_argnums=(0, 5))
 
   def metric_zeros(self, state, frozen, health):
-    one_step = jax.eval_shape(lambda d, a: self.pipeline.make_batch(d, jax.tree.map(lambda x: x[0], a)),
-                              self.pipeline.device_data, self._example_arrays())
-    return self._zeros(state, frozen, one_step, self.kinds[0], health)
-
-  def _example_arrays(self):
-    chunk = next(iter(self.pipeline.epoch(0)))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), chunk.arrays)
+    if self._batch_shapes is None:
+      # One step's batch as the chunk step sees it: make_batch's shapes, sharded over the batch axis like the
+      # indices it gathers with (another sharding is another trace of the method's step).
+      sharding = parallel.batch_sharded(self.mesh)
+      shapes = jax.eval_shape(self.pipeline.make_batch, self.pipeline.device_data, self.pipeline.step_shapes())
+      self._batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+    return self._zeros(state, frozen, self._batch_shapes, self.kinds[0], health)
 
   def branches(self, first_step: int, steps: int) -> np.ndarray:
     """``[steps_per_dispatch] int32``: each step's kind (its position in ``kinds``), then the skip branch."""
@@ -125,8 +125,7 @@ class ChunkSteps:
     return out
 
   def __call__(self, run, chunk) -> int:
-    arrays = self.pipeline.chunk_arrays(chunk)
-    arrays["branch"] = jax.device_put(self.branches(run.step, chunk.steps), parallel.replicated(self.mesh))
+    arrays = self.pipeline.chunk_arrays(chunk, branch=self.branches(run.step, chunk.steps))
     sums = run.log.running if run.log.running is not None else self.metric_zeros(run.state, run.frozen, run.health)
     run.state, run.health, running = self.chunk_step(run.state, run.frozen, self.pipeline.device_data, arrays,
                                                      run.health, sums)

@@ -272,7 +272,7 @@ def setup(config, workdir: str, *, teacher: teacher_lib.Teacher | None = None) -
                                  mesh=mesh, reads=reads)
     resumed = step0 is not None
     step0 = step0 or 0
-    _log_start(config, workdir, task, step0, total_steps, steps_per_epoch, meta if resumed else None)
+    _log_start(config, workdir, task, pipeline, step0, total_steps, steps_per_epoch, meta if resumed else None)
     pipeline.prepare(step0 // steps_per_epoch)  # the first epoch's order is computed while the step compiles
     if jax.process_index() == 0 and (not resumed or not os.path.exists(os.path.join(workdir,
                                                                                     run_identity.IDENTITY_FILE))):
@@ -353,21 +353,28 @@ def _build_pipeline(config, task, mesh, *, uses_validation_batch: bool):
             and data.fits_on_device(task) else "off")
   if mode == "on":  # a task it cannot hold is a UserError naming device_pipeline.mode and why
     return data.DevicePipeline(task, batch_size=config.batch_size, seed=config.seed, mesh=mesh,
-                               steps_per_dispatch=config.device_pipeline.steps_per_dispatch, val_batch_size=val_batch_size,
-                               eval_batch_size=config.eval_batch_size)
+                               steps_per_dispatch=config.device_pipeline.steps_per_dispatch,
+                               val_batch_size=val_batch_size, eval_batch_size=config.eval_batch_size)
   return data.Pipeline(task, batch_size=config.batch_size, seed=config.seed, val_batch_size=val_batch_size,
                        eval_batch_size=config.eval_batch_size, devices=mesh.size,
                        workers=data.resolve_workers(config.data, task.train),
                        process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def _log_start(config, workdir: str, task, step0: int, total_steps: int, steps_per_epoch: int, resumed_meta):
+def _pipeline_words(pipeline) -> str:
+  if isinstance(pipeline, data.DevicePipeline):
+    return f"batches built on the device ({pipeline.steps_per_dispatch} steps per dispatch at most)"
+  return "batches built on the host"
+
+
+def _log_start(config, workdir: str, task, pipeline, step0: int, total_steps: int, steps_per_epoch: int,
+               resumed_meta):
   if resumed_meta is not None:
     _log(f"Resuming {config.method} in {workdir} from step {step0} of {total_steps} (epoch {resumed_meta['epoch']}).")
   else:
     _log(f"Training {config.method} ({config.model.name}) in {workdir}: {config.num_epochs} epochs x "
          f"{steps_per_epoch} steps, {len(task.train)} train / {len(task.val)} val / {len(task.test)} test "
-         f"examples, {jax.device_count()} device(s).")
+         f"examples, {jax.device_count()} device(s), {_pipeline_words(pipeline)}.")
 
 
 def restore(ckpt: checkpoint_lib.Checkpointer, state, *, identity: dict, num_classes: int, workdir: str, mesh,

@@ -205,10 +205,22 @@ class DevicePipeline:
       yield Chunk(first_step=first, steps=steps, arrays=arrays)
       first += steps
 
-  def chunk_arrays(self, chunk: Chunk) -> dict:
-    """``chunk``'s arrays on the device: per-example ones ``[N, B]`` sharded over the batch axis."""
-    return {k: jax.device_put(v, self._batch_axis if v.ndim == 2 else self._replicated)
-            for k, v in chunk.arrays.items()}
+  def chunk_arrays(self, chunk: Chunk, **extra) -> dict:
+    """``chunk``'s arrays and ``extra`` ones (``[N]``, e.g. the step kinds) on the device, in one transfer:
+    per-example ones ``[N, B]`` sharded over the batch axis, the others replicated."""
+    arrays = dict(chunk.arrays, **extra)
+    return jax.device_put(arrays, {k: self._batch_axis if v.ndim == 2 else self._replicated
+                                   for k, v in arrays.items()})
+
+  def step_shapes(self) -> dict:
+    """The shapes and dtypes of one step's slice of ``chunk_arrays`` (what ``make_batch`` takes)."""
+    b = self.batch_size
+    shapes = {"index": ((b,), np.int32)}
+    if self.draws is not None:
+      shapes.update(dy=((b,), np.int32), dx=((b,), np.int32), flip=((b,), np.bool_))
+    if self.val_batch_size is not None:
+      shapes["val_index"] = ((self.val_batch_size,), np.int32)
+    return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
   # ---- the device side: inside the jitted step
   def make_batch(self, device_data: dict, step: dict) -> dict:
