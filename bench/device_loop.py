@@ -11,8 +11,10 @@ a warm-up span that compiles. Rows:
 
 * ``probe`` / ``probe_val``: ``bench/host_overhead.py``'s trivial step (with a validation batch per step for
   ``probe_val``), ``mlp_tiny``, Fashion-MNIST, batch 128: the loop's host time per step;
-* ``kd`` / ``tgeo``: cnn_small KD and TGeo-KD (the fashion_mnist config; teacher cnn_teacher, random weights,
-  logits cached), Fashion-MNIST, batch 128;
+* ``kd`` / ``tgeo``: cnn_small KD and TGeo-KD (the fashion_mnist config: one-step meta-gradient every step;
+  teacher cnn_teacher, random weights, logits cached), Fashion-MNIST, batch 128; ``tgeo_m4`` (a meta step every 4
+  steps: kinds meta and plain) and ``tgeo_unroll4`` (4-step unroll windows: kinds record and window_end), the
+  rows whose chunk switches between step kinds;
 * ``resnet8x4_kd``: resnet8x4 KD with a live resnet32x4 teacher (random weights) on CIFAR-100-shaped data (TFDS
   mock data, uint8 in memory, RepDistiller's crop + flip), batch 64.
 
@@ -49,7 +51,9 @@ from tgeo_jax.data import sources  # noqa: E402
 from tgeo_jax.default_config import base_config  # noqa: E402
 from tgeo_jax.teacher import Teacher  # noqa: E402
 
-ROWS = ("probe", "probe_val", "kd", "tgeo", "resnet8x4_kd")
+ROWS = ("probe", "probe_val", "kd", "tgeo", "tgeo_m4", "tgeo_unroll4", "resnet8x4_kd")
+# Rows that run several step kinds: one lax.switch branch each in the device pipeline's chunk.
+TGEO_VARIANTS = {"tgeo_m4": {"meta_interval": 4}, "tgeo_unroll4": {"hypergrad": "unroll", "unroll_steps": 4}}
 
 
 def fake_fashion_mnist(directory: str, n_train: int = 60000, n_test: int = 10000) -> str:
@@ -71,8 +75,9 @@ def make_config(row: str, args):
     c.model.name = "mlp_tiny"
     c.batch_size = c.val_batch_size = 128
     teacher, span = None, args.probe_span
-  elif row in ("kd", "tgeo"):
-    c = fashion_mnist.get_config(row)
+  elif row in ("kd", "tgeo", *TGEO_VARIANTS):
+    c = fashion_mnist.get_config("tgeo" if row in TGEO_VARIANTS else row)
+    c.tgeo.update(TGEO_VARIANTS.get(row, {}))
     c.batch_size = c.val_batch_size = 128
     c.data.train_subset = 0  # the full training part: 421 steps per epoch
     c.tgeo.analysis_examples = 0

@@ -4,6 +4,7 @@ one and four devices, and a one-line refusal of a task it cannot hold."""
 
 import json
 import os
+import re
 import signal
 
 import jax
@@ -75,17 +76,32 @@ def test_a_task_it_cannot_hold_says_why():
                      _fmnist_like(10), 10, (1,)), "the training part is not an in-memory array (SubsetSource)"),
       (_task(_fmnist_like, augment.imagenet_crop_flip), "its augmentation 'imagenet_crop_flip' runs on the host only"),
       (data.TaskData("t", sources.ArraySource(np.zeros((40, 4), np.float32), np.zeros(40), lambda x: x * 2),
-                     _float_inputs(10), _float_inputs(10), 10, (1,)),
+                     sources.ArraySource(np.zeros((10, 4), np.float32), np.zeros(10), lambda x: x * 2),
+                     _float_inputs(10), 10, (1,)),
        "its inputs are transformed per example (to_model on non-uint8 or non-pixel-wise inputs)"),
       (data.TaskData("t", sources.ArraySource(np.zeros((40, 4, 4), np.uint8), np.zeros(40),
                                               lambda x: np.cumsum(x, axis=1).astype(np.float32), pixelwise=True),
-                     _float_inputs(10), _float_inputs(10), 10, (1,)),
+                     sources.ArraySource(np.zeros((10, 4, 4), np.uint8), np.zeros(10), pixelwise=True),
+                     _float_inputs(10), 10, (1,)),
        "its to_model is not a per-value, per-channel table"),
+      (data.TaskData("t", sources.ArraySource({"a": np.zeros((40, 2), np.float32)}, np.zeros(40)),
+                     _float_inputs(10), _float_inputs(10), 10, (1,)),
+       "the training part's inputs are a dict of arrays, not one array"),
+      (data.TaskData("t", _fmnist_like(40), _cifar_like(10), _fmnist_like(10), 10, (1,)),
+       "its validation part is stored unlike its training part"),
+      (data.TaskData("t", _fmnist_like(40), sources.ArraySource(np.zeros((10, 28, 28), np.uint8), np.zeros(10),
+                                                                lambda x: sources.normalize_fashion_mnist(x) + 1,
+                                                                pixelwise=True),
+                     _fmnist_like(10), 10, (1,)), "its validation part is normalised unlike its training part"),
+      (data.TaskData("t", sources.ArraySource(np.zeros((40, 6), np.float32), np.zeros(40)),
+                     sources.ArraySource(np.zeros((10, 6), np.float32), np.zeros(10)), _float_inputs(10), 10, (1,),
+                     augment=augment.flip),
+       "its augmentation 'flip' needs images [N, H, W, C]; its inputs have 2 dimensions"),
   ]
   for task, reason in cases:
     assert data.unsupported_reason(task) == reason
-    with pytest.raises(UserError, match=f"device_pipeline.mode: the t task cannot be held on the device: "
-                                        f"{reason.replace('(', '.').replace(')', '.')}"):
+    with pytest.raises(UserError, match=re.escape(f"device_pipeline.mode: the t task cannot be held on the device: "
+                                                  f"{reason} (set device_pipeline.mode=off or auto)")):
       data.DevicePipeline(task, batch_size=8, seed=0, mesh=parallel.make_mesh(), steps_per_dispatch=2)
   assert data.unsupported_reason(_task(_fmnist_like, None), process_count=2) == (
       "2 processes (the device-resident pipeline runs in one process)")
@@ -148,7 +164,7 @@ def test_the_chunked_loop_trains_bit_identically_and_resumes_after_a_signal(tiny
   assert_same_run(device, split)
 
 
-def test_one_and_four_devices_agree_with_the_host_pipeline(tiny_teacher, tmp_path):
+def test_the_host_pipeline_on_one_and_four_devices_agrees(tiny_teacher, tmp_path):
   """The host pipeline (``device_pipeline.mode=off``) on 1 and 4 devices, KD with crop + flip and a live teacher:
   within 1e-5. (The default, the device pipeline, is what ``tests/test_trainer.py`` and ``tests/test_tgeo.py`` run
   on 1 and 4 devices: the batch gathered on 4 devices from the replicated split, indices sharded.)"""

@@ -139,15 +139,15 @@ def test_prefetched_keeps_order_and_forwards_errors():
 def test_the_step_compiles_once_also_after_a_resume(tmp_path, pipeline):
   """The running metric sums enter the jitted step replicated, as it returns them: fresh zeros after a log point
   and sums restored from a checkpoint are the same input signature as the step's own output (else a second
-  compilation of the whole step). The device pipeline's chunk step too (3 steps per dispatch: the budget of 7
-  stops at the chunk end 9, the second run's at 12)."""
+  compilation of the whole step). The device pipeline's chunk step too (3 steps per dispatch, chunks cut at the
+  log points and at each budget's end: 7, then 12)."""
   from tgeo_jax import trainer
 
   class NoStop:
     signum = None
 
   workdir = str(tmp_path / "run")
-  for budget in (7, 5 if pipeline == "host" else 2):  # 7 steps (a log point at 5), a resume with restored sums
+  for budget in (7, 5):  # 7 steps (a log point at 5), then a resume from step 7 with restored sums
     config = tiny_config("ce", **{"steps_per_run": budget, "device_pipeline.mode": "on" if pipeline == "device" else "off",
                                   "device_pipeline.steps_per_dispatch": 3})
     run = trainer.setup(config, workdir)

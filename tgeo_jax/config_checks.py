@@ -115,12 +115,12 @@ def validate(config) -> None:
             "None (auto) or an integer >= 0 (worker processes)")
     require(config, "data.in_memory", lambda v: v in ("auto", "on", "off"), "'auto', 'on' or 'off'")
     require(config, "data.jpeg_draft", lambda v: isinstance(v, bool), "True or False")
-  if "device_pipeline" in config:  # tgeo_jax/data/device_pipeline.py
-    require(config, "device_pipeline.mode", lambda v: v in ("auto", "on", "off"), "'auto', 'on' or 'off'")
-    positive_int(config, "device_pipeline.steps_per_dispatch")
     cache = field(config, "data.cache_dir")
     if cache and os.path.exists(cache) and not os.path.isdir(cache):
       raise UserError(f"data.cache_dir: {cache!r} is a file, expected a directory")
+  if "device_pipeline" in config:  # tgeo_jax/data/device_pipeline.py
+    require(config, "device_pipeline.mode", lambda v: v in ("auto", "on", "off"), "'auto', 'on' or 'off'")
+    positive_int(config, "device_pipeline.steps_per_dispatch")
   if "mock" in config.data:  # TFDS mock data (tgeo_jax/data/tfds_sources.py)
     require(config, "data.mock", lambda v: isinstance(v, bool), "True or False")
     if config.data.mock:

@@ -10,7 +10,8 @@ running sums on the device (no per-step host sync), with the state and the sums 
 * ``ChunkSteps``: one program, ``lax.scan`` over a chunk's steps; each step builds its batch on the device
   (``DevicePipeline.make_batch``) and runs its kind through ``lax.switch`` over every kind the run uses, plus a
   skip branch for the chunk's padding past its last step (a chunk ends where the loop acts: a log point, a
-  checkpoint, the epoch end, the ``steps_per_run`` budget; the program's length stays ``steps_per_dispatch``). Per step as before: the guard, the metric sums, the
+  checkpoint, the epoch end, the ``steps_per_run`` budget, a profiled range's ends; the program's length stays
+  ``steps_per_dispatch``, which the trainer caps at the shortest of those cadences). Per step as before: the guard, the metric sums, the
   unroll windows and α statistics (they live in the state).
 
 ``steps(run, unit) -> number of steps taken`` updates ``run.state``, ``run.health`` and ``run.log``.
@@ -125,6 +126,7 @@ class ChunkSteps:
     return out
 
   def __call__(self, run, chunk) -> int:
+    assert run.step % run.steps_per_epoch == chunk.first_step, (run.step, chunk.first_step)
     arrays = self.pipeline.chunk_arrays(chunk, branch=self.branches(run.step, chunk.steps))
     sums = run.log.running if run.log.running is not None else self.metric_zeros(run.state, run.frozen, run.health)
     run.state, run.health, running = self.chunk_step(run.state, run.frozen, self.pipeline.device_data, arrays,

@@ -2,18 +2,21 @@
 
 ``train_and_evaluate(config, workdir)`` is three steps:
 
-* ``setup`` builds one ``Run``: the mesh, the task and its ``data.Pipeline``, the method and its state, the
-  checkpointer (``restore``: the newest good checkpoint of this run's identity, see ``run_identity``), the metric
-  writer and the jitted step (``build_train_step``);
-* ``train`` runs the loop: one jitted, guarded ``train_step`` per batch; ``itstime`` decides every cadence (log,
-  save, the epoch end); an epoch end saves, then evaluates; a signal (``signals.StopRequest``) or the
-  ``steps_per_run`` budget raises ``StopTraining``, handled in one place (save, then return or raise
-  ``Interrupted`` to the caller);
+* ``setup`` builds one ``Run``: the mesh, the task and its pipeline (``data.Pipeline``, or ``data.DevicePipeline``
+  where the task fits on the device), the method and its state, the checkpointer (``restore``: the newest good
+  checkpoint of this run's identity, see ``run_identity``), the metric writer and the jitted steps
+  (``dispatch.BatchSteps`` / ``dispatch.ChunkSteps``);
+* ``train`` runs the loop: the pipeline's units (a batch, or a chunk of steps built on the device) each through
+  one jitted, guarded dispatch; ``itstime`` decides every cadence (log, save, the epoch end), and a chunk ends
+  where one of them falls (``_next_stop``); an epoch end saves, then evaluates; a signal
+  (``signals.StopRequest``) or the ``steps_per_run`` budget raises ``StopTraining``, handled in one place (save,
+  then return or raise ``Interrupted`` to the caller);
 
-  The training thread only dispatches steps: batches (with their validation batch, for methods that take one)
-  come out of the run's pipeline, prepared ahead in grain's threads or worker processes (``data.pipeline``); a
-  checkpoint is copied to host memory and written in the background (``checkpoint.async_save``); the host syncs
-  once per ``log.every_steps``, where the interval's steps/s and examples/s are recorded;
+  The training thread only dispatches steps: host batches (with their validation batch, for methods that take
+  one) are prepared ahead in grain's threads or worker processes (``data.pipeline``), device batches inside the
+  step from a few integers per step (``data.device_pipeline``); a checkpoint is copied to host memory and written
+  in the background (``checkpoint.async_save``); the host syncs once per ``log.every_steps``, where the
+  interval's steps/s and examples/s are recorded;
 * ``finish`` evaluates the final state on the test and validation parts and writes ``summary.json``.
 
 Everything method-specific happens behind ``method.init / train_step / predict / teacher_logits``. Nothing here
@@ -141,7 +144,7 @@ class Run:
   workdir: str
   mesh: Any
   task: data.TaskData
-  pipeline: data.Pipeline
+  pipeline: Any  # data.Pipeline | data.DevicePipeline
   method: Any
   state: dict
   frozen: dict
@@ -185,7 +188,7 @@ def train_and_evaluate(config, workdir: str, *, teacher: teacher_lib.Teacher | N
   The work directory belongs to one configuration (``run_identity``: a resume with any other fingerprinted field,
   teacher or data is refused before anything is read or written) and to one process at a time (an OS-released
   lock). SIGTERM/SIGINT: before the loop, ``Interrupted`` at once (nothing to save); inside it, the current step
-  finishes, a checkpoint is saved and ``Interrupted`` is raised; after it, the run finishes normally.
+  (the current chunk, with the device pipeline) finishes, a checkpoint is saved and ``Interrupted`` is raised; after it, the run finishes normally.
   ``steps_per_run`` returns an unfinished summary (``finished: False``) after a checkpoint. ``teacher``: a teacher
   given in code instead of ``teacher.checkpoint``.
   """
@@ -350,11 +353,16 @@ def _build_pipeline(config, task, mesh, *, uses_validation_batch: bool):
   mode = config.device_pipeline.mode
   if mode == "auto":
     mode = ("on" if data.unsupported_reason(task, process_count=jax.process_count()) is None
-            and data.fits_on_device(task) else "off")
+            and data.fits_on_device(task, with_validation=uses_validation_batch) else "off")
   if mode == "on":  # a task it cannot hold is a UserError naming device_pipeline.mode and why
+    # No longer than the loop's shortest cadence: a chunk ends at each log point, checkpoint and epoch end, and a
+    # longer program would only run skip steps.
+    steps_per_epoch = data.steps_per_epoch(len(task.train), config.batch_size)
+    steps = min([config.device_pipeline.steps_per_dispatch, steps_per_epoch]
+                + [every for every in (config.log.every_steps, config.checkpoint.every_steps) if every > 0])
     return data.DevicePipeline(task, batch_size=config.batch_size, seed=config.seed, mesh=mesh,
-                               steps_per_dispatch=config.device_pipeline.steps_per_dispatch,
-                               val_batch_size=val_batch_size, eval_batch_size=config.eval_batch_size)
+                               steps_per_dispatch=steps, val_batch_size=val_batch_size,
+                               eval_batch_size=config.eval_batch_size)
   return data.Pipeline(task, batch_size=config.batch_size, seed=config.seed, val_batch_size=val_batch_size,
                        eval_batch_size=config.eval_batch_size, devices=mesh.size,
                        workers=data.resolve_workers(config.data, task.train),
@@ -370,7 +378,8 @@ def _pipeline_words(pipeline) -> str:
 def _log_start(config, workdir: str, task, pipeline, step0: int, total_steps: int, steps_per_epoch: int,
                resumed_meta):
   if resumed_meta is not None:
-    _log(f"Resuming {config.method} in {workdir} from step {step0} of {total_steps} (epoch {resumed_meta['epoch']}).")
+    _log(f"Resuming {config.method} in {workdir} from step {step0} of {total_steps} (epoch {resumed_meta['epoch']}), "
+         f"{_pipeline_words(pipeline)}.")
   else:
     _log(f"Training {config.method} ({config.model.name}) in {workdir}: {config.num_epochs} epochs x "
          f"{steps_per_epoch} steps, {len(task.train)} train / {len(task.val)} val / {len(task.test)} test "
@@ -560,6 +569,7 @@ def finish(run: Run) -> dict:
       "seconds": seconds,
       "seed": config.seed,
       "num_devices": jax.device_count(),
+      "pipeline": "device" if isinstance(run.pipeline, data.DevicePipeline) else "host",
       "finished": True,
   }
   if config.data.mock:  # TFDS mock data (data.mock): never to be read as a result

@@ -87,34 +87,61 @@ def unsupported_reason(task, *, process_count: int = 1) -> str | None:
   if process_count != 1:
     return f"{process_count} processes (the device-resident pipeline runs in one process)"
   for name, part in (("training", task.train), ("validation", task.val)):
-    if not isinstance(part, sources.ArraySource) or not isinstance(part.inputs, np.ndarray):
+    if not isinstance(part, sources.ArraySource):
       return f"the {name} part is not an in-memory array ({type(part).__name__})"
-  source = task.train
+    if not isinstance(part.inputs, np.ndarray):
+      return f"the {name} part's inputs are a {type(part.inputs).__name__} of arrays, not one array"
+  source, val = task.train, task.val
+  if (val.inputs.dtype, val.inputs.shape[1:], val.pixelwise) != (source.inputs.dtype, source.inputs.shape[1:],
+                                                                 source.pixelwise):
+    return "its validation part is stored unlike its training part"
   if source.to_model is not None:
     if not (source.pixelwise and source.inputs.dtype == np.uint8):
       return "its inputs are transformed per example (to_model on non-uint8 or non-pixel-wise inputs)"
-    if _pixel_table(source) is None:
+    table = _pixel_table(source)
+    if table is None:
       return "its to_model is not a per-value, per-channel table"
-  if task.augment is not None and augment_lib.device_form(task.augment) is None:
-    return f"its augmentation {getattr(task.augment, '__name__', task.augment)!r} runs on the host only"
+    if val.to_model is None or not np.array_equal(_lookup_np(table, val.inputs[:64], _model_ndim(source)),
+                                                  np.asarray(val.to_model(val.inputs[:64]))):
+      return "its validation part is normalised unlike its training part"
+  elif val.to_model is not None:
+    return "its validation part is normalised unlike its training part"
+  if task.augment is not None:
+    name = getattr(task.augment, "__name__", task.augment)
+    if augment_lib.device_form(task.augment) is None:
+      return f"its augmentation {name!r} runs on the host only"
+    if _model_ndim(source) < 4:
+      return f"its augmentation {name!r} needs images [N, H, W, C]; its inputs have {_model_ndim(source)} dimensions"
   return None
 
 
-def device_bytes(task) -> int:
-  """Bytes the device pipeline places on each device for ``task`` (training and validation inputs and labels)."""
-  return sum(part.inputs.nbytes + part.labels.nbytes for part in (task.train, task.val))
+def _model_ndim(source) -> int:
+  """The number of dimensions of ``source``'s model inputs (``[N, ...]``)."""
+  if source.to_model is None:
+    return source.inputs.ndim
+  return np.asarray(source.to_model(source.inputs[:1])).ndim
 
 
-def fits_on_device(task, device=None) -> bool:
-  """Whether ``task``'s stored examples take at most a quarter of ``device``'s memory (default: the first local
-  device; one that does not report its memory: ``UNREPORTED_DEVICE_BUDGET``). ``device_pipeline.mode=auto`` asks."""
-  device = device or jax.local_devices()[0]
+def device_bytes(task, *, with_validation: bool = True) -> int:
+  """Bytes the device pipeline places on each device for ``task``: the training inputs and labels, and the
+  validation part's with a validation stream."""
+  parts = (task.train, task.val) if with_validation else (task.train,)
+  return sum(part.inputs.nbytes + part.labels.nbytes for part in parts)
+
+
+def fits_on_device(task, *, with_validation: bool = True) -> bool:
+  """Whether ``task``'s stored examples take at most a quarter of a local device's memory; for devices that do
+  not report it (CPU devices, which share the host's memory), whether their copies together take at most
+  ``UNREPORTED_DEVICE_BUDGET``. ``device_pipeline.mode=auto`` asks."""
+  devices = jax.local_devices()
   try:
-    stats = device.memory_stats() or {}
+    stats = devices[0].memory_stats() or {}
   except Exception:  # noqa: BLE001 - a backend without memory statistics
     stats = {}
-  budget = stats["bytes_limit"] // 4 if "bytes_limit" in stats else UNREPORTED_DEVICE_BUDGET
-  return device_bytes(task) <= budget
+  size = device_bytes(task, with_validation=with_validation)
+  if "bytes_limit" in stats:
+    return size <= stats["bytes_limit"] // 4
+  return size * len(devices) <= UNREPORTED_DEVICE_BUDGET
 
 
 class DevicePipeline:
@@ -151,9 +178,7 @@ class DevicePipeline:
     self.table = _pixel_table(source) if source.to_model is not None else None
     self.padding, self.draws, self.fill = (augment_lib.device_form(task.augment) if task.augment is not None
                                            else (0, None, None))
-    self.model_ndim = (source.inputs.ndim + 1 if self.table is not None and
-                       np.asarray(source.to_model(source.inputs[:1])).ndim == source.inputs.ndim + 1
-                       else source.inputs.ndim)
+    self.model_ndim = _model_ndim(source)
     if val_batch_size is not None and val_batch_size > len(task.val):
       raise UserError(f"validation batch size {val_batch_size} exceeds the {len(task.val)} held-out validation "
                       "examples (raise data.val_fraction or lower the validation batch size)")
