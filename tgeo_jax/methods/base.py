@@ -167,8 +167,9 @@ class Method:
   def step_kind(self, step: int):
     """Which variant of ``train_step`` runs at host step ``step`` (e.g. meta vs plain steps of TGeo-KD).
 
-    Chosen on the host and passed to ``train_step`` as a static argument: one compiled program per kind, never a
-    ``lax.cond`` over two large branches (XLA:CPU ran such a cond ~5x slower than either branch alone).
+    Chosen on the host and passed to ``train_step`` as a static argument: one compiled program per kind with the
+    host pipeline; the device pipeline's chunk runs each step's kind through a ``lax.switch`` (since the models'
+    convolutions keep XLA:CPU's fast layout inside control flow it costs nothing visible: docs/benchmarks.md).
     """
     del step
     return None
