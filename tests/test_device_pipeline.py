@@ -97,6 +97,8 @@ def test_a_task_it_cannot_hold_says_why():
                      sources.ArraySource(np.zeros((10, 6), np.float32), np.zeros(10)), _float_inputs(10), 10, (1,),
                      augment=augment.flip),
        "its augmentation 'flip' needs images [N, H, W, C]; its inputs have 2 dimensions"),
+      (_task(_fmnist_like, augment.crop_flip_cifar100),
+       "its augmentation 'crop_flip_cifar100' pads with 3 channels; its images have 1"),
   ]
   for task, reason in cases:
     assert data.unsupported_reason(task) == reason

@@ -112,14 +112,21 @@ def unsupported_reason(task, *, process_count: int = 1) -> str | None:
       return f"its augmentation {name!r} runs on the host only"
     if _model_ndim(source) < 4:
       return f"its augmentation {name!r} needs images [N, H, W, C]; its inputs have {_model_ndim(source)} dimensions"
+    fill, channels = augment_lib.device_form(task.augment)[2], _model_shape(source)[-1]
+    if fill is not None and np.size(fill) not in (1, channels):
+      return f"its augmentation {name!r} pads with {np.size(fill)} channels; its images have {channels}"
   return None
+
+
+def _model_shape(source) -> tuple:
+  """The shape of one of ``source``'s model inputs."""
+  one = source.inputs[:1] if source.to_model is None else np.asarray(source.to_model(source.inputs[:1]))
+  return tuple(one.shape[1:])
 
 
 def _model_ndim(source) -> int:
   """The number of dimensions of ``source``'s model inputs (``[N, ...]``)."""
-  if source.to_model is None:
-    return source.inputs.ndim
-  return np.asarray(source.to_model(source.inputs[:1])).ndim
+  return 1 + len(_model_shape(source))
 
 
 def device_bytes(task, *, with_validation: bool = True) -> int:
