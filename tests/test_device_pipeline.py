@@ -114,6 +114,8 @@ def test_the_cli_refuses_a_task_or_setting_it_cannot_use_in_one_line(tmp_path):
       (["--config.device_pipeline.mode=on", "--config.data.augment=imagenet_crop_flip"],
        "error: device_pipeline.mode: the synthetic task cannot be held on the device: its augmentation "
        "'imagenet_crop_flip' runs on the host only (set device_pipeline.mode=off or auto)"),
+      (["--config.data.augment=crop_flip_cifar100"],  # the task's own check, whichever the pipeline
+       "error: data.augment: 'crop_flip_cifar100' pads with 3 channels; the synthetic images have 1"),
       (["--config.device_pipeline.mode=yes"],
        "error: device_pipeline.mode: expected 'auto', 'on' or 'off', got 'yes'"),
       (["--config.device_pipeline.mode=on", "--config.device_pipeline.steps_per_dispatch=0"],

@@ -219,8 +219,13 @@ def load(data_config, *, seed: int) -> TaskData:
       "membership": {k: run_identity.ids_digest(v) for k, v in membership.items()},
   }
   metrics = raw.metrics if raw.metrics is not None else (("auc", "log_loss") if num_classes == 2 else ())
-  return TaskData(name, train, val, test, num_classes, input_shape, augment_lib.get(data_config.augment),
-                  outlier_mask, dict(raw.model_kwargs), membership, identity, tuple(metrics))
+  augment = augment_lib.get(data_config.augment)
+  fill = getattr(augment, "raw_fill", None)
+  if fill is not None and np.size(fill()) not in (1, input_shape[-1]):  # e.g. CIFAR-100's crop on Fashion-MNIST
+    raise UserError(f"data.augment: {data_config.augment!r} pads with {np.size(fill())} channels; the {name} "
+                    f"images have {input_shape[-1]}")
+  return TaskData(name, train, val, test, num_classes, input_shape, augment, outlier_mask, dict(raw.model_kwargs),
+                  membership, identity, tuple(metrics))
 
 
 def content_digest(*parts) -> str:
