@@ -40,8 +40,8 @@ import numpy as np
 import tqdm
 
 from tgeo_jax import checkpoint as checkpoint_lib
-from tgeo_jax import config_checks, data, dispatch, evaluation, fileio, methods, models, optim, parallel, report, run_identity
-from tgeo_jax import profiling, signals
+from tgeo_jax import config_checks, data, dispatch, evaluation, fileio, methods, models, optim, parallel, report
+from tgeo_jax import profiling, run_identity, signals
 from tgeo_jax import teacher as teacher_lib
 from tgeo_jax.errors import UserError
 from tgeo_jax.signals import Interrupted
@@ -188,7 +188,8 @@ def train_and_evaluate(config, workdir: str, *, teacher: teacher_lib.Teacher | N
   The work directory belongs to one configuration (``run_identity``: a resume with any other fingerprinted field,
   teacher or data is refused before anything is read or written) and to one process at a time (an OS-released
   lock). SIGTERM/SIGINT: before the loop, ``Interrupted`` at once (nothing to save); inside it, the current step
-  (the current chunk, with the device pipeline) finishes, a checkpoint is saved and ``Interrupted`` is raised; after it, the run finishes normally.
+  (the current chunk, with the device pipeline) finishes, a checkpoint is saved and ``Interrupted`` is raised;
+  after it, the run finishes normally.
   ``steps_per_run`` returns an unfinished summary (``finished: False``) after a checkpoint. ``teacher``: a teacher
   given in code instead of ``teacher.checkpoint``.
   """
