@@ -178,6 +178,7 @@ def main(argv=None):
       results[row] = r = bench_row(row, args, tmp)
       print(f"{row}: host {r['host']['ms_per_step']:.3f} ms/step, device {r['device']['ms_per_step']:.3f} ms/step "
             f"({r['device_over_host']:.2f}x steps/s); bit-identical states: {r['bit_identical']}", flush=True)
+      write(args, results, time.perf_counter() - t_start)  # after every row: a run cut short keeps its rows
   print(f"\n| row | host pipeline ms/step | device pipeline ms/step ({args.steps_per_dispatch} steps/dispatch) | "
         "steps/s device / host | states bit-identical |")
   print("|---|---:|---:|---:|---|")
@@ -187,11 +188,17 @@ def main(argv=None):
   total = time.perf_counter() - t_start
   print(f"\ntotal benchmark time: {total:.1f} s")
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(dict(device=machine_info(), settings=vars(args), rows=results, total_seconds=total), f, indent=1)
+    write(args, results, total)
     print(f"wrote {args.out}")
   return results
+
+
+def write(args, results: dict, seconds: float) -> None:
+  if not args.out:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(dict(device=machine_info(), settings=vars(args), rows=results, total_seconds=seconds), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ python3 bench/gpu_check.py --budget-s 240 --out "$out/gpu_check.json" "$@" 2>&1 
 # The whole loop, host pipeline against device-resident pipeline (synthetic data: the device has neither Debian's
 # Fashion-MNIST nor TFDS), and the KD step against the PyTorch loop on the same GPU: with gpu_check.py's 240 s
 # budget above, the three stay within 8 minutes.
-timeout 120 python3 bench/device_loop.py --data synthetic --rounds 3 --span 96 --resnet-span 32 \
+timeout 120 python3 bench/device_loop.py --data synthetic --rows probe,kd,tgeo,resnet8x4_kd --rounds 3 --span 96 \
+  --resnet-span 32 \
   --out "$out/device_loop_gpu.json" 2>&1 | tee "$out/device_loop_gpu.log"
 timeout 100 python3 bench/torch_peer.py --device cuda --rounds 4 --threads 4 --out "$out/torch_peer_gpu.json" 2>&1 \
   | tee "$out/torch_peer_gpu.log"
