@@ -43,7 +43,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench import host_overhead  # noqa: E402,F401 (registers the probe methods)
+from bench import host_overhead  # noqa: E402 (also registers the probe methods)
 from bench.machine import machine_info  # noqa: E402
 from configs import cifar100, fashion_mnist  # noqa: E402
 from tgeo_jax import data, models, trainer  # noqa: E402
@@ -104,22 +104,6 @@ def make_config(row: str, args):
   return c, teacher, span
 
 
-class _NoStop:
-  signum = None
-
-
-def span_ms(run, steps: int) -> float:
-  """Milliseconds per step of ``steps`` steps of ``trainer.train`` (the state ready at the end)."""
-  run.config.steps_per_run = steps
-  t0 = time.perf_counter()
-  try:
-    trainer.train(run, _NoStop())
-  except trainer.StopTraining:
-    pass
-  jax.block_until_ready(run.state)
-  return 1e3 * (time.perf_counter() - t0) / steps
-
-
 def bench_row(row: str, args, tmp: str) -> dict:
   runs = {}
   for side, mode in (("host", "off"), ("device", "on")):
@@ -135,11 +119,11 @@ def bench_row(row: str, args, tmp: str) -> dict:
   times = {side: [] for side in runs}
   try:
     for run in runs.values():  # warm-up: compiles
-      span_ms(run, span)
+      host_overhead.span_ms(run, span)
     order = list(runs)
     for r in range(args.rounds):
       for side in order[r % 2:] + order[:r % 2]:
-        times[side].append(span_ms(runs[side], span))
+        times[side].append(host_overhead.span_ms(runs[side], span))
     steps = {side: run.step for side, run in runs.items()}
     if max(steps.values()) > runs["host"].steps_per_epoch:
       raise SystemExit(f"{row}: the spans crossed the epoch end: lower --rounds or the span")

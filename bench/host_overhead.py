@@ -85,6 +85,19 @@ class _NoStop:
   signum = None
 
 
+def span_ms(run, steps: int) -> float:
+  """Milliseconds per step of the next ``steps`` steps of ``trainer.train`` on ``run`` (the state ready at the
+  end; the run's ``steps_per_run`` budget stops it)."""
+  run.config.steps_per_run = steps
+  t0 = time.perf_counter()
+  try:
+    trainer.train(run, _NoStop())
+  except trainer.StopTraining:
+    pass
+  jax.block_until_ready(run.state)
+  return 1e3 * (time.perf_counter() - t0) / steps
+
+
 def loop_spans(method: str, args, workdir: str) -> list[float]:
   """Milliseconds per step of ``trainer.train`` over ``args.spans`` spans of ``args.span_steps`` steps (one epoch,
   after a warm-up span)."""
@@ -92,16 +105,8 @@ def loop_spans(method: str, args, workdir: str) -> list[float]:
   run = trainer.setup(config, workdir)
   spans = []
   try:
-    for i in range(args.spans + 1):
-      config.steps_per_run = args.warmup_steps if i == 0 else args.span_steps
-      t0 = time.perf_counter()
-      try:
-        trainer.train(run, _NoStop())
-      except trainer.StopTraining:
-        pass
-      jax.block_until_ready(run.state)
-      if i:
-        spans.append(1e3 * (time.perf_counter() - t0) / args.span_steps)
+    span_ms(run, args.warmup_steps)
+    spans = [span_ms(run, args.span_steps) for _ in range(args.spans)]
     if run.step >= run.steps_per_epoch:
       raise SystemExit(f"the spans reached the epoch end ({run.step} >= {run.steps_per_epoch} steps): lower "
                        "--spans / --span-steps")

@@ -143,6 +143,16 @@ def assert_same_run(a_dir, b_dir):
   assert summary_a["accuracy"] == summary_b["accuracy"] and summary_b["num_steps"] == 28
 
 
+def assert_close_runs(a_dir, b_dir, tol=1e-5):
+  """The final checkpoints' floating arrays agree to ``tol`` (absolute and relative): e.g. 1 and 4 devices."""
+  import numpy as np
+  _, a = final_arrays(a_dir)
+  _, b = final_arrays(b_dir)
+  for key in a:
+    if a[key].dtype.kind == "f":
+      np.testing.assert_allclose(a[key], b[key], atol=tol, rtol=tol, err_msg=key)
+
+
 def comparable_records(workdir):
   """Every record of ``workdir/metrics.jsonl`` (evaluations and training intervals, whose averages are checkpointed:
   a resumed interval is not mixed with the killed process's part of it) without its wall-time measurements, the

@@ -5,10 +5,9 @@ import json
 import os
 
 import jax
-import numpy as np
 import pytest
 
-from conftest import TINY, assert_same_run, device_flags, final_arrays, run_cli
+from conftest import TINY, assert_close_runs, assert_same_run, device_flags, final_arrays, run_cli
 from tgeo_jax import report
 
 
@@ -66,8 +65,4 @@ def test_one_and_four_devices_agree(tiny_teacher, tmp_path):
   proc = run_cli([*common, f"--workdir={four}"], env={"XLA_FLAGS": device_flags(4)})
   assert "4 device(s), batches built on the device (5 steps per dispatch at most)." in proc.stdout  # log every 5
   assert json.load(open(os.path.join(four, "summary.json")))["num_devices"] == 4
-  _, a = final_arrays(one)
-  _, b = final_arrays(four)
-  for key in a:
-    if a[key].dtype.kind == "f":
-      np.testing.assert_allclose(a[key], b[key], atol=1e-5, rtol=1e-5, err_msg=key)
+  assert_close_runs(one, four)

@@ -27,7 +27,7 @@ import numpy as np
 from tgeo_jax import parallel
 from tgeo_jax.health import make_guarded_step, select_where
 
-__all__ = ["BatchSteps", "ChunkSteps", "build_train_step"]
+__all__ = ["BatchSteps", "ChunkSteps", "MetricZeros", "build_train_step", "run_kinds"]
 
 
 def build_train_step(method, mesh, *, skip_nonfinite: bool):
