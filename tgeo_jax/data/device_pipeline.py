@@ -80,9 +80,10 @@ def _lookup_np(table, raw, out_ndim):
 def unsupported_reason(task, *, process_count: int = 1) -> str | None:
   """Why ``task``'s batches cannot be built on the device (None: they can).
 
-  They can when the training and validation parts are in memory (``ArraySource``), with array inputs, and either
-  raw model inputs without augmentation, or uint8 pixels normalised pixel-wise (``to_model`` a per-value,
-  per-channel table) with no augmentation or a crop/flip the device applies exactly (``augment.crop_flip_form``).
+  They can in one process, when the training and validation parts are in memory (``ArraySource``) as one array
+  each, stored and normalised alike, the inputs either used as stored or uint8 pixels normalised pixel-wise
+  (``to_model`` a per-value, per-channel table), and the augmentation none or a crop/flip the device applies
+  exactly (``augment.device_form``) to images ``[N, H, W, C]`` whose channel count its padding matches.
   """
   if process_count != 1:
     return f"{process_count} processes (the device-resident pipeline runs in one process)"
