@@ -65,11 +65,10 @@ class StopTraining(Exception):
     self.signum = signum
 
 
-def itstime(step: int, every: int, *, last: int | None = None, steps: int = 1) -> bool:
-  """True every ``every`` steps (``every`` <= 0: never) and at ``last`` (big_vision's cadence helper), asked at
-  ``step`` after ``steps`` steps were taken at once (a chunk of the device pipeline): whether one of them is."""
-  return ((every > 0 and step // every > (step - steps) // every)
-          or (last is not None and step - steps < last <= step))
+def itstime(step: int, every: int, *, last: int | None = None) -> bool:
+  """True every ``every`` steps (``every`` <= 0: never) and at ``last`` (big_vision's cadence helper). A chunk of
+  the device pipeline ends at each such step (``_next_stop``), so the loop asks at exactly those steps."""
+  return (every > 0 and step % every == 0) or (last is not None and step == last)
 
 
 # ------------------------------------------------------------------------------------------------ the method
@@ -434,11 +433,11 @@ def train(run: Run, stop: signals.StopRequest) -> None:
         run.step += taken
         run.profile.after_step(run.step, run.state)
         bar.update(taken)
-        if itstime(run.step, config.log.every_steps, last=epoch_end, steps=taken):
+        if itstime(run.step, config.log.every_steps, last=epoch_end):
           log_train_metrics(run, bar)
         if run.step == epoch_end:
           break  # the epoch end saves and evaluates below
-        if itstime(run.step, config.checkpoint.every_steps, steps=taken):
+        if itstime(run.step, config.checkpoint.every_steps):
           save(run)
         if stop.signum is not None:
           raise StopTraining(stop.signum)

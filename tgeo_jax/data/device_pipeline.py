@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tgeo_jax import parallel
 from tgeo_jax.data import augment as augment_lib
 from tgeo_jax.data import pipeline as host_pipeline
 from tgeo_jax.data import sources
@@ -65,13 +66,15 @@ def _pixel_table(source) -> np.ndarray | None:
   if not np.array_equal(flat, np.broadcast_to(table[:, None, :], flat.shape)):
     return None  # depends on the position, not only the value and channel
   sample = raw[:min(len(raw), 64)]
-  if not np.array_equal(_lookup_np(table, sample, out.ndim), np.asarray(source.to_model(sample))):
+  if not np.array_equal(_lookup(table, sample, out.ndim), np.asarray(source.to_model(sample))):
     return None
   return np.ascontiguousarray(table)
 
 
-def _lookup_np(table, raw, out_ndim):
-  x = raw.astype(np.int64)
+def _lookup(table, raw, out_ndim: int):
+  """``table [256, C]`` looked up per pixel of ``raw [N, ...] uint8`` (a channel axis added when the model inputs
+  have one more dimension); numpy or JAX arrays alike (the check on the host, the step on the device)."""
+  x = raw.astype(np.int32)
   if out_ndim == raw.ndim + 1:
     x = x[..., None]
   return table[x, np.arange(table.shape[1])]
@@ -102,7 +105,7 @@ def unsupported_reason(task, *, process_count: int = 1) -> str | None:
     table = _pixel_table(source)
     if table is None:
       return "its to_model is not a per-value, per-channel table"
-    if val.to_model is None or not np.array_equal(_lookup_np(table, val.inputs[:64], _model_ndim(source)),
+    if val.to_model is None or not np.array_equal(_lookup(table, val.inputs[:64], _model_ndim(source)),
                                                   np.asarray(val.to_model(val.inputs[:64]))):
       return "its validation part is normalised unlike its training part"
   elif val.to_model is not None:
@@ -195,10 +198,10 @@ class DevicePipeline:
       arrays["table"] = self.table
     if val_batch_size is not None:
       arrays.update(val=task.val.inputs, val_labels=task.val.labels)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    self.device_data = jax.device_put(arrays, replicated)
-    self._batch_axis = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, mesh.axis_names[0]))
-    self._replicated = replicated
+    self._replicated = parallel.replicated(mesh)
+    self.device_data = jax.device_put(arrays, self._replicated)
+    # [steps, batch] arrays: the batch axis sharded like a batch's leading axis.
+    self._batch_axis = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
 
   # ---- the host side: a few integers per step
   def prepare(self, epoch: int) -> None:
@@ -271,13 +274,7 @@ class DevicePipeline:
     return batch
 
   def _to_model(self, device_data, raw):
-    if self.table is None:
-      return raw
-    x = raw.astype(jnp.int32)
-    if self.model_ndim == raw.ndim + 1:
-      x = x[..., None]
-    table = device_data["table"]
-    return table[x, jnp.arange(table.shape[1])]
+    return raw if self.table is None else _lookup(device_data["table"], raw, self.model_ndim)
 
 
 def _crop_flip(x, dy, dx, flip, padding: int, fill):
