@@ -327,8 +327,8 @@ def build_torch(method, state, frozen, dtype):
   cfg, opt = method.cfg, method.config.optimizer
   if opt.name != "sgd" or opt.nesterov:
     raise ValueError("the torch mirror implements the SGD-momentum student optimizer only")
-  # The schedule evaluated on the optimizer's own int32 count, as inside the step (with a Python int it would
-  # compute in float64 under x64 while the step computes in float32: a 1e-6 relative difference in lr).
+  # The schedule evaluated on the optimizer's own count, as inside the step: in the run's float dtype (float64
+  # under x64, so this program and the step's agree to float64 rounding, not to float32's).
   count = optax.tree_utils.tree_get(state["opt_state"], "count")
   steps_per_epoch = data.steps_per_epoch(len(method.task.train), method.config.batch_size)
   schedule = optim.make_schedule(opt, steps_per_epoch=steps_per_epoch, num_epochs=method.config.num_epochs)

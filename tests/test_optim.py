@@ -59,3 +59,43 @@ def test_adam_update_is_differentiable_at_zero_gradient():
   state = tx.init(params)
   jvp = jax.jvp(lambda g: tx.update(g, state, params)[0], ({"w": jnp.zeros(3)},), ({"w": jnp.ones(3)},))[1]
   assert bool(jnp.all(jnp.isfinite(jvp["w"])))
+
+
+@pytest.mark.parametrize("schedule,warmup", [("cosine", 1), ("cosine", 0), ("step", 1), ("constant", 2)])
+def test_schedule_values_are_optax_in_float32_and_float64_under_x64(schedule, warmup):
+  """In float32 the schedule equals optax's on the optimizer's int32 count bit for bit; under x64 it computes in
+  float64 (optax's linear warm-up alone would give float32) and matches the closed form to float64 precision."""
+  import math
+  import jax
+  import jax.numpy as jnp
+  import optax
+  config = opt_config(learning_rate=0.1, warmup_epochs=warmup, schedule=schedule, decay_epochs=(2,))
+  steps_per_epoch, num_epochs = 10, 3
+  warm, total = warmup * steps_per_epoch, steps_per_epoch * num_epochs
+
+  def closed_form(step):  # float64, by hand
+    if step < warm:
+      return 0.1 / warm + (0.1 - 0.1 / warm) * step / warm
+    t = step - warm
+    if schedule == "cosine":
+      return 0.05 * (1 + math.cos(math.pi * min(t, total - warm) / (total - warm)))
+    if schedule == "step":
+      return 0.1 * (0.1 if t >= 2 * steps_per_epoch - warm else 1.0)
+    return 0.1
+
+  main = {"cosine": optax.cosine_decay_schedule(0.1, total - warm), "constant": optax.constant_schedule(0.1),
+          "step": optax.piecewise_constant_schedule(0.1, {2 * steps_per_epoch - warm: 0.1})}[schedule]
+  reference = main if not warm else optax.join_schedules([optax.linear_schedule(0.1 / warm, 0.1, warm), main],
+                                                         [warm])
+  sched = jax.jit(optim.make_schedule(config, steps_per_epoch=steps_per_epoch, num_epochs=num_epochs))
+  for step in range(total + 1):
+    count = jnp.asarray(step, jnp.int32)
+    got = sched(count)
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(got, jax.jit(reference)(count))
+  with jax.enable_x64(True):
+    sched64 = jax.jit(optim.make_schedule(config, steps_per_epoch=steps_per_epoch, num_epochs=num_epochs))
+    for step in range(total + 1):
+      got = sched64(jnp.asarray(step, jnp.int32))
+      assert got.dtype == jnp.float64
+      np.testing.assert_allclose(float(got), closed_form(step), rtol=1e-15, atol=1e-17)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import optax
 
 from tgeo_jax.errors import UserError
@@ -20,6 +21,16 @@ def make_schedule(opt_config, *, steps_per_epoch: int, num_epochs: int) -> optax
   * ``constant``;
   * ``cosine``: cosine decay to 0 at the end of training;
   * ``step``: multiply by ``decay_factor`` at each epoch in ``decay_epochs`` (CIFAR protocol: 150/180/210, x0.1).
+
+  The returned schedule maps a step count (the optimizer's int32 ``count``, any integer or float scalar) to the
+  learning rate in JAX's default float dtype: float32, or float64 under ``jax_enable_x64``. optax's linear ramp
+  computes in float32 from an int32 count even under x64, so a float64 run's warm-up would otherwise get a
+  float32 learning rate; in float32 the values are the same as optax's on the int32 count.
+
+  Example::
+
+    schedule = make_schedule(config.optimizer, steps_per_epoch=100, num_epochs=3)
+    schedule(jnp.int32(0))  # learning_rate / (100 * warmup_epochs), the first warm-up step
   """
   lr = opt_config.learning_rate
   total = max(1, steps_per_epoch * num_epochs)
@@ -34,9 +45,14 @@ def make_schedule(opt_config, *, steps_per_epoch: int, num_epochs: int) -> optax
     main = optax.piecewise_constant_schedule(lr, boundaries)
   else:
     raise UserError(f"optimizer.schedule: unknown schedule {name!r}; expected 'constant', 'cosine' or 'step'")
-  if warmup <= 0:
-    return main
-  return optax.join_schedules([optax.linear_schedule(lr / warmup, lr, warmup), main], [warmup])
+  schedule = main if warmup <= 0 else optax.join_schedules(
+      [optax.linear_schedule(lr / warmup, lr, warmup), main], [warmup])
+
+  def in_default_float(count):
+    # The count converted first: every step count a run reaches (< 2**24) is exact in float32.
+    return schedule(jnp.asarray(count, dtype=jnp.result_type(float)))
+
+  return in_default_float
 
 
 def make_optimizer(opt_config, *, steps_per_epoch: int, num_epochs: int) -> optax.GradientTransformation:
