@@ -952,9 +952,15 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+  """``main`` as the command runs it: a study that does not match its work directory or archive is one line on
+  stderr and exit status 2."""
   try:
-    sys.exit(main())
+    return main(argv)
   except StudyMismatch as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(cli())

@@ -32,6 +32,11 @@ def _known_xla_flags(flags):
 if "XLA_FLAGS" not in os.environ:
   os.environ["XLA_FLAGS"] = " ".join(_known_xla_flags(SUITE_XLA_FLAGS))
 
+# ``compiler_options`` for the few programs whose run time outweighs their compile time (Monte Carlo sampling, a
+# long scan): XLA's defaults again, for that program alone.
+RUN_TIME_BOUND = {"xla_backend_optimization_level": 3,
+                  **({"xla_cpu_use_fusion_emitters": True} if SUITE_XLA_FLAGS[1] in os.environ["XLA_FLAGS"] else {})}
+
 
 def device_flags(count: int) -> str:
   """``XLA_FLAGS`` for a process with ``count`` CPU devices (and the suite's other XLA flags)."""

@@ -54,16 +54,25 @@ STUDY = os.path.join(study.ROOT, "bench", "study.py")
 
 
 def _study(workdir, teacher_dir, *extra, worker=0, popen=False):
-  """``bench/study.py`` on the tiny synthetic task (a subprocess: the study sets JAX's compilation cache)."""
+  """``bench/study.py`` on the tiny synthetic task: a ``subprocess.Popen`` for ``popen`` (a second worker beside this
+  process), else in this process (``study.cli``, the command's entry; the suite's compilation cache is already
+  JAX's) as a ``CliResult``."""
+  import contextlib
+  import io
   import subprocess
-  args = [sys.executable, STUDY, f"--workdir={workdir}", f"--teacher={teacher_dir}", "--teacher_sha256=",
+  from conftest import CliResult
+  args = [f"--workdir={workdir}", f"--teacher={teacher_dir}", "--teacher_sha256=",
           "--settings=full", "--students=cnn_tiny", "--seeds=2", "--lr_grid=0.1", "--methods=ce,kd_a0.5,tgeo",
           "--override=data.name=synthetic", "--override=batch_size=32", "--override=val_batch_size=32",
           "--override=data.label_noise=0.25",
           f"--worker={worker}", *extra]
   if popen:
-    return subprocess.Popen(args, cwd=study.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  return subprocess.run(args, cwd=study.ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen([sys.executable, STUDY, *args], cwd=study.ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    rc = study.cli(args)
+  return CliResult(rc, out.getvalue(), err.getvalue())
 
 
 def _runs_started(stdout):
