@@ -17,9 +17,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # XLA:CPU at backend optimisation level 0 and with its older (elemental) fusion emitters: the suite checks values,
 # never speed, and its tiny programs compile in about half the time (level 0: five compile-bound tests, cold
 # cache, 75.6 s -> 59.2 s; the older emitters on top: XLA compile time of five tiny CLI runs 4.5 s -> 2.2 s, the
-# fresh-clone suite 656 s -> 407 s). Every process the suite starts inherits the flags; one with another device
-# count gets them through ``device_flags``. A jaxlib that no longer knows the emitter flag (XLA aborts on an unknown
-# flag) gets level 0 alone: one probe, in the first process, which the others inherit through the environment.
+# whole suite with a fresh cache on the same machine 656 s -> 397 s). Every process the suite starts inherits the
+# flags; one with another device count gets them through ``device_flags``. A jaxlib that no longer knows the
+# emitter flag (XLA aborts on an unknown flag) gets level 0 alone: one probe, in the first process, which the
+# others inherit through the environment. A program whose run time dominates opts out (``RUN_TIME_BOUND``).
 SUITE_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
 
