@@ -25,8 +25,9 @@ SUITE_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_e
 
 
 def _known_xla_flags(flags):
+  """``flags`` if a fresh process starts XLA:CPU with them, else the first alone (level 0, known everywhere)."""
   probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, timeout=120,
-                 env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)})
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)})
   return flags if probe.returncode == 0 else flags[:1]
 
 
