@@ -56,7 +56,8 @@ class Interrupted(BaseException):
 
 class StopRequest:
   """SIGTERM/SIGINT: before the loop, ``Interrupted`` at once (nothing to save); inside it, the current step (or
-  chunk of steps, with the device pipeline) finishes, then ``StopTraining``; a second signal exits without a checkpoint (the last one stays intact)."""
+  chunk of steps, with the device pipeline) finishes, then ``StopTraining``; a second signal exits without a
+  checkpoint (the last one stays intact)."""
 
   def __init__(self, log=print):
     self.signum = None
