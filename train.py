@@ -52,4 +52,9 @@ if __name__ == "__main__":
     # interpreter's teardown: a signal during setup can leave a compilation running in jaxlib's thread pool,
     # which segfaults once the modules it uses are torn down (seen in CI: exit -11 after the one line).
     _flush_and_exit(status)
+  # The run is over (finished, or refused with its one line). A signal from here on changes nothing, and one that
+  # lands during the interpreter's teardown would meet the default action (finalisation resets Python-level
+  # handlers to SIG_DFL, but leaves SIG_IGN): the process would die of it (exit -2) after writing its summary.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
   sys.exit(status)

@@ -184,6 +184,26 @@ def test_a_signal_while_loading_exits_quietly(tmp_path):
       assert rc == 128 + sig and not finished_steps(listing(os.path.join(tmp_path, "run", "checkpoints"))), out
 
 
+def test_after_the_run_train_py_ignores_signals(tmp_path, monkeypatch):
+  """Once ``cli.main`` has returned (here: a refused run), ``train.py`` ignores SIGINT/SIGTERM. The interpreter's
+  teardown resets Python-level handlers to the default action (it leaves SIG_IGN), so a signal landing there killed
+  the finished process (exit -2 after its summary: the test above, once its third signal came that late)."""
+  import runpy
+  saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # train.py installs its own
+  monkeypatch.setattr(sys, "argv", ["train.py", "--config=configs/fashion_mnist.py:ce", f"--workdir={tmp_path}",
+                                    "extra"])
+  try:
+    with pytest.raises(SystemExit) as stopped:
+      runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    after = {sig: signal.getsignal(sig) for sig in saved}
+  finally:
+    for sig, handler in saved.items():
+      signal.signal(sig, handler)
+  assert stopped.value.code == 2
+  assert after == {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN}
+
+
 def all_checkpoint_arrays(workdir):
   """Every array of every checkpoint step on disk."""
   import orbax.checkpoint as ocp
