@@ -46,6 +46,19 @@ def device_flags(count: int) -> str:
 
 from tgeo_jax import default_config  # noqa: E402 (imports no JAX)
 
+
+def pytest_collection_finish(session):
+  """Python's cyclic garbage collector, tuned for a test process whose heap only grows (imported modules, JAX's
+  caches of traced and compiled programs): what exists once the tests are collected is frozen out of every later
+  collection, and a full collection waits for 100 younger ones instead of 10. On four test files (253 tests, one
+  process) full collections took 5.1 s of 50.4 s before and 1.5 s of 42.9 s after, at the same peak memory
+  (3.36 GB); the garbage is still collected, later."""
+  del session
+  import gc
+  gc.collect()
+  gc.freeze()
+  gc.set_threshold(700, 10, 100)  # CPython's defaults: (700, 10, 10)
+
 # A tiny synthetic task and models: every CLI test uses these overrides.
 TINY = [
     "--config.data.name=synthetic",

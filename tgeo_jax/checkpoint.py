@@ -491,9 +491,13 @@ def _quiet():
   def settle():
     nonlocal saved_hook
     saved_hook = _with_noise_filters(saved_hook)
+    # The failed reads' futures and coroutines die in reference cycles (exception <-> traceback frames): young
+    # objects, found by collecting the two younger generations while the reads finish; one full collection at the
+    # end for any promoted meanwhile. (Four full collections cost ~0.5 s each in a process with a large heap.)
     for _ in range(4):
       time.sleep(0.05)
-      gc.collect()
+      gc.collect(1)
+    gc.collect()
 
   try:
     yield settle
