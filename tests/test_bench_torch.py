@@ -11,7 +11,9 @@ import os
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from conftest import requires
+
+pytestmark = requires("torch")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

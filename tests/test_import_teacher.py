@@ -15,12 +15,13 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from conftest import LazyModule, error_lines, relative_l2, requires, run_inprocess, tiny_config
 
-import torch_cifar_models  # noqa: E402 (needs torch)
-from conftest import error_lines, relative_l2, run_inprocess, tiny_config  # noqa: E402
+from tgeo_jax import import_teacher, run_identity
 
-from tgeo_jax import import_teacher, run_identity  # noqa: E402
+pytestmark = requires("torch")
+torch = LazyModule("torch")
+torch_cifar_models = LazyModule("torch_cifar_models")  # imports torch
 
 TOLERANCE = 1e-4
 CIFAR_MODELS = ("resnet8", "resnet8x4", "wrn_16_1", "vgg8", "resnet50_cifar", "mobilenetv2", "shufflev1",
@@ -318,18 +319,21 @@ def test_import_then_kd_student(tmp_path, capsys, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------ --check
-class DoubledLogits(torch.nn.Module):
+def doubled_logits(num_classes):
   """RepDistiller's resnet8 whose forward doubles the logits: same keys, another function (a wrong definition)."""
 
-  def __init__(self, num_classes):
-    super().__init__()
-    self.net = torch_cifar_models.build("resnet8", num_classes)
+  class DoubledLogits(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.net = torch_cifar_models.build("resnet8", num_classes)
 
-  def forward(self, x):
-    return 2 * self.net(x)
+    def forward(self, x):
+      return 2 * self.net(x)
 
-  def load_state_dict(self, state_dict, strict=True):
-    return self.net.load_state_dict(state_dict, strict=strict)
+    def load_state_dict(self, state_dict, strict=True):
+      return self.net.load_state_dict(state_dict, strict=strict)
+
+  return DoubledLogits()
 
 
 def resnet8(num_classes):
@@ -347,7 +351,7 @@ def test_check_compares_the_logits_with_torch_before_writing(resnet8_100, tmp_pa
       "error: --check: a repdistiller model is checked against its PyTorch definition: pass "
       "--torch_model=MODULE:FUNCTION (e.g. models.resnet:resnet32x4 from a RepDistiller checkout on the Python path), "
       "called with num_classes=K"] and not workdir.exists()
-  rc, out, err = run_import(capsys, *base, f"--torch_model={here}:DoubledLogits")
+  rc, out, err = run_import(capsys, *base, f"--torch_model={here}:doubled_logits")
   assert rc == 2 and len(error_lines(err)) == 1 and error_lines(err)[0].startswith(
       "error: --check: the imported resnet8's logits differ from PyTorch's on 4 random inputs (relative L2 0.5 > "
       "0.0001"), err
