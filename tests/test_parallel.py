@@ -269,6 +269,35 @@ def test_when_a_process_dies_the_other_stops_with_one_line(tmp_path):
                       r"0 stops too, nothing was lost: run the same command on every process to resume\n", stderr), stderr
 
 
+def test_the_peer_failure_line_leaves_in_one_write(monkeypatch):
+  """``stop_after_peer_failure``'s line is one ``write(2)`` (atomic on a pipe), so a line JAX's C++ runtime logs at the
+  same moment cannot land inside it. ``print`` writes a text and its newline separately when PYTHONUNBUFFERED=1
+  (pytest-xdist sets it, as do many containers): the coordinator test below once got "...to resumeE1207 ..."."""
+  from tgeo_jax import parallel
+  real_write, writes = os.write, []
+
+  def write(fd, data):
+    if fd != 2:
+      return real_write(fd, data)
+    writes.append(bytes(data))
+    return len(data)
+
+  class Exited(Exception):
+    pass
+
+  def exit_(status):
+    raise Exited(status)
+
+  monkeypatch.setattr(os, "write", write)
+  monkeypatch.setattr(os, "_exit", exit_)
+  with pytest.raises(Exited, match="1"):
+    parallel.stop_after_peer_failure("Gloo all-reduce failed: [pair.cc:538] Read error: Connection reset by peer")
+  assert len(writes) == 1, writes
+  assert re.fullmatch(r"error: distributed: another process of 1 stopped or lost contact \(Gloo all-reduce failed: "
+                      r"\[pair.cc:538\] Read error: Connection reset by peer\); process 0 stops too, nothing was "
+                      r"lost: run the same command on every process to resume\n", writes[0].decode()), writes
+
+
 def _start_train_py(tmp_path, i, port, *extra):
   """Process ``i`` of a two-process ``train.py`` CE run on the synthetic task (stderr to ``tmp_path/err<i>.txt``)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=device_flags(1),

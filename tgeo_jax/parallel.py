@@ -53,10 +53,16 @@ def stop_after_peer_failure(reason: str) -> None:
   # wrappers around them (a checkpoint save's path).
   starts = [i for i in (text.find(word) for word in _PEER_FAILURE_WORDS) if i >= 0]
   detail = re.sub(r"\s*\[type\.googleapis.*", "", text[min(starts) if starts else 0:])[:160].rstrip(" )")
-  print(f"error: distributed: {who} of {jax.process_count()} stopped or lost contact ({detail}); process "
-        f"{jax.process_index()} stops too, nothing was lost: run the same command on every process to resume",
-        file=sys.stderr, flush=True)
+  line = (f"error: distributed: {who} of {jax.process_count()} stopped or lost contact ({detail}); process "
+          f"{jax.process_index()} stops too, nothing was lost: run the same command on every process to resume\n")
   sys.stdout.flush()
+  sys.stderr.flush()
+  # One write(2), atomic on a pipe (the line is under PIPE_BUF): print() writes the text and its newline separately
+  # when PYTHONUNBUFFERED=1 (containers often set it; pytest-xdist does), and a line JAX's C++ runtime logged in
+  # between ("...resumeE1207 ...") hid this line from train.py's supervising parent, which then let JAX's lines out.
+  data = line.encode()
+  while data:
+    data = data[os.write(2, data):]
   os._exit(1)
 
 
