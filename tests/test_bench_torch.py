@@ -1,6 +1,6 @@
 """bench/torch_reference.py: the PyTorch rendering of TGeo-KD's bilevel step gives tgeo_jax's hypergradient.
 
-Skipped unless PyTorch is installed (the ``bench`` extra; CI does not install it). A tiny synthetic task and a
+Skipped unless PyTorch is installed (the ``test`` and ``bench`` extras install it). A tiny synthetic task and a
 tiny CNN with train-mode BatchNorm, from the state after two meta steps (momentum, Adam moments and every
 fusion-net layer non-trivial); the student's optimizer is the config default (clipping active, weight decay,
 momentum).
