@@ -221,7 +221,8 @@ def load(data_config, *, seed: int) -> TaskData:
   metrics = raw.metrics if raw.metrics is not None else (("auc", "log_loss") if num_classes == 2 else ())
   augment = augment_lib.get(data_config.augment)
   fill_channels = np.size(augment.raw_fill()) if hasattr(augment, "raw_fill") else None
-  if fill_channels is not None and fill_channels not in (1, input_shape[-1]):  # e.g. CIFAR-100's crop on Fashion-MNIST
+  # e.g. CIFAR-100's crop (3-channel padding) on Fashion-MNIST
+  if fill_channels is not None and fill_channels not in (1, input_shape[-1]):
     raise UserError(f"data.augment: {data_config.augment!r} pads with {fill_channels} channels; the {name} "
                     f"images have {input_shape[-1]}")
   return TaskData(name, train, val, test, num_classes, input_shape, augment, outlier_mask, dict(raw.model_kwargs),
