@@ -349,7 +349,7 @@ def test_when_the_coordinator_dies_the_other_stops_with_one_line(tmp_path):
 
 def test_a_peer_that_never_starts_is_one_line(tmp_path):
   """Only process 0 of 2 starts: after ``distributed_init_timeout`` JAX aborts it (SIGABRT); one line, exit 1."""
-  proc, err = _start_train_py(tmp_path, 0, _free_port(), "--config.distributed_init_timeout=3")
+  proc, err = _start_train_py(tmp_path, 0, _free_port(), "--config.distributed_init_timeout=1")
   start = time.monotonic()
   try:
     rc = proc.wait(timeout=90)
@@ -361,7 +361,7 @@ def test_a_peer_that_never_starts_is_one_line(tmp_path):
   stderr = err.read()
   assert rc == 1 and seconds < 60, (rc, seconds, stderr)
   assert stderr == ("error: distributed: process 0 of 2: not every process joined the run within "
-                    "distributed_init_timeout=3 s (DEADLINE_EXCEEDED: Deadline Exceeded); start the same command on "
+                    "distributed_init_timeout=1 s (DEADLINE_EXCEEDED: Deadline Exceeded); start the same command on "
                     "each of the 2 processes\n"), stderr
 
 
