@@ -32,7 +32,9 @@ demo: $(STAMP) fashion-mnist
 # The linter first (seconds), then the suite. --dist worksteal: an idle worker takes tests queued on the other (the
 # tests' durations range from milliseconds to half a minute); one fresh-clone run each: 503 s against 532 s.
 # More workers than cores gained nothing clear (one run each, 2026-12-07: -n 2 372 s, -n 3 358 s, -n 4 380 s; later
-# that evening, after the GC tuning, on a machine that slowed by half: -n 2 316-404 s, -n 3 375 s).
+# that evening, after the GC tuning, on a machine that slowed by half: -n 2 316-404 s, -n 3 375 s). 2026-12-08, fresh
+# clones alternated: 291 s and 274 s with XLA's one-module code generation for the suite (tests/conftest.py) and a
+# shorter start-up timeout in one test, 308 s and 303 s without them.
 test: lint
 	$(PY) -m pytest -n 2 --dist worksteal tests
 
