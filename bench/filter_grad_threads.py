@@ -1,0 +1,77 @@
+"""Whether XLA:CPU spreads a filter-gradient convolution over the cores, and what splitting the batch does.
+
+    python bench/filter_grad_threads.py [--rounds 5] [--calls 5]
+
+For the 3x3 stride-1 layers of resnet8x4's three stages (batch 64: 32x32x64, 16x16x128, 8x8x256), the jitted
+filter gradient ``dL/dw`` of ``lax.conv_general_dilated`` (NHWC/HWIO, what ``jax.vjp`` writes) against the same
+gradient summed over 2 and over 4 equal slices of the batch. Prints the median over ``--rounds`` rounds (the
+variants interleaved) of ms per call and of the process's CPU time over wall time (2.0 = both cores of a 2-core
+machine busy), and the largest relative difference of the 2-slice sum from the one-convolution result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+LAYERS = ((32, 64, 64), (16, 128, 128), (8, 256, 256))  # (height = width, input channels, output channels)
+
+
+def conv(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def filter_grad(x, dy, w):
+  """``[3, 3, I, O]``: the cotangent ``dy`` pulled back to the kernel."""
+  return jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
+
+
+def filter_grad_sliced(x, dy, w, slices):
+  """The same, as the sum of ``slices`` filter gradients over equal slices of the batch."""
+  n = x.shape[0] // slices
+  return sum(filter_grad(x[i * n:(i + 1) * n], dy[i * n:(i + 1) * n], w) for i in range(slices))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--calls", type=int, default=5, help="consecutive calls per variant and round")
+  p.add_argument("--batch", type=int, default=64)
+  args = p.parse_args(argv)
+  rng = np.random.default_rng(0)
+  variants = {"one": jax.jit(filter_grad),
+              "2 slices": jax.jit(lambda x, dy, w: filter_grad_sliced(x, dy, w, 2)),
+              "4 slices": jax.jit(lambda x, dy, w: filter_grad_sliced(x, dy, w, 4))}
+  print(f"{'layer':>14}  " + "  ".join(f"{name:>20}" for name in variants) + "  (ms per call, CPU/wall)")
+  for hw, ci, co in LAYERS:
+    x = jnp.asarray(rng.normal(size=(args.batch, hw, hw, ci)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(args.batch, hw, hw, co)), jnp.float32)
+    w = jnp.zeros((3, 3, ci, co), jnp.float32)
+    for f in variants.values():
+      f(x, dy, w).block_until_ready()
+    times = {name: [] for name in variants}
+    for r in range(args.rounds):
+      names = list(variants)[r % len(variants):] + list(variants)[:r % len(variants)]  # rotated order
+      for name in names:
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(args.calls):
+          out = variants[name](x, dy, w)
+        out.block_until_ready()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        times[name].append((wall / args.calls * 1e3, cpu / wall))
+    ref = np.asarray(variants["one"](x, dy, w))
+    diff = float(np.abs(np.asarray(variants["2 slices"](x, dy, w)) - ref).max() / np.abs(ref).max())
+    cells = [f"{statistics.median(t for t, _ in v):8.1f} ms {statistics.median(u for _, u in v):5.2f}"
+             for v in times.values()]
+    print(f"{hw:>3}x{hw:<3} {ci:>3}->{co:<3}  " + "  ".join(f"{c:>20}" for c in cells) +
+          f"  (2 slices: max rel. diff {diff:.1e})")
+
+
+if __name__ == "__main__":
+  main()
