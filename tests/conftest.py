@@ -25,7 +25,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # others inherit through the environment. A program whose run time dominates opts out (``RUN_TIME_BOUND``).
 # Each program's code generated as one LLVM module, not split into parts compiled on several threads: 15% less
 # compile CPU (the 1,145 programs that test_tgeo.py and test_loss_contract.py compile, each recompiled with both
-# settings in turn in one process: 21.1 -> 17.6 CPU seconds; with test_hypergrad.py's, 1,698: 29.8 -> 25.4).
+# settings in turn in one process: 21.1 -> 17.6 CPU seconds; with test_hypergrad.py's, 1,698: 29.8 -> 25.4;
+# bench/compile_replay.py).
 SUITE_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
                    "--xla_cpu_parallel_codegen_split_count=1")
 
