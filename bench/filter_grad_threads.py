@@ -3,7 +3,8 @@
     python bench/filter_grad_threads.py [--rounds 5] [--calls 5]
 
 For the 3x3 stride-1 layers of resnet8x4's three stages (batch 64: 32x32x64, 16x16x128, 8x8x256), the jitted
-filter gradient ``dL/dw`` of ``lax.conv_general_dilated`` (NHWC/HWIO, what ``jax.vjp`` writes) against the same
+filter gradient ``dL/dw`` of the model zoo's convolution (``tgeo_jax.models.conv.conv_general_dilated``, NHWC/HWIO;
+its filter gradient is lowered as XLA:CPU's canonical-layout convolution), against the same
 gradient summed over 2 and over 4 equal slices of the batch. Prints the median over ``--rounds`` rounds (the
 variants interleaved) of ms per call and of the process's CPU time over wall time (2.0 = both cores of a 2-core
 machine busy), and the largest relative difference of the 2-slice sum from the one-convolution result.
@@ -15,16 +16,21 @@ import argparse
 import statistics
 import time
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tgeo_jax.models import conv as canonical
 
 LAYERS = ((32, 64, 64), (16, 128, 128), (8, 256, 256))  # (height = width, input channels, output channels)
 
 
 def conv(x, w):
-  return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return canonical.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def filter_grad(x, dy, w):
