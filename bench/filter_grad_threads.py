@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.machine import interleaved_rounds
 from tgeo_jax.models import conv as canonical
 
 LAYERS = ((32, 64, 64), (16, 128, 128), (8, 256, 256))  # (height = width, input channels, output channels)
@@ -61,20 +62,22 @@ def main(argv=None):
     w = jnp.zeros((3, 3, ci, co), jnp.float32)
     for f in variants.values():
       f(x, dy, w).block_until_ready()
-    times = {name: [] for name in variants}
-    for r in range(args.rounds):
-      names = list(variants)[r % len(variants):] + list(variants)[:r % len(variants)]  # rotated order
-      for name in names:
-        wall, cpu = time.perf_counter(), time.process_time()
-        for _ in range(args.calls):
+    cpu = {name: [] for name in variants}  # process CPU seconds per call, one per round
+
+    def runner(name, x=x, dy=dy, w=w):
+      def run(calls):
+        start = time.process_time()
+        for _ in range(calls):
           out = variants[name](x, dy, w)
         out.block_until_ready()
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        times[name].append((wall / args.calls * 1e3, cpu / wall))
+        cpu[name].append((time.process_time() - start) / calls)
+      return run
+
+    wall = interleaved_rounds({name: runner(name) for name in variants}, rounds=args.rounds, inner=args.calls)
     ref = np.asarray(variants["one"](x, dy, w))
     diff = float(np.abs(np.asarray(variants["2 slices"](x, dy, w)) - ref).max() / np.abs(ref).max())
-    cells = [f"{statistics.median(t for t, _ in v):8.1f} ms {statistics.median(u for _, u in v):5.2f}"
-             for v in times.values()]
+    cells = [f"{statistics.median(wall[k]) * 1e3:8.1f} ms "
+             f"{statistics.median(c / t for c, t in zip(cpu[k], wall[k])):5.2f}" for k in variants]
     print(f"{hw:>3}x{hw:<3} {ci:>3}->{co:<3}  " + "  ".join(f"{c:>20}" for c in cells) +
           f"  (2 slices: max rel. diff {diff:.1e})")
 
