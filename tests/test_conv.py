@@ -3,7 +3,8 @@
 * float64, jitted, several shapes/strides/paddings/dilations: value, grad, jvp, forward-over-reverse and
   reverse-over-reverse Hessian-vector products, forward-over-forward, jax.hessian, vmap over either or both
   operands, all against ``lax.conv_general_dilated``;
-* the gradient convolutions are JAX's own (same parameters: the GPU/TPU programs are unchanged);
+* the gradient convolutions are JAX's own (same parameters: the GPU/TPU programs are unchanged, compared as
+  lowered StableHLO text for CUDA, ROCm and TPU);
 * the point of it: a compiled loop over a gradient has no convolution on XLA:CPU's slow path
   (``outer_dimension_partitions`` in the HLO), where lax's has;
 * the models: same parameter trees and numbers as with lax's convolution; grouped convolutions fall back to lax.
@@ -121,6 +122,29 @@ def test_first_order_gradient_convolutions_are_jax_own(case):
   assert sorted(e.params["role"] for e in ours) == sorted([conv.FORWARD, conv.LHS_GRAD, conv.RHS_GRAD])
   lax_forms = [conv._lax_form(e.invars[0].aval.shape, e.invars[1].aval.shape, **e.params)[0] for e in ours]
   assert lax_forms == [e.params for e in ref]
+
+
+@pytest.mark.parametrize("name", ["cnn_small", "resnet8"])
+def test_gpu_and_tpu_training_programs_are_lax_own(name):
+  # The whole model's first-order training gradient, lowered for CUDA, ROCm and TPU (no such device needed):
+  # the same StableHLO text as with lax's convolution, so GPU/TPU runs are not slowed (nor changed) by the CPU
+  # lowering. For CPU the texts differ (the layout transposes): the comparison can fail.
+  shape = (28, 28, 1) if name.startswith("cnn") else (32, 32, 3)
+  x = jnp.zeros((2, *shape))
+  texts = {}
+  for enabled in (True, False):
+    with canonical(enabled):
+      graphdef, params, rest = models.split(models.create(name, num_classes=10, input_shape=shape))
+
+      def loss(p, rest=rest, graphdef=graphdef):
+        logits, _ = models.apply(graphdef, p, rest, x, train=True)
+        return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+
+      traced = jax.jit(jax.value_and_grad(loss)).trace(params)  # a fresh jit: ENABLED acts at trace time
+      texts[enabled] = {platforms: traced.lower(lowering_platforms=platforms).as_text(debug_info=False)
+                        for platforms in (("cuda", "rocm", "tpu"), ("cpu",))}
+  assert texts[True][("cuda", "rocm", "tpu")] == texts[False][("cuda", "rocm", "tpu")]
+  assert texts[True][("cpu",)] != texts[False][("cpu",)]
 
 
 def _optimized_hlo(fn, *args):
