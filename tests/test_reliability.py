@@ -207,6 +207,33 @@ def test_after_the_run_train_py_ignores_signals(tmp_path, monkeypatch):
   assert after == {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN}
 
 
+def test_the_demo_command_handles_signals_like_train_py(tmp_path):
+  """``python -m tgeo_jax.demo`` (``make demo``): a signal while it loads exits 128 + signal with nothing on
+  stderr; after its runs have returned (here the teacher's run, refused) SIGINT/SIGTERM are ignored, so a signal
+  in the interpreter's teardown cannot kill the finished command (tgeo_jax.signals.finish, as in train.py)."""
+  demo = [sys.executable, "-m", "tgeo_jax.demo", f"--workdir={tmp_path / 'demo'}"]
+  proc = subprocess.Popen(demo, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(0.5)  # loading: absl, the configs, JAX, the teacher's data
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert (proc.returncode, err) == (130, ""), (proc.returncode, out, err)
+  assert not os.path.exists(tmp_path / "demo" / "teacher" / "checkpoints"), out
+
+  (tmp_path / "refused").mkdir()
+  (tmp_path / "refused" / "teacher").write_text("")  # a file where the teacher's workdir goes: refused at once
+  probe = ("import runpy, signal, sys\n"
+           f"sys.argv = ['demo', '--workdir={tmp_path / 'refused'}']\n"
+           "try:\n"
+           "  runpy.run_module('tgeo_jax.demo', run_name='__main__', alter_sys=True)\n"
+           "except SystemExit as stop:\n"
+           "  print('exit', stop.code, signal.getsignal(signal.SIGINT) is signal.SIG_IGN,\n"
+           "        signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)\n")
+  done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done
+  assert done.stderr == f"error: workdir: '{tmp_path / 'refused' / 'teacher'}' is a file, expected a directory\n"
+  assert done.stdout.splitlines() == [f"== teacher ({tmp_path / 'refused' / 'teacher'})", "exit 2 True True"]
+
+
 def all_checkpoint_arrays(workdir):
   """Every array of every checkpoint step on disk."""
   import orbax.checkpoint as ocp

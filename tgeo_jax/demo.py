@@ -14,6 +14,11 @@ from __future__ import annotations
 import os
 import time
 
+from tgeo_jax import signals  # imports nothing heavy
+
+if __name__ == "__main__":  # the command: a signal while absl, the config code and JAX load exits quietly too
+  signals.exit_at_once()
+
 from absl import app, flags, logging
 
 from tgeo_jax import default_config, report
@@ -61,5 +66,16 @@ def main(argv):
   return 0
 
 
+def _command() -> None:
+  """``python -m tgeo_jax.demo``: ``train.py``'s signal handling (tgeo_jax.signals; ``exit_at_once`` is installed
+  above, before the imports): SIGINT / SIGTERM while loading exit 128 + signal quietly; inside a run the trainer
+  saves and stops; after a stop no interpreter teardown; after the table signals are ignored."""
+  try:
+    app.run(main)
+  except SystemExit as stop:
+    signals.finish(stop.code)
+  signals.finish(0)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  _command()

@@ -3,7 +3,8 @@
 A signal handler's exception is swallowed ("Exception ignored in ...") when the signal lands while Python runs a
 garbage-collection callback (JAX installs one), and the process then goes on. So every handler also records the
 signal here, and the trainer checks the record where it can stop cleanly (before setup, and when the loop starts).
-Imports nothing heavy: ``train.py`` installs its handler before importing JAX.
+Imports nothing heavy: the commands (``train.py``, ``python -m tgeo_jax.demo``) install ``exit_at_once`` before
+importing JAX and end with ``finish``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import os
 import signal
 import sys
 
-__all__ = ["Interrupted", "StopRequest", "received", "record", "pending", "quiet_swallowed_exits"]
+__all__ = ["Interrupted", "StopRequest", "received", "record", "pending", "quiet_swallowed_exits", "exit_at_once",
+           "finish"]
 
 received: list[int] = []  # signals delivered to this process, in order
 
@@ -43,6 +45,59 @@ def quiet_swallowed_exits() -> None:
 
   hook.drops_swallowed_stops = True
   sys.unraisablehook = hook
+
+
+def _flush_and_exit(status: int):
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except Exception:  # noqa: BLE001 (a closed or broken stream: exit regardless)
+      pass
+  os._exit(status)
+
+
+def _exit_quietly(signum, frame):
+  del frame
+  record(signum)
+  # os._exit, not sys.exit: the signal can land inside a native extension's import (jaxlib's nanobind module
+  # init, seen in CI), where a Python exception becomes std::terminate: an abort with a traceback. Nothing needs
+  # unwinding yet: the work-directory lock is the OS's (released at exit) and every file is written atomically.
+  _flush_and_exit(128 + signum)
+
+
+def exit_at_once() -> None:
+  """For a command, first thing: SIGINT/SIGTERM exit with 128 + signal and no traceback while flags, config, data
+  and JAX load (there is nothing to save yet). The trainer's ``StopRequest`` takes over for each run and gives
+  these back when the run ends.
+
+  Example (a command's entry point)::
+
+    signals.exit_at_once()
+    status = cli.main(sys.argv)   # the heavy imports inside
+    signals.finish(status)
+  """
+  signal.signal(signal.SIGINT, _exit_quietly)
+  signal.signal(signal.SIGTERM, _exit_quietly)
+  quiet_swallowed_exits()
+
+
+def finish(status: int | None):
+  """Ends a command with ``status`` (``None``: 0), as ``sys.exit`` does, once its runs have returned.
+
+  * A signal stopped a run: its checkpoint, if the loop had started, is written and closed. The interpreter's
+    teardown is skipped (``os._exit`` after flushing): a signal during setup can leave a compilation running in
+    jaxlib's thread pool, which segfaults once the modules it uses are torn down (seen in CI: exit -11 after the
+    one line).
+  * Otherwise the run is over (finished, or refused with its one line) and a signal from here on changes nothing:
+    SIGINT/SIGTERM are ignored. One that landed during the teardown would meet the default action (finalisation
+    resets Python-level handlers to SIG_DFL, but leaves SIG_IGN): the process would die of it (exit -2) after
+    writing its summary.
+  """
+  if pending() is not None:
+    _flush_and_exit(status if isinstance(status, int) else 128 + pending())
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  sys.exit(status)
 
 
 class Interrupted(BaseException):
