@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -240,3 +241,52 @@ def test_failed_write_remedies_name_the_cause():
                                                                           "(it is read-only)")
   assert fileio.failure_remedy(RuntimeError("tensorstore: Read-only file system [os error 30]")).startswith("make the file")
   assert fileio.failure_remedy(OSError(errno.EIO, "Input/output error")) == "fix the cause"
+
+
+def test_after_a_failed_write_an_unstarted_array_write_warns_nothing(monkeypatch):
+  """A failed save can leave jax's per-fragment write coroutines unstarted; when the garbage collector finds one
+  (often in the interpreter's teardown, under load) Python warns "coroutine ... was never awaited" on stderr,
+  after the trainer's one line. That exact warning is filtered once a write has begun; any other still shows."""
+  import gc
+  import warnings
+
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # a failed write keeps its filters installed
+  monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+
+  def unstarted(qualname):
+    async def coroutine():
+      pass
+
+    coroutine.__qualname__ = qualname
+    return coroutine()
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with pytest.raises(OSError):
+      with checkpoint._quiet_failed_writes():
+        raise OSError(28, "No space left on device")
+    for qualname in ("async_serialize_from_host.<locals>.write_fragment", "some_other_coroutine"):
+      orphan = unstarted(qualname)
+      del orphan
+      gc.collect()
+  assert [str(w.message) for w in caught] == ["coroutine 'some_other_coroutine' was never awaited"]
+
+
+def test_after_a_failed_write_asyncio_drops_its_other_fragments_failures(monkeypatch, caplog):
+  """The other fragments of a failed write can fail the same way in futures nobody awaits; asyncio logs each
+  ("Future exception was never retrieved") when it is collected. A future that failed with no space or a
+  read-only file system is dropped (the trainer's one line says it); any other error is still logged."""
+  import logging
+
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+  monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+  with pytest.raises(OSError):
+    with checkpoint._quiet_failed_writes():
+      raise OSError(28, "No space left on device")
+  asyncio_log = logging.getLogger("asyncio")
+  for err in (OSError(28, "No space left on device"), OSError(30, "Read-only file system"),
+              OSError(13, "Permission denied"), ValueError("a bug")):
+    asyncio_log.error("Future exception was never retrieved\nfuture: <Future finished exception=%r>", err,
+                      exc_info=(type(err), err, None))
+  assert [repr(r.exc_info[1]) for r in caplog.records if r.name == "asyncio"] == [
+      "PermissionError(13, 'Permission denied')", "ValueError('a bug')"]

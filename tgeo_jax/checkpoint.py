@@ -32,12 +32,14 @@ import os
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tgeo_jax import fileio
 from tgeo_jax.errors import UserError
 
 __all__ = ["INTEGRITY_KEY", "CorruptCheckpointError", "Checkpointer", "restore_params", "array_records", "verify",
@@ -401,12 +403,18 @@ def _abandoned_read_noise(unraisable) -> bool:
 
 
 class _AbandonedFutureFilter(logging.Filter):
-  """asyncio's "Future/Task exception was never retrieved" for those reads (tensorstore errors)."""
+  """asyncio's "Future/Task exception was never retrieved" for those reads (tensorstore errors), and for a failed
+  write's other fragments: a future that failed with no space or a read-only file system (the error the save
+  raises, which the trainer reports as one line; seen under load, after that line)."""
 
   def filter(self, record):
     message = record.getMessage()
-    return not ("exception was never retrieved" in message
-                and any(word in message for word in ("tensorstore", "TensorStore", "zarr", "ocdbt", "orbax")))
+    if "exception was never retrieved" not in message:
+      return True
+    if any(word in message for word in ("tensorstore", "TensorStore", "zarr", "ocdbt", "orbax")):
+      return False
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(exc, OSError) and fileio.known_write_failure(exc))
 
 
 class _OrbaxThreadErrorFilter(logging.Filter):
@@ -417,16 +425,25 @@ class _OrbaxThreadErrorFilter(logging.Filter):
     return not (record.levelno >= logging.ERROR and "_SignalingThread.run() raised an exception" in record.getMessage())
 
 
+# jax's array serialization (orbax's StandardSave) makes one coroutine per array fragment; a failed write can
+# leave some never started.
+_UNSTARTED_WRITE = r"coroutine 'async_serialize_from_host\.<locals>\.write_fragment' was never awaited\Z"
+
+
 @contextlib.contextmanager
 def _quiet_failed_writes():
   """While a checkpoint is written, and for the rest of the process if the write fails (a full or read-only disk),
   filters the known reports of a failed write: orbax's thread errors, tensorstore callbacks that find orbax's event
-  loop closed (printed through ``sys.excepthook``) and asyncio's "exception was never retrieved" at exit. Each
-  filter matches those reports' exact text; anything else still prints. After a successful write the previous
-  hooks come back."""
+  loop closed (printed through ``sys.excepthook``), asyncio's "exception was never retrieved" at exit, and the
+  RuntimeWarning for the array writer's coroutine that the failure left unstarted (printed when the garbage
+  collector finds it, often in the interpreter's teardown: ``sys:1: RuntimeWarning: coroutine ... was never
+  awaited``, seen when the machine is loaded). Each filter matches those reports' exact text; anything else still
+  prints. After a successful write the previous hooks come back (the warning filter stays)."""
   absl_logger = logging.getLogger("absl")
   added = _OrbaxThreadErrorFilter()
   absl_logger.addFilter(added)
+  # For the rest of the process (it can print at exit) and idempotent: it matches only that coroutine's warning.
+  warnings.filterwarnings("ignore", message=_UNSTARTED_WRITE, category=RuntimeWarning)
   saved_unraisable, saved_except = sys.unraisablehook, sys.excepthook
   sys.unraisablehook = _with_noise_filters(saved_unraisable)
 

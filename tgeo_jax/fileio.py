@@ -17,7 +17,7 @@ import threading
 from typing import Any, BinaryIO, Callable
 
 __all__ = ["atomic_write", "write_text", "write_json", "read_json", "read_json_or_none", "failure_reason",
-           "failure_remedy"]
+           "failure_remedy", "known_write_failure"]
 
 
 def _fsync_directory(directory: str) -> None:
@@ -77,6 +77,11 @@ _KNOWN_FAILURES = (
     (errno.EROFS, "Read-only file system", "read-only file system",
      "make the file system writable again (it is read-only)"),
 )
+
+
+def known_write_failure(e: BaseException) -> bool:
+  """Whether ``e`` is a write failure with a known remedy: no space left, or a read-only file system."""
+  return _known_failure(e) is not None
 
 
 def _known_failure(e: BaseException):
