@@ -10,10 +10,10 @@ running sums on the device (no per-step host sync), with the state and the sums 
 * ``ChunkSteps``: one program, ``lax.scan`` over a chunk's steps; each step builds its batch on the device
   (``DevicePipeline.make_batch``) and runs its kind through ``lax.switch`` over every kind the run uses, plus a
   skip branch for the chunk's padding past its last step (also for a run of one kind: in a branch the step
-  compiles as ``BatchSteps``' does, and the two pipelines train bit-identically on CPU). A chunk ends where the loop acts (a log point, a checkpoint, the epoch
-  end, the ``steps_per_run`` budget, a profiled range's ends); the program's length stays
-  ``steps_per_dispatch``, which the trainer caps at the shortest of those cadences. Per step as before: the
-  guard, the metric sums, the unroll windows and α statistics (they live in the state).
+  compiles as ``BatchSteps``' does, and the two pipelines train bit-identically on CPU). A chunk ends where the
+  loop acts (a log point, a checkpoint, the epoch end, the ``steps_per_run`` budget, a profiled range's ends);
+  the program's length stays ``steps_per_dispatch``, which the trainer caps at the shortest of those cadences.
+  Per step as before: the guard, the metric sums, the unroll windows and α statistics (they live in the state).
 
 ``steps(run, unit) -> number of steps taken`` updates ``run.state``, ``run.health`` and ``run.log``.
 """
