@@ -11,8 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["NonFiniteError", "initial_health", "make_guarded_step", "nonfinite_what", "nonfinite_message",
-           "select_where"]
+__all__ = ["NonFiniteError", "initial_health", "make_guarded_step", "nonfinite_what", "nonfinite_message"]
 
 
 class NonFiniteError(RuntimeError):
@@ -26,7 +25,7 @@ def initial_health(step: int, skipped: int = 0) -> dict:
           "value": jnp.float32(0.0), "skipped": jnp.int32(skipped)}
 
 
-def select_where(ok, new, old):
+def _select(ok, new, old):
   """``new`` where the scalar ``ok``, else ``old`` (PRNG keys included), bit for bit."""
   if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):
     return jax.random.wrap_key_data(jnp.where(ok, jax.random.key_data(new), jax.random.key_data(old)),
@@ -79,7 +78,7 @@ def make_guarded_step(method, *, skip_nonfinite: bool):
         "skipped": health["skipped"] + ((~ok).astype(jnp.int32) if skip_nonfinite else 0),
     }
     if skip_nonfinite:
-      new_state = jax.tree.map(lambda n, o: select_where(ok, n, o), new_state, state)
+      new_state = jax.tree.map(lambda n, o: _select(ok, n, o), new_state, state)
       metrics = jax.tree.map(lambda m: jnp.where(ok, m, jnp.zeros_like(m)), metrics)
     return new_state, metrics, new_health
 
