@@ -27,6 +27,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # compile CPU (the 1,145 programs that test_tgeo.py and test_loss_contract.py compile, each recompiled with both
 # settings in turn in one process: 21.1 -> 17.6 CPU seconds; with test_hypergrad.py's, 1,698: 29.8 -> 25.4;
 # bench/compile_replay.py).
+# The cost: two programs that compile alike at level 0 may round differently under the default flags users run
+# (a device-pipeline step once did, and the demo's digits moved unseen). A bit-identity that matters there gets a
+# test under the default flags (``XLA_FLAGS=""`` in a subprocess: test_device_pipeline.py's one-kind test).
 SUITE_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
                    "--xla_cpu_parallel_codegen_split_count=1")
 
