@@ -124,22 +124,29 @@ def test_first_order_gradient_convolutions_are_jax_own(case):
   assert lax_forms == [e.params for e in ref]
 
 
+def _model_and_loss(name):
+  """A zoo model's parameters and its training-mode cross-entropy on 4 fixed random inputs, ``params -> scalar``."""
+  shape = (28, 28, 1) if name.startswith("cnn") else (32, 32, 3)
+  x = jax.random.normal(jax.random.PRNGKey(3), (4, *shape))
+  labels = jnp.arange(4) % 10
+  graphdef, params, rest = models.split(models.create(name, num_classes=10, input_shape=shape))
+
+  def loss(p):
+    logits, _ = models.apply(graphdef, p, rest, x, train=True)
+    return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+
+  return params, loss
+
+
 @pytest.mark.parametrize("name", ["cnn_small", "resnet8"])
 def test_gpu_and_tpu_training_programs_are_lax_own(name):
   # The whole model's first-order training gradient, lowered for CUDA, ROCm and TPU (no such device needed):
   # the same StableHLO text as with lax's convolution, so GPU/TPU runs are not slowed (nor changed) by the CPU
   # lowering. For CPU the texts differ (the layout transposes): the comparison can fail.
-  shape = (28, 28, 1) if name.startswith("cnn") else (32, 32, 3)
-  x = jnp.zeros((2, *shape))
   texts = {}
   for enabled in (True, False):
     with canonical(enabled):
-      graphdef, params, rest = models.split(models.create(name, num_classes=10, input_shape=shape))
-
-      def loss(p, rest=rest, graphdef=graphdef):
-        logits, _ = models.apply(graphdef, p, rest, x, train=True)
-        return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
-
+      params, loss = _model_and_loss(name)
       traced = jax.jit(jax.value_and_grad(loss)).trace(params)  # a fresh jit: ENABLED acts at trace time
       texts[enabled] = {platforms: traced.lower(lowering_platforms=platforms).as_text(debug_info=False)
                         for platforms in (("cuda", "rocm", "tpu"), ("cpu",))}
@@ -213,20 +220,12 @@ def test_nnx_conv_accepts_it_with_the_same_parameters_and_numbers():
 # half a minute of compiling to the suite.
 @pytest.mark.parametrize("name,hvp", [("cnn_small", True), ("resnet8", True)])
 def test_models_same_parameters_and_numbers_as_with_lax(name, hvp):
-  shape = (28, 28, 1) if name.startswith("cnn") else (32, 32, 3)
-  x = jax.random.normal(jax.random.PRNGKey(3), (4, *shape))
-  labels = jnp.arange(4) % 10
   out = {}
   for enabled in (True, False):
     with canonical(enabled):
-      graphdef, params, rest = models.split(models.create(name, num_classes=10, input_shape=shape))
-
-      def loss(p, rest=rest, graphdef=graphdef):
-        logits, _ = models.apply(graphdef, p, rest, x, train=True)
-        return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
-
+      params, loss = _model_and_loss(name)
       grads = jax.jit(jax.grad(loss))(params)
-      hv = jax.jit(lambda p, t: jax.jvp(jax.grad(loss), (p,), (t,))[1])(params, grads) if hvp else None
+      hv = jax.jit(lambda p, t, loss=loss: jax.jvp(jax.grad(loss), (p,), (t,))[1])(params, grads) if hvp else None
       out[enabled] = (params, loss(params), grads, hv)
   chex.assert_trees_all_equal_structs(out[True][0], out[False][0])
   chex.assert_trees_all_equal(out[True][0], out[False][0])  # same initialisation: checkpoints are unchanged
